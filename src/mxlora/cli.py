@@ -1,0 +1,83 @@
+"""The ``mxlora`` command line.
+
+Each subcommand names the function that runs it as ``"module:function"``; the module is only
+imported when that subcommand runs, so ``mxlora --help`` stays fast and light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+
+def _add(sub: argparse._SubParsersAction, name: str, target: str, help: str, description: str):
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(_target=target)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mxlora",
+        description="LoRA fine-tuning for gpt-oss (20b/120b) with MXFP4 experts. "
+        "Takes Hugging Face Hub ids or local folders/files.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _add(
+        sub,
+        "make-tokenizer",
+        "mxlora.model.tokenizer:cli_main",
+        "build the gpt-oss (o200k_harmony) tokenizer offline",
+        "Build the gpt-oss tokenizer (o200k_harmony) from what installed packages ship: the o200k "
+        "ranks from quicktok-v1, the 21 Harmony special tokens at the Hub ids and gpt-oss's chat "
+        "template. The output folder loads with AutoTokenizer.from_pretrained offline; its "
+        "tokenizer.json is byte-identical to the Hub's openai/gpt-oss-20b one.",
+    )
+    p.add_argument("out", help="output folder")
+
+    p = _add(
+        sub,
+        "make-tiny",
+        "mxlora.model.tiny:cli_main",
+        "build a tiny gpt-oss checkpoint in the exact Hub layout",
+        "Write a small random gpt-oss checkpoint in the Hub layout (config.json, safetensors with "
+        "the real tensor names, MXFP4 *_blocks/*_scales experts with --mxfp4, "
+        "generation_config.json and the real tokenizer). Deterministic from --seed.",
+    )
+    p.add_argument("out", help="output folder")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--experts", type=int, default=4, help="local experts per layer (default 4)")
+    p.add_argument("--experts-per-token", type=int, default=2, help="router top-k (default 2)")
+    p.add_argument(
+        "--hidden", type=int, default=64, help="hidden size, a multiple of 32 (default 64)"
+    )
+    p.add_argument(
+        "--intermediate", type=int, default=64, help="expert width, multiple of 32 (default 64)"
+    )
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
+    p.add_argument("--head-dim", type=int, default=16, help="head dimension (default 16)")
+    p.add_argument("--sliding-window", type=int, default=128, help="sliding window (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument(
+        "--mxfp4", dest="mxfp4", action="store_true", default=True, help="MXFP4 experts (default)"
+    )
+    fmt.add_argument("--bf16", dest="mxfp4", action="store_false", help="bf16 experts")
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module_name, func_name = args._target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
