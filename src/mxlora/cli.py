@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fmt.add_argument("--bf16", dest="mxfp4", action="store_false", help="bf16 experts")
 
+    p = _add(
+        sub,
+        "compare",
+        "mxlora.recipes.compare:cli_main",
+        "compare training runs: table and overlaid loss curves",
+        "Read the report.json and metrics.jsonl of each run folder written by `mxlora train` and "
+        "write comparison.md (peak allocated/reserved memory, peak RSS, trained tokens/s, train "
+        "and wall time, steps, final train/eval loss, trainable parameters, tokens trained), "
+        "comparison.png (train loss solid, eval loss dashed, all runs overlaid) and "
+        "comparison.json (the exact numbers). Prints the table.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `mxlora train`")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: the runs' common parent folder)"
+    )
+
     return parser
 
 
