@@ -1,0 +1,364 @@
+"""gpt-oss MoE experts with frozen MXFP4 weights and LoRA, trained with exact gradients.
+
+:class:`Mxfp4Experts` replaces transformers' ``GptOssExperts`` (``model.layers.L.mlp.experts``)
+and computes exactly what it computes, while the expert weights stay packed as the checkpoint
+ships them (uint8 blocks + e8m0 scales, 4.25 bits a weight). Per expert ``e``::
+
+    y = x · W_e + b_e + Σ_adapters s · (x · A_e) · B_e      (LoRA split, ΔW never formed)
+
+gate/up columns interleaved (gate = even, up = odd), gate clamped at ``limit``, up to
+``[-limit, limit]``, ``(up + 1) · gate · sigmoid(alpha · gate)``, then ``down_proj`` and the
+routing weights. The frozen ``x · W`` goes through :class:`FrozenMxfp4Matmul`, whose backward
+gives ``dx = dy · Wᵀ`` by dequantizing again: one expert's weight exists in floating point at a
+time, and nothing dequantized is kept for backward (so gradient checkpointing recomputes nothing
+big either). Its compute sits behind one function, :func:`grouped_mxfp4_matmul`, where a fused
+kernel (dequantize inside a grouped GEMM) can take over from the pure-PyTorch reference.
+
+LoRA on the experts has the semantics, parameter shapes and state-dict keys of PEFT's
+``target_parameters`` on the dequantized model, because it *is* PEFT's ``ParamWrapper``: each
+targeted projection is wrapped by :class:`Mxfp4ParamWrapper`, a ``ParamWrapper`` whose base
+"parameter" is only a shape/dtype/device descriptor and whose forward hands its low-rank factors
+(``ParamWrapper.get_delta_factors``) down to :class:`Mxfp4Experts` instead of adding ``ΔW`` to a
+weight. Wrappers nest in the order PEFT nests them (``gate_up_proj`` innermost, in
+``GptOssExperts``' parameter order), so an adapter saved here loads with
+``PeftModel.from_pretrained`` on a ``Mxfp4Config(dequantize=True)`` model and vice versa.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import accumulate
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import ParamWrapper
+from peft.utils.other import get_pattern_key
+from torch import Tensor, nn
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+from mxlora.mxfp4.reference import dequantize_mxfp4
+
+#: The expert weights, in ``GptOssExperts``' parameter registration order. PEFT wraps the targeted
+#: ones in this order (``_inject_parameters`` walks ``named_parameters``), so the first is the
+#: innermost ``ParamWrapper`` (``experts.base_layer.lora_A`` when both are targeted).
+PROJECTIONS: tuple[str, ...] = ("gate_up_proj", "down_proj")
+
+#: One adapter's factors for one projection, as ``ParamWrapper.get_delta_factors`` returns them:
+#: ``lhs [E, in, r]``, ``rhs [E, r, out]`` and the scaling, with ``ΔW_e = scaling · lhs[e] @ rhs[e]``.
+LoraFactors = tuple[Tensor, Tensor, float]
+
+
+def grouped_mxfp4_matmul_reference(
+    x: Tensor, blocks: Tensor, scales: Tensor, counts: Sequence[int], *, transpose: bool
+) -> Tensor:
+    """Reference grouped matmul with MXFP4 weights, one expert dequantized at a time.
+
+    Rows of ``x`` are grouped by expert: the first ``counts[0]`` rows go to expert 0, and so on.
+    With ``W_e = dequantize(blocks[e], scales[e])`` of shape ``[out, in]`` (the Hub's
+    orientation), row group ``e`` gives ``x_e · W_eᵀ`` (``transpose=False``, the forward
+    ``[n, in] -> [n, out]``) or ``x_e · W_e`` (``transpose=True``, the input gradient
+    ``[n, out] -> [n, in]``). Computed in ``x``'s dtype, the dtype the seed dequantizes into.
+
+    Args:
+        x: ``[sum(counts), in]`` (or ``[sum(counts), out]`` with ``transpose``).
+        blocks: uint8 ``[E, out, in // 32, 16]``.
+        scales: uint8 e8m0 ``[E, out, in // 32]``.
+        counts: rows per expert, ``len(counts) == E``.
+        transpose: multiply by ``W_e`` instead of ``W_eᵀ``.
+
+    Returns:
+        ``[sum(counts), out]`` (``[sum(counts), in]`` with ``transpose``), ``x``'s dtype.
+    """
+    out_features, in_features = blocks.shape[1], blocks.shape[2] * blocks.shape[3] * 2
+    width = in_features if transpose else out_features
+    y = x.new_empty(x.shape[0], width)
+    for e, (start, end) in enumerate(_spans(counts)):
+        if start == end:
+            continue
+        w = dequantize_mxfp4(blocks[e], scales[e], x.dtype)  # [out, in], freed after this expert
+        y[start:end] = x[start:end] @ w if transpose else x[start:end] @ w.T
+    return y
+
+
+def grouped_mxfp4_matmul(
+    x: Tensor, blocks: Tensor, scales: Tensor, counts: Sequence[int], *, transpose: bool
+) -> Tensor:
+    """The frozen-weight grouped matmul used by :class:`FrozenMxfp4Matmul` (forward and backward).
+
+    The one place where a fused kernel replaces the reference; same contract as
+    :func:`grouped_mxfp4_matmul_reference`.
+    """
+    return grouped_mxfp4_matmul_reference(x, blocks, scales, counts, transpose=transpose)
+
+
+class FrozenMxfp4Matmul(torch.autograd.Function):
+    """``y = x · Wᵀ`` per expert group with frozen MXFP4 ``W``; gradient for ``x`` only.
+
+    Saves only the packed ``blocks``/``scales`` (the module's buffers, no new memory) and the
+    group sizes; backward dequantizes again instead of keeping a float copy of ``W``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, blocks: Tensor, scales: Tensor, counts: tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(blocks, scales)
+        ctx.counts = counts
+        return grouped_mxfp4_matmul(x, blocks, scales, counts, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        blocks, scales = ctx.saved_tensors
+        grad_x = grouped_mxfp4_matmul(
+            grad_y.contiguous(), blocks, scales, ctx.counts, transpose=True
+        )
+        return grad_x, None, None, None
+
+
+def _spans(counts: Sequence[int]) -> list[tuple[int, int]]:
+    ends = list(accumulate(counts))
+    return [(end - n, end) for n, end in zip(counts, ends, strict=True)]
+
+
+def _grouped_lora(x: Tensor, factors: LoraFactors, counts: Sequence[int]) -> Tensor:
+    """``scaling · (x_e · lhs[e]) · rhs[e]`` per expert group (rank-r path, ΔW never formed)."""
+    lhs, rhs, scaling = factors
+    lhs, rhs = lhs.to(x.dtype), rhs.to(x.dtype)
+    parts = [(x_e @ lhs[e]) @ rhs[e] for e, x_e in enumerate(torch.split(x, list(counts)))]
+    return torch.cat(parts) * scaling
+
+
+class Mxfp4Experts(nn.Module):
+    """Drop-in for transformers' ``GptOssExperts`` holding the expert weights in MXFP4.
+
+    Buffers and parameters carry the checkpoint's own names (``gate_up_proj_blocks``,
+    ``gate_up_proj_scales``, ``gate_up_proj_bias``, ``down_proj_*``); nothing here is trainable.
+    LoRA comes from :class:`Mxfp4ParamWrapper` around this module.
+
+    Args:
+        gate_up_proj_blocks: uint8 ``[E, 2 * I, H // 32, 16]``.
+        gate_up_proj_scales: uint8 ``[E, 2 * I, H // 32]``.
+        gate_up_proj_bias: ``[E, 2 * I]``, its dtype is the compute dtype.
+        down_proj_blocks: uint8 ``[E, H, I // 32, 16]``.
+        down_proj_scales: uint8 ``[E, H, I // 32]``.
+        down_proj_bias: ``[E, H]``.
+        alpha: the gate's sigmoid slope (gpt-oss: 1.702), ``GptOssExperts.alpha``.
+        limit: the gate/up clamp (gpt-oss: 7.0), ``GptOssExperts.limit``.
+    """
+
+    #: PEFT's ``ParamWrapper`` reads this (as it does on ``GptOssExperts``) to orient the expert
+    #: LoRA as ``[E, in, out]``, i.e. ``x @ W``; without it the adapter shapes would differ.
+    is_transposed = True
+
+    # transformers' own gate, so the activation is the same code as the seed path's.
+    _apply_gate = GptOssExperts._apply_gate
+
+    def __init__(
+        self,
+        gate_up_proj_blocks: Tensor,
+        gate_up_proj_scales: Tensor,
+        gate_up_proj_bias: Tensor,
+        down_proj_blocks: Tensor,
+        down_proj_scales: Tensor,
+        down_proj_bias: Tensor,
+        *,
+        alpha: float,
+        limit: float,
+    ) -> None:
+        super().__init__()
+        num_experts, two_inter = gate_up_proj_blocks.shape[:2]
+        hidden = down_proj_blocks.shape[1]
+        expected = {
+            "gate_up_proj_blocks": (num_experts, two_inter, hidden // 32, 16),
+            "gate_up_proj_scales": (num_experts, two_inter, hidden // 32),
+            "gate_up_proj_bias": (num_experts, two_inter),
+            "down_proj_blocks": (num_experts, hidden, two_inter // 64, 16),
+            "down_proj_scales": (num_experts, hidden, two_inter // 64),
+            "down_proj_bias": (num_experts, hidden),
+        }
+        given = dict(
+            gate_up_proj_blocks=gate_up_proj_blocks,
+            gate_up_proj_scales=gate_up_proj_scales,
+            gate_up_proj_bias=gate_up_proj_bias,
+            down_proj_blocks=down_proj_blocks,
+            down_proj_scales=down_proj_scales,
+            down_proj_bias=down_proj_bias,
+        )
+        for name, tensor in given.items():
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {expected[name]}")
+            packed = not name.endswith("_bias")
+            if packed != (tensor.dtype == torch.uint8):
+                raise TypeError(f"{name}: dtype {tensor.dtype} (blocks/scales uint8, biases float)")
+        self.num_experts = num_experts
+        self.hidden_size = hidden
+        self.intermediate_size = two_inter // 2
+        self.alpha = alpha
+        self.limit = limit
+        for proj in PROJECTIONS:
+            self.register_buffer(f"{proj}_blocks", given[f"{proj}_blocks"])
+            self.register_buffer(f"{proj}_scales", given[f"{proj}_scales"])
+            self.register_parameter(
+                f"{proj}_bias", nn.Parameter(given[f"{proj}_bias"], requires_grad=False)
+            )
+
+    def weight_spec(self, proj: str) -> Tensor:
+        """A stand-in with the shape, dtype and device of the dequantized ``GptOssExperts`` weight.
+
+        ``[E, in, out]`` (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``) in the compute
+        dtype, one element of storage expanded: what PEFT's ``ParamWrapper`` reads from the
+        parameter it wraps (shape for the LoRA factors, dtype/device to place them).
+        """
+        bias = getattr(self, f"{proj}_bias")
+        blocks = getattr(self, f"{proj}_blocks")
+        in_features = blocks.shape[2] * blocks.shape[3] * 2
+        shape = (self.num_experts, in_features, blocks.shape[1])
+        return torch.empty((), dtype=bias.dtype, device=bias.device).expand(shape)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        router_indices: Tensor,
+        routing_weights: Tensor,
+        lora: Mapping[str, Sequence[LoraFactors]] | None = None,
+    ) -> Tensor:
+        """``GptOssExperts.forward`` with MXFP4 weights plus the LoRA factors in ``lora``.
+
+        Args:
+            hidden_states: ``[T, H]`` tokens.
+            router_indices: ``[T, K]`` chosen experts per token.
+            routing_weights: ``[T, K]`` their weights.
+            lora: per projection name, the factors of each active adapter.
+
+        Returns:
+            ``[T, H]``: each token's routing-weighted sum of its experts' outputs.
+        """
+        lora = lora or {}
+        top_k = router_indices.shape[1]
+        # Group the (token, slot) assignments by expert; stable, so each expert sees its tokens in
+        # order and every token adds up its experts in expert order, as GptOssExperts does.
+        expert_ids, order = torch.sort(router_indices.reshape(-1), stable=True)
+        token_idx = order // top_k
+        counts = tuple(torch.bincount(expert_ids, minlength=self.num_experts).tolist())
+
+        x = hidden_states[token_idx]
+        gate_up = self._project("gate_up_proj", x, expert_ids, counts, lora)
+        out = self._project("down_proj", self._apply_gate(gate_up), expert_ids, counts, lora)
+        weighted = out * routing_weights.reshape(-1)[order, None]
+        next_states = torch.zeros_like(hidden_states)
+        return next_states.index_add(0, token_idx, weighted.to(hidden_states.dtype))
+
+    def _project(
+        self,
+        proj: str,
+        x: Tensor,
+        expert_ids: Tensor,
+        counts: tuple[int, ...],
+        lora: Mapping[str, Sequence[LoraFactors]],
+    ) -> Tensor:
+        blocks, scales = getattr(self, f"{proj}_blocks"), getattr(self, f"{proj}_scales")
+        y = FrozenMxfp4Matmul.apply(x, blocks, scales, counts)
+        y = y + getattr(self, f"{proj}_bias")[expert_ids]
+        for factors in lora.get(proj, ()):
+            y = y + _grouped_lora(x, factors, counts)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, mxfp4"
+        )
+
+
+class Mxfp4ParamWrapper(ParamWrapper):
+    """PEFT's ``ParamWrapper`` for one projection of :class:`Mxfp4Experts`.
+
+    Everything PEFT does with a ``ParamWrapper`` (factor shapes, init, scaling, rsLoRA, rank and
+    alpha patterns, fp32 upcast, adapter (de)activation, state-dict keys) is PEFT's own code; only
+    the two points that would touch a float weight differ: the wrapped "parameter" is the
+    descriptor :meth:`Mxfp4Experts.weight_spec`, and the forward passes the factors down instead
+    of parametrizing ``W + ΔW``. Merging into MXFP4 weights is not supported: merge the adapter
+    into the dequantized model instead.
+    """
+
+    def get_param(self) -> Tensor:
+        return self.get_base_layer().weight_spec(self.parameter_name)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        router_indices: Tensor,
+        routing_weights: Tensor,
+        lora: Mapping[str, Sequence[LoraFactors]] | None = None,
+    ) -> Tensor:
+        factors = dict(lora or {})
+        if not self.disable_adapters:
+            own = [self.get_delta_factors(a) for a in self.active_adapters if a in self.lora_A]
+            if own:
+                factors[self.parameter_name] = own
+        return self.base_layer(hidden_states, router_indices, routing_weights, lora=factors)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "LoRA cannot be merged into MXFP4 expert weights; merge the adapter into the "
+            "dequantized model (Mxfp4Config(dequantize=True)) instead"
+        )
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("MXFP4 expert LoRA is never merged")
+
+
+def _targets_parameter(key: str, targets: Sequence[str]) -> bool:
+    # PEFT's rule in BaseTuner._inject_parameters: the full key, or a suffix after a dot.
+    return key in targets or any(key.endswith(f".{t}") for t in targets)
+
+
+def inject_expert_lora(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default"
+) -> list[str]:
+    """Wrap the :class:`Mxfp4Experts` projections named by ``config.target_parameters``.
+
+    Matching, ranks (``rank_pattern``) and alphas (``alpha_pattern``) follow PEFT's
+    ``target_parameters`` rules on the same parameter keys (``model.layers.7.mlp.experts.down_proj``).
+
+    Args:
+        model: the transformers model (``PeftModel.get_base_model()``), experts already MXFP4.
+        config: PEFT LoRA config; only ``target_parameters`` and the LoRA hyperparameters are read.
+        adapter_name: PEFT adapter name.
+
+    Returns:
+        The wrapped parameter keys.
+
+    Raises:
+        ValueError: targets given but none matched, or the experts already carry an adapter.
+    """
+    targets = sorted(set(config.target_parameters or ()))
+    wrapped_keys: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Mxfp4Experts):
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        wrapped: nn.Module = module
+        for proj in PROJECTIONS:
+            key = f"{name}.{proj}"
+            if not _targets_parameter(key, targets):
+                continue
+            if isinstance(parent, Mxfp4ParamWrapper):
+                raise ValueError(f"{name} already has an adapter; mxfp4 mode holds one at a time")
+            r_key = get_pattern_key(config.rank_pattern.keys(), key)
+            alpha_key = get_pattern_key(config.alpha_pattern.keys(), key)
+            wrapped = Mxfp4ParamWrapper(
+                wrapped,
+                adapter_name,
+                parameter_name=proj,
+                config=config,
+                r=config.rank_pattern.get(r_key, config.r),
+                lora_alpha=config.alpha_pattern.get(alpha_key, config.lora_alpha),
+            )
+            wrapped_keys.append(key)
+        if wrapped is not module:
+            setattr(parent, child_name, wrapped)
+    if targets and not wrapped_keys:
+        raise ValueError(f"target_parameters={targets} matched no MXFP4 expert weight")
+    return wrapped_keys
