@@ -84,6 +84,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="output folder (default: the runs' common parent folder)"
     )
 
+    data = sub.add_parser(
+        "data",
+        help="look at training data before training on it",
+        description="Training data tools. See docs/DATA.md for source specs, adapters, "
+        "rendering and the reasons rows are dropped.",
+    )
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = _add(
+        data_sub,
+        "inspect",
+        "mxlora.data.inspect:cli_main",
+        "rows kept/dropped, token lengths, loss share, rendered examples",
+        "Read a data source the way `mxlora train` does (adapter, checks, Harmony rendering, "
+        "max_len) and print: rows read, selected, kept and dropped by reason with row numbers; "
+        "p50/p95/max token lengths of the prompt and of the completion (the tokens under "
+        "loss); the share of tokens under loss; and N rendered examples with the loss-carrying "
+        "tokens marked (green on a terminal, [[...]] otherwise). SPEC is a source spec "
+        "(a .jsonl/.json/.parquet/.csv file, example:NAME, or a Hub id OWNER/NAME[:CONFIG]:SPLIT) "
+        "or a training config YAML, whose data: block and train.max_len are used.",
+    )
+    p.add_argument("spec", help="source spec or training config YAML")
+    p.add_argument(
+        "--adapter",
+        choices=("quotes", "messages", "fields", "chat"),
+        help="row -> conversation mapping (default: guessed from the columns, or the YAML's)",
+    )
+    p.add_argument(
+        "--render", choices=("harmony", "chat-template"), help="renderer (default harmony)"
+    )
+    p.add_argument("--select", type=int, help="inspect this many rows of the seeded shuffle")
+    p.add_argument(
+        "--max-len", type=int, help="longest row in tokens (default: the YAML's, else 2048)"
+    )
+    p.add_argument("--show", type=int, default=2, help="rendered examples to print (default 2)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON only")
+
     return parser
 
 
