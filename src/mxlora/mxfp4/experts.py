@@ -26,12 +26,15 @@ weight. Wrappers nest in the order PEFT nests them (``gate_up_proj`` innermost, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
+from peft.tuners.tuners_utils import cast_adapter_dtype
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from peft.utils.other import get_pattern_key
 from torch import Tensor, nn
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
@@ -362,3 +365,47 @@ def inject_expert_lora(
     if targets and not wrapped_keys:
         raise ValueError(f"target_parameters={targets} matched no MXFP4 expert weight")
     return wrapped_keys
+
+
+def get_mxfp4_peft_model(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+) -> PeftModel:
+    """``peft.get_peft_model`` for a model whose experts are :class:`Mxfp4Experts`.
+
+    PEFT injects the module targets (``target_modules``, e.g. attention ``all-linear``) as usual;
+    the expert ``target_parameters`` are injected by :func:`inject_expert_lora` (PEFT's own
+    injection looks for float parameters named ``gate_up_proj``/``down_proj``, which MXFP4
+    experts do not have). The adapter config then names both again, so ``save_pretrained``
+    writes the same ``adapter_config.json`` and keys as the seed path, and
+    ``PeftModel.from_pretrained`` on the dequantized model rebuilds the same adapter.
+
+    Args:
+        model: the transformers model with MXFP4 experts.
+        config: the PEFT LoRA config, exactly as for the dequantized model.
+        adapter_name: PEFT adapter name.
+        autocast_adapter_dtype: upcast bf16/fp16 LoRA weights to float32, as PEFT does.
+
+    Returns:
+        The ``PeftModel``; only LoRA weights are trainable (none with ``config.inference_mode``).
+    """
+    module_config = copy.deepcopy(config)
+    module_config.target_parameters = None
+    if not config.target_modules:
+        # Expert-only adapter: PEFT's placeholder makes a PeftModel without injecting modules.
+        module_config.target_modules = DUMMY_TARGET_MODULES
+    peft_model = get_peft_model(
+        model,
+        module_config,
+        adapter_name=adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
+    inject_expert_lora(peft_model.get_base_model(), config, adapter_name)
+    cast_adapter_dtype(peft_model.get_base_model(), adapter_name, autocast_adapter_dtype)
+    saved = peft_model.peft_config[adapter_name]
+    saved.target_parameters = copy.deepcopy(config.target_parameters)
+    if not config.target_modules:
+        saved.target_modules = copy.deepcopy(config.target_modules)
+    return peft_model

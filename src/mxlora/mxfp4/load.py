@@ -1,0 +1,195 @@
+"""Load a gpt-oss checkpoint with the experts kept in MXFP4 (``experts: mxfp4``), and adapters.
+
+:func:`load_mxfp4_model` builds the transformers model on the meta device (no memory), swaps
+every ``GptOssExperts`` for an empty :class:`~mxlora.mxfp4.experts.Mxfp4Experts`, and then puts
+each checkpoint tensor, read one at a time with ``safe_open``, into the model tensor of the same
+name: with the experts swapped, the model's state-dict names *are* the Hub's
+(``...mlp.experts.gate_up_proj_blocks``), so the packed uint8 blocks and e8m0 scales go in as they
+are and everything else is cast to the model dtype. No floating-point copy of an expert weight
+ever exists, on the host or on the device; the host holds at most one checkpoint tensor beyond
+the model.
+
+:func:`load_mxfp4_adapter` loads a PEFT adapter (``adapter_config.json`` +
+``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes it on the dequantized model
+or here) into such a model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.utils import set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssRotaryEmbedding
+
+from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def load_mxfp4_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "eager",
+) -> PreTrainedModel:
+    """A gpt-oss model whose experts stay MXFP4, everything else in ``dtype``.
+
+    Args:
+        path: a local checkpoint folder in the Hub layout (``config.json``, ``model.safetensors``
+            or sharded with ``model.safetensors.index.json``).
+        dtype: dtype of every non-expert weight and of the expert biases; the experts compute
+            in it.
+        device: where the model goes.
+        attn_implementation: transformers' attention backend.
+
+    Returns:
+        The ``GptOssForCausalLM`` in eval mode (as ``from_pretrained`` returns it), no gradients.
+
+    Raises:
+        ValueError: not a gpt-oss checkpoint with MXFP4 experts, or tensors missing/unexpected/
+            misshapen.
+    """
+    path = Path(path)
+    device = torch.device(device)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "gpt_oss" or not _is_mxfp4(config):
+        raise ValueError(f"{path}: not a gpt-oss checkpoint with MXFP4 experts")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GptOssExperts):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, _empty_mxfp4_experts(module, dtype))
+
+    expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
+    loaded: set[str] = set()
+    for name, tensor in _checkpoint_tensors(path):
+        target = expected.get(name)
+        if target is None:
+            raise ValueError(f"{path}: unexpected tensor {name}")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+            )
+        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        _set_tensor(model, name, value)
+        loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise ValueError(f"{path}: tensors missing from the checkpoint: {missing[:8]}")
+
+    # Non-persistent buffers (the rotary frequencies) are computed, not stored: build them now.
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GptOssRotaryEmbedding):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, type(module)(config).to(device))
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise ValueError(f"{path}: tensors left unset: {on_meta[:8]}")
+
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _is_mxfp4(config) -> bool:
+    quant = getattr(config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method
+    return str(getattr(method, "value", method)) == "mxfp4"
+
+
+def _empty_mxfp4_experts(experts: GptOssExperts, dtype: torch.dtype) -> Mxfp4Experts:
+    """A meta-device :class:`Mxfp4Experts` shaped like ``experts`` (filled by the loader)."""
+    n, hidden, inter = experts.num_experts, experts.hidden_size, experts.intermediate_size
+
+    def packed(out: int, inp: int) -> tuple[Tensor, Tensor]:
+        blocks = torch.empty(n, out, inp // 32, 16, dtype=torch.uint8, device="meta")
+        return blocks, torch.empty(n, out, inp // 32, dtype=torch.uint8, device="meta")
+
+    gate_up_blocks, gate_up_scales = packed(2 * inter, hidden)
+    down_blocks, down_scales = packed(hidden, inter)
+    return Mxfp4Experts(
+        gate_up_blocks,
+        gate_up_scales,
+        torch.empty(n, 2 * inter, dtype=dtype, device="meta"),
+        down_blocks,
+        down_scales,
+        torch.empty(n, hidden, dtype=dtype, device="meta"),
+        alpha=experts.alpha,
+        limit=experts.limit,
+    )
+
+
+def _checkpoint_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor of the checkpoint, one at a time (single file or sharded with an index)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    elif (path / SINGLE_FILE).is_file():
+        shards = [SINGLE_FILE]
+    else:
+        raise ValueError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+    for shard in shards:
+        with safe_open(path / shard, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def load_mxfp4_adapter(
+    model: PreTrainedModel,
+    adapter_dir: str | Path,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+) -> PeftModel:
+    """Load a PEFT LoRA adapter into a model from :func:`load_mxfp4_model`.
+
+    The MXFP4 counterpart of ``PeftModel.from_pretrained``: same files, same keys. Every adapter
+    tensor must land in the model and every LoRA tensor of the model must be in the file.
+
+    Args:
+        model: the MXFP4-expert model.
+        adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        adapter_name: PEFT adapter name.
+        is_trainable: keep the LoRA weights trainable (else inference mode, as PEFT's default).
+
+    Returns:
+        The ``PeftModel``.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = LoraConfig.from_pretrained(adapter_dir)
+    config.inference_mode = not is_trainable
+    peft_model = get_mxfp4_peft_model(model, config, adapter_name=adapter_name)
+    state = load_file(adapter_dir / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"{adapter_dir}: adapter does not fit the model: unexpected {result.unexpected_keys[:8]}, "
+            f"missing {missing[:8]}"
+        )
+    return peft_model
