@@ -66,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument(
         "--mxfp4", dest="mxfp4", action="store_true", default=True, help="MXFP4 experts (default)"
     )
-    fmt.add_argument("--bf16", dest="mxfp4", action="store_false", help="bf16 experts")
+    fmt.add_argument(
+        "--bf16",
+        dest="mxfp4",
+        action="store_false",
+        help="plain bf16 expert tensors (gate_up_proj/down_proj), holding exactly the values the "
+        "--mxfp4 checkpoint of the same seed dequantizes to",
+    )
 
     p = _add(
         sub,
