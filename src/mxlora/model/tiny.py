@@ -219,29 +219,36 @@ def _random_expert_weight(
 def make_tiny(out: Path, spec: TinySpec) -> Path:
     """Write a tiny gpt-oss checkpoint for ``spec`` into folder ``out`` (created if missing).
 
-    Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer
-    files of :func:`mxlora.model.tokenizer.ensure_tokenizer`.
+    Writes ``model.safetensors`` and, through :func:`write_model_files`, ``config.json``,
+    ``generation_config.json`` and the tokenizer.
 
     Returns:
         ``out``.
     """
-    from mxlora.model.tokenizer import ensure_tokenizer
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(spec)
-    tensors = {
-        name: t.contiguous() for name, t in random_weights(config, spec.seed, mxfp4=spec.mxfp4)
-    }
+    weights = random_weights(config, spec.seed, mxfp4=spec.mxfp4)
+    tensors = {name: t.contiguous() for name, t in weights}
     # transformers writes this metadata; its loader warns about files without it.
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    write_model_files(out, config)
+    return out
+
+
+def write_model_files(out: Path, config: dict[str, Any]) -> None:
+    """Write a checkpoint folder's files other than weights, as the Hub's gpt-oss has them.
+
+    ``config.json`` (``config``), ``generation_config.json`` (the real one) and the tokenizer
+    files of :func:`mxlora.model.tokenizer.ensure_tokenizer` (the real o200k_harmony one).
+    """
+    from mxlora.model.tokenizer import ensure_tokenizer
+
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", GPT_OSS_GENERATION_CONFIG)
-    tokenizer_dir = ensure_tokenizer()
-    for path in sorted(tokenizer_dir.iterdir()):
+    for path in sorted(ensure_tokenizer().iterdir()):
         if path.is_file() and not path.name.startswith("."):
             shutil.copyfile(path, out / path.name)
-    return out
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
