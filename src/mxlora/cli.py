@@ -90,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="output folder (default: the runs' common parent folder)"
     )
 
+    p = _add(
+        sub,
+        "merge",
+        "mxlora.recipes.merge:cli_main",
+        "merge a LoRA adapter into its base model (safetensors + tokenizer)",
+        "Load the base (an MXFP4 checkpoint is dequantized, as the seed does), apply the PEFT "
+        "adapter (attention and expert LoRA) and fold it into the weights. The output folder "
+        "loads plainly with AutoModelForCausalLM: safetensors weights, config.json without "
+        "quantization_config, generation_config.json, tokenizer, and mxlora_merge.json (what was "
+        "merged). Refuses to overwrite an existing --out and to merge an adapter into a model it "
+        "is already merged into.",
+    )
+    p.add_argument("--base", required=True, help="base model: Hub id, folder or tiny[:key=value]")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder (a run's adapter/)")
+    p.add_argument("--out", required=True, help="output folder (must not exist yet)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="weight dtype to merge and save in (auto: bfloat16 on a bf16 GPU, else float32)",
+    )
+
     data = sub.add_parser(
         "data",
         help="look at training data before training on it",
