@@ -148,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=2, help="rendered examples to print (default 2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON only")
 
+    p = _add(
+        sub,
+        "make-random",
+        "mxlora.model.random:cli_main",
+        "write a full-size gpt-oss checkpoint with random weights (Hub layout)",
+        "Write a gpt-oss checkpoint of the real size with random weights, in the exact layout of "
+        "the Hub's: sharded safetensors (model-0000i-of-0000N.safetensors) with "
+        "model.safetensors.index.json, MXFP4 experts (uint8 *_blocks and e8m0 *_scales, quantized "
+        "by mxlora.mxfp4 from weights with a random gain per 32-value block, so scales vary as "
+        "real ones do), every other tensor bf16, config.json, generation_config.json and the real "
+        "tokenizer. Speed and memory do not depend on weight values: `mxlora bench` measures on "
+        "it. Generated on --device one layer at a time and written shard by shard (host memory "
+        "about one 5 GB shard); on a GPU gpt-oss-20b takes minutes.",
+    )
+    p.add_argument("out", help="output folder (replaced if it exists)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="20b, 120b (the embedded gpt-oss configs) or the path of a gpt-oss config.json",
+    )
+    p.add_argument("--device", default=None, help="where to generate (default: cuda if present)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
     return parser
 
 

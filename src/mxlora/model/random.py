@@ -1,0 +1,207 @@
+"""Full-size gpt-oss checkpoints with random weights, in the exact Hub layout (``make-random``).
+
+Speed and memory of training do not depend on weight values, so a checkpoint shaped exactly like
+``openai/gpt-oss-20b`` (or ``-120b``) but filled with random weights measures what users of the
+real one would see, without downloading it. The files are what the Hub serves:
+
+- ``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``
+  (``{"metadata": {"total_size": bytes}, "weight_map": {tensor: shard}}``). The Hub's gpt-oss-20b
+  has three shards named ``model-00000-of-00002`` .. ``model-00002-of-00002``: the number after
+  ``of`` is the last index, not the count, and we copy that quirk.
+- MXFP4 experts (uint8 ``*_blocks`` / e8m0 ``*_scales``) quantized by :mod:`mxlora.mxfp4` from
+  normal weights with a random gain per 32-value block, so scales vary as real ones do; every
+  other tensor bf16 (the tensor names, shapes, dtypes and magnitudes of
+  :func:`mxlora.model.tiny.random_weights`, which this module drives layer by layer).
+- ``config.json``, ``generation_config.json`` and the real o200k_harmony tokenizer.
+
+Weights are generated and quantized on ``device`` one layer at a time and written shard by shard,
+so host memory stays near one shard (at most :data:`MAX_SHARD_BYTES`) whatever the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mxlora.model.configs import gpt_oss_20b_config, gpt_oss_120b_config
+from mxlora.model.tiny import random_weights, write_model_files
+
+#: Largest shard written (bytes). 5 GB was transformers' ``max_shard_size`` default for years
+#: and gives the Hub's three shards for gpt-oss-20b (13.8 GB).
+MAX_SHARD_BYTES = 5 * 10**9
+INDEX_FILE = "model.safetensors.index.json"
+#: Names ``make-random --config`` accepts besides a config.json path.
+NAMED_CONFIGS = {"20b": gpt_oss_20b_config, "120b": gpt_oss_120b_config}
+
+
+def shard_name(index: int, count: int) -> str:
+    """Shard file name as the Hub's gpt-oss repos write it (``of`` the last index)."""
+    return f"model-{index:05d}-of-{count - 1:05d}.safetensors"
+
+
+def resolve_config(spec: str | Path) -> dict[str, Any]:
+    """``20b`` / ``120b`` (the embedded configs) or the path of a gpt-oss ``config.json``.
+
+    Raises:
+        ValueError: the file is missing, unreadable or not a gpt-oss MXFP4 config.
+    """
+    if str(spec) in NAMED_CONFIGS:
+        return NAMED_CONFIGS[str(spec)]()
+    path = Path(spec)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"--config {spec}: not 20b, 120b or a readable config.json ({e})"
+        ) from None
+    if config.get("model_type") != "gpt_oss":
+        raise ValueError(
+            f"--config {spec}: model_type is {config.get('model_type')!r}, not gpt_oss"
+        )
+    if (config.get("quantization_config") or {}).get("quant_method") != "mxfp4":
+        raise ValueError(
+            f"--config {spec}: has no mxfp4 quantization_config (experts would be bf16)"
+        )
+    return config
+
+
+@dataclass
+class RandomCheckpoint:
+    """What :func:`make_random` wrote.
+
+    Attributes:
+        path: the checkpoint folder.
+        shards: shard file names, in order.
+        total_size: tensor bytes over all shards (the index's ``total_size``).
+        seconds: wall time of generation and writing.
+    """
+
+    path: Path
+    shards: list[str]
+    total_size: int
+    seconds: float
+
+
+def make_random(
+    out: str | Path,
+    config: dict[str, Any],
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    log: bool = False,
+) -> RandomCheckpoint:
+    """Write a random gpt-oss checkpoint for ``config`` into ``out`` (Hub layout, MXFP4 experts).
+
+    The folder appears complete or not at all: everything is written into a temp folder beside
+    ``out`` and renamed into place (an existing ``out`` is replaced).
+
+    Args:
+        out: checkpoint folder to create.
+        config: a gpt-oss ``config.json`` dict with an mxfp4 ``quantization_config``.
+        seed: random seed; tensor values depend on (seed, tensor name) and the device type.
+        device: where weights are generated and quantized (``cuda`` takes minutes for 20b).
+        max_shard_bytes: shard size limit (a shard holds at least one tensor).
+        log: print a line per shard written.
+
+    Returns:
+        What was written.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        shards, weight_map, total = _write_shards(tmp, config, seed, device, max_shard_bytes, log)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_model_files(tmp, config)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return RandomCheckpoint(out, shards, total, time.perf_counter() - start)
+
+
+def _write_shards(
+    folder: Path,
+    config: dict[str, Any],
+    seed: int,
+    device: torch.device | str,
+    max_shard_bytes: int,
+    log: bool,
+) -> tuple[list[str], dict[str, str], int]:
+    """Stream the weights into shards; returns shard names, the weight map and total bytes.
+
+    The shard count is known only at the end, so shards are written under provisional names
+    and renamed once all exist.
+    """
+    provisional: list[Path] = []
+    owner: dict[str, int] = {}  # tensor name -> shard number
+    pending: dict[str, Tensor] = {}
+    pending_bytes = total = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        path = folder / f".shard-{len(provisional):05d}.safetensors"
+        # transformers writes this metadata; its loader warns about files without it.
+        save_file(pending, path, metadata={"format": "pt"})
+        if log:
+            print(
+                f"  shard {len(provisional)}: {len(pending)} tensors, {pending_bytes / 1e9:.2f} GB",
+                flush=True,
+            )
+        provisional.append(path)
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in random_weights(config, seed, mxfp4=True, device=device):
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = tensor.to("cpu").contiguous()
+        owner[name] = len(provisional)
+        pending_bytes += size
+        total += size
+    flush()
+
+    names = [shard_name(i, len(provisional)) for i in range(len(provisional))]
+    for path, name in zip(provisional, names, strict=True):
+        path.rename(folder / name)
+    return names, {tensor: names[i] for tensor, i in sorted(owner.items())}, total
+
+
+def default_device() -> str:
+    """``cuda`` when there is a GPU (minutes for 20b), else ``cpu`` (fine for small configs)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``mxlora make-random OUT --config 20b|120b|config.json [--device] [--seed]``."""
+    try:
+        config = resolve_config(args.config)
+    except ValueError as e:
+        print(f"mxlora make-random: error: {e}", file=sys.stderr)
+        return 2
+    device = args.device or default_device()
+    layers, experts = config["num_hidden_layers"], config["num_local_experts"]
+    print(f"generating {layers} layers x {experts} experts on {device} into {args.out}", flush=True)
+    done = make_random(args.out, config, seed=args.seed, device=device, log=True)
+    print(
+        f"wrote {done.path}: {len(done.shards)} shards, {done.total_size / 1e9:.2f} GB of tensors "
+        f"in {done.seconds:.0f} s",
+        flush=True,
+    )
+    return 0
