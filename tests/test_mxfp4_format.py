@@ -241,3 +241,10 @@ def test_cuda_matches_cpu():
     assert all(torch.equal(a, g.cpu()) for a, g in zip(cpu, gpu, strict=True))
     ref = dequantize_mxfp4(*cpu)
     assert torch.equal(_bits(dequantize_mxfp4(*gpu).cpu()), _bits(ref))
+
+
+def test_one_dimensional_input():
+    w = torch.tensor([4.0] + [0.5] * 31 + [-6.0] + [1.0] * 31)
+    b, s = quantize_mxfp4(w)
+    assert b.shape == (2, 16) and s.tolist() == [127, 127]
+    assert torch.equal(dequantize_mxfp4(b, s, torch.float32), w)

@@ -176,10 +176,8 @@ def random_weights(
             ("mlp.experts.down_proj_bias", (n_exp, hidden)),
         ):
             yield p + name, normal(p + name, *shape)
-        yield (
-            p + "self_attn.sinks",
-            normal(p + "self_attn.sinks", q_width // config["head_dim"], std=_SINK_STD),
-        )
+        sinks = p + "self_attn.sinks"  # one logit per query head
+        yield sinks, normal(sinks, config["num_attention_heads"], std=_SINK_STD)
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             yield p + name, normal(p + name, hidden, std=_NORM_STD, mean=1.0)
         # Hub orientation [E, out, in]: gate_up maps hidden -> 2*inter, down maps inter -> hidden.
