@@ -112,6 +112,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight dtype to merge and save in (auto: bfloat16 on a bf16 GPU, else float32)",
     )
 
+    p = _add(
+        sub,
+        "chat",
+        "mxlora.recipes.chat:cli_main",
+        "generate with gpt-oss in Harmony; show analysis and final apart",
+        "Render a Harmony prompt (system message with the pinned date and reasoning effort, "
+        "'reasoning language: X' as developer instructions as in the seed notebook, the user "
+        "message), generate until gpt-oss's stop tokens (<|return|>, <|call|>, <|endoftext|>) or "
+        "--max-new-tokens, and parse the reply with openai-harmony into the analysis and final "
+        "channels. Output that is not a complete Harmony answer is shown raw, with the reason. "
+        "Without --prompt, reads one prompt per line from stdin (each a new conversation).",
+    )
+    p.add_argument("--model", required=True, help="model: Hub id, folder (e.g. a merge) or tiny")
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder to apply (not merged)")
+    p.add_argument("--prompt", default=None, help="the user message (default: read stdin lines)")
+    p.add_argument(
+        "--reasoning-language",
+        default=None,
+        metavar="LANG",
+        help="instruct 'reasoning language: LANG' (the seed checks German)",
+    )
+    p.add_argument(
+        "--effort",
+        choices=("low", "medium", "high"),
+        default="medium",
+        help="reasoning effort in the system message (default medium)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=512, help="generation limit (default 512, the seed's)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.6,
+        help="sampling temperature; 0 decodes greedily (default 0.6, the seed's)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print each reply as one JSON line: analysis, final, raw, valid, reason, stop, "
+        "new_tokens",
+    )
+
     data = sub.add_parser(
         "data",
         help="look at training data before training on it",
