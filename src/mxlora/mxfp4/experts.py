@@ -311,9 +311,22 @@ class Mxfp4ParamWrapper(ParamWrapper):
         raise NotImplementedError("MXFP4 expert LoRA is never merged")
 
 
-def _targets_parameter(key: str, targets: Sequence[str]) -> bool:
-    # PEFT's rule in BaseTuner._inject_parameters: the full key, or a suffix after a dot.
-    return key in targets or any(key.endswith(f".{t}") for t in targets)
+def expert_target_keys(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """``(experts module name, projection)`` of each MXFP4 expert weight ``config`` targets.
+
+    PEFT's rule (``BaseTuner._inject_parameters``): a target names the parameter key
+    ``<module>.<projection>`` in full or as a suffix after a dot, e.g. ``7.mlp.experts.down_proj``
+    matches ``model.layers.7.mlp.experts.down_proj``. In projection order (the nesting order).
+    """
+    targets = set(config.target_parameters or ())
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, Mxfp4Experts):
+            for proj in PROJECTIONS:
+                key = f"{name}.{proj}"
+                if key in targets or any(key.endswith(f".{t}") for t in targets):
+                    found.append((name, proj))
+    return found
 
 
 def inject_expert_lora(
@@ -321,8 +334,8 @@ def inject_expert_lora(
 ) -> list[str]:
     """Wrap the :class:`Mxfp4Experts` projections named by ``config.target_parameters``.
 
-    Matching, ranks (``rank_pattern``) and alphas (``alpha_pattern``) follow PEFT's
-    ``target_parameters`` rules on the same parameter keys (``model.layers.7.mlp.experts.down_proj``).
+    Matching (:func:`expert_target_keys`), ranks (``rank_pattern``) and alphas
+    (``alpha_pattern``) follow PEFT's ``target_parameters`` rules on the same parameter keys.
 
     Args:
         model: the transformers model (``PeftModel.get_base_model()``), experts already MXFP4.
@@ -330,41 +343,41 @@ def inject_expert_lora(
         adapter_name: PEFT adapter name.
 
     Returns:
-        The wrapped parameter keys.
+        The wrapped parameter keys (``model.layers.7.mlp.experts.down_proj``).
 
     Raises:
         ValueError: targets given but none matched, or the experts already carry an adapter.
     """
-    targets = sorted(set(config.target_parameters or ()))
-    wrapped_keys: list[str] = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, Mxfp4Experts):
-            continue
+    found = expert_target_keys(model, config)
+    if config.target_parameters and not found:
+        raise ValueError(
+            f"target_parameters={sorted(config.target_parameters)} matched no MXFP4 expert weight"
+        )
+    for name, proj in found:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        wrapped: nn.Module = module
-        for proj in PROJECTIONS:
-            key = f"{name}.{proj}"
-            if not _targets_parameter(key, targets):
-                continue
-            if isinstance(parent, Mxfp4ParamWrapper):
-                raise ValueError(f"{name} already has an adapter; mxfp4 mode holds one at a time")
-            r_key = get_pattern_key(config.rank_pattern.keys(), key)
-            alpha_key = get_pattern_key(config.alpha_pattern.keys(), key)
-            wrapped = Mxfp4ParamWrapper(
-                wrapped,
-                adapter_name,
-                parameter_name=proj,
-                config=config,
-                r=config.rank_pattern.get(r_key, config.r),
-                lora_alpha=config.alpha_pattern.get(alpha_key, config.lora_alpha),
-            )
-            wrapped_keys.append(key)
-        if wrapped is not module:
-            setattr(parent, child_name, wrapped)
-    if targets and not wrapped_keys:
-        raise ValueError(f"target_parameters={targets} matched no MXFP4 expert weight")
-    return wrapped_keys
+        if isinstance(parent, Mxfp4ParamWrapper):
+            raise ValueError(f"{name} already has expert LoRA; mxfp4 mode holds one adapter")
+        # The module now at ``name`` is the wrapper of an earlier projection, if any: the new
+        # wrapper goes around it, as PEFT nests.
+        key = f"{name}.{proj}"
+        r_key = get_pattern_key(config.rank_pattern.keys(), key)
+        alpha_key = get_pattern_key(config.alpha_pattern.keys(), key)
+        wrapper = Mxfp4ParamWrapper(
+            model.get_submodule(name),
+            adapter_name,
+            parameter_name=proj,
+            config=config,
+            r=config.rank_pattern.get(r_key, config.r),
+            lora_alpha=config.alpha_pattern.get(alpha_key, config.lora_alpha),
+        )
+        setattr(parent, child_name, wrapper)
+    return [f"{name}.{proj}" for name, proj in found]
+
+
+def _patterns_for(patterns: Mapping[str, int], keys: Sequence[str]) -> set[str]:
+    """The ``rank_pattern``/``alpha_pattern`` keys that apply to some parameter key in ``keys``."""
+    return {p for p in patterns for key in keys if get_pattern_key([p], key) == p}
 
 
 def get_mxfp4_peft_model(
@@ -391,8 +404,14 @@ def get_mxfp4_peft_model(
     Returns:
         The ``PeftModel``; only LoRA weights are trainable (none with ``config.inference_mode``).
     """
+    expert_keys = [f"{name}.{proj}" for name, proj in expert_target_keys(model, config)]
     module_config = copy.deepcopy(config)
     module_config.target_parameters = None
+    # Patterns for expert weights are ours to apply; PEFT would call them unmatched.
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field)
+        ours = _patterns_for(patterns, expert_keys)
+        setattr(module_config, field, {k: v for k, v in patterns.items() if k not in ours})
     if not config.target_modules:
         # Expert-only adapter: PEFT's placeholder makes a PeftModel without injecting modules.
         module_config.target_modules = DUMMY_TARGET_MODULES
@@ -406,6 +425,8 @@ def get_mxfp4_peft_model(
     cast_adapter_dtype(peft_model.get_base_model(), adapter_name, autocast_adapter_dtype)
     saved = peft_model.peft_config[adapter_name]
     saved.target_parameters = copy.deepcopy(config.target_parameters)
+    saved.rank_pattern = copy.deepcopy(config.rank_pattern)
+    saved.alpha_pattern = copy.deepcopy(config.alpha_pattern)
     if not config.target_modules:
         saved.target_modules = copy.deepcopy(config.target_modules)
     return peft_model

@@ -1,0 +1,271 @@
+"""``experts: mxfp4`` against the seed path on a tiny gpt-oss checkpoint in the Hub layout (CPU, fp32).
+
+The seed path: the same checkpoint through ``Mxfp4Config(dequantize=True)`` plus PEFT
+(``all-linear`` attention + ``target_parameters`` experts). Ours: :func:`load_mxfp4_model` plus
+:func:`get_mxfp4_peft_model`. Both get the same LoRA values (B non-zero, so both factors get
+gradients); loss, logits and every LoRA gradient must agree to 1e-5 relative (L2 norm of the
+difference over the norm), in every layer: layer 0 has no expert LoRA, so its attention gradients
+only match if dx through the frozen MXFP4 experts above it is right.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Mxfp4Config
+
+from mxlora.model.tiny import ensure_tiny
+from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
+from mxlora.mxfp4.load import load_mxfp4_adapter, load_mxfp4_model
+
+VOCAB = 201088
+# Layer 0: attention LoRA only (below every adapted expert); 1: both projections; 2: gate_up
+# only; 3: down only, with its own rank through rank_pattern.
+TARGETS = [
+    "1.mlp.experts.gate_up_proj",
+    "1.mlp.experts.down_proj",
+    "2.mlp.experts.gate_up_proj",
+    "3.mlp.experts.down_proj",
+]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # intermediate != hidden, so a transposed expert weight cannot go unnoticed.
+    return ensure_tiny(intermediate=96)
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        target_parameters=list(TARGETS),
+        rank_pattern={"3.mlp.experts.down_proj": 2},
+    )
+
+
+def seed_model(path, experts_implementation: str | None = None):
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=Mxfp4Config(dequantize=True),
+        dtype=torch.float32,
+        attn_implementation="eager",
+        experts_implementation=experts_implementation,
+    )
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def same_lora(*models, seed: int = 1) -> None:
+    """Give every model the same random LoRA values (B too), by parameter name."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [trainable(m) for m in models]
+    shapes = [{n: tuple(p.shape) for n, p in ps.items()} for ps in params]
+    assert all(s == shapes[0] for s in shapes), "LoRA parameter names/shapes differ"
+    with torch.no_grad():
+        for name, p in params[0].items():
+            value = torch.randn(p.shape, generator=gen) * 0.05
+            for ps in params:
+                ps[name].copy_(value)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def tokens(batch: int, length: int, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def step(model, ids: torch.Tensor, targets: torch.Tensor):
+    """Cross entropy against ``targets`` at every position (no shift: works for one token)."""
+    model.zero_grad()
+    logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainable(model).items()}
+    return loss.item(), logits.detach(), grads
+
+
+def pair(path, experts_implementation: str | None = None):
+    seed = get_peft_model(seed_model(path, experts_implementation), lora_config())
+    mx = get_mxfp4_peft_model(load_mxfp4_model(path, dtype=torch.float32), lora_config())
+    same_lora(seed, mx)
+    return seed, mx
+
+
+def assert_parity(seed, mx, ids, targets) -> dict[str, float]:
+    loss_s, logits_s, grads_s = step(seed, ids, targets)
+    loss_m, logits_m, grads_m = step(mx, ids, targets)
+    errors = {"loss": abs(loss_m - loss_s) / abs(loss_s), "logits": rel(logits_m, logits_s)}
+    assert grads_m.keys() == grads_s.keys()
+    errors.update({name: rel(grads_m[name], grads_s[name]) for name in grads_s})
+    bad = {k: v for k, v in errors.items() if not v < TOL}
+    assert not bad, bad
+    return errors
+
+
+@pytest.mark.parametrize("experts_implementation", [None, "eager"])
+def test_gradient_parity_with_seed_path(tiny, experts_implementation):
+    seed, mx = pair(tiny, experts_implementation)
+    names = set(trainable(mx))
+    # Every layer's attention, the expert LoRA exactly where targeted (nested as PEFT nests).
+    for layer in range(4):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert (
+                f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_A.default.weight"
+                in names
+            )
+    expert_names = sorted(n for n in names if ".experts." in n)
+    prefix = "base_model.model.model.layers."
+    assert expert_names == [
+        f"{prefix}{layer}.mlp.experts.{nest}lora_{ab}.default.weight"
+        for layer, nest in ((1, "base_layer."), (1, ""), (2, ""), (3, ""))
+        for ab in "AB"
+    ]
+    ids = tokens(2, 12)
+    # The model's own shifted loss too (what the trainer uses).
+    with torch.no_grad():
+        assert rel(mx(input_ids=ids, labels=ids).loss, seed(input_ids=ids, labels=ids).loss) < TOL
+    errors = assert_parity(seed, mx, ids, tokens(2, 12, seed=3))
+    assert len(errors) == 2 + 4 * 4 * 2 + 8
+
+
+def test_parity_one_token_and_idle_experts(tiny):
+    seed, mx = pair(tiny)
+    assert_parity(seed, mx, tokens(1, 1), tokens(1, 1, seed=3))
+    # Push every token of layers 1 and 3 onto experts 0 and 1 (top-2): experts 2 and 3 get none.
+    for model in (seed, mx):
+        for layer in (1, 3):
+            router = model.get_base_model().model.layers[layer].mlp.router
+            with torch.no_grad():
+                router.bias.copy_(torch.tensor([50.0, 40.0, -50.0, -50.0]))
+    assert_parity(seed, mx, tokens(2, 9), tokens(2, 9, seed=3))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    mx = get_mxfp4_peft_model(load_mxfp4_model(tiny, dtype=torch.float32), lora_config())
+    same_lora(mx)
+    ids, targets = tokens(2, 10), tokens(2, 10, seed=3)
+    mx.train()
+    loss, _, grads = step(mx, ids, targets)
+    mx.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    assert mx.get_base_model().model.gradient_checkpointing
+    loss_ckpt, _, grads_ckpt = step(mx, ids, targets)
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    for name in grads:
+        assert rel(grads_ckpt[name], grads[name]) < 1e-6, name
+
+
+def test_adapter_files_round_trip_both_ways(tiny, tmp_path):
+    ids = tokens(2, 8)
+    mx = get_mxfp4_peft_model(load_mxfp4_model(tiny, dtype=torch.float32), lora_config())
+    same_lora(mx, seed=5)
+    mx.save_pretrained(tmp_path / "from_mx")
+
+    # mxfp4 -> dequantized, with PEFT's own loader.
+    seed = PeftModel.from_pretrained(seed_model(tiny), tmp_path / "from_mx")
+    with torch.no_grad():
+        logits_mx, logits_seed = mx(input_ids=ids).logits, seed(input_ids=ids).logits
+    assert rel(logits_mx, logits_seed) < TOL
+    base = seed_model(tiny)
+    with torch.no_grad():
+        assert rel(base(input_ids=ids).logits, logits_seed) > 1e-3  # the adapter is not a no-op
+
+    # dequantized -> mxfp4: the seed's files load into mxfp4 mode with the same logits.
+    seed.save_pretrained(tmp_path / "from_seed")
+    mx2 = load_mxfp4_adapter(load_mxfp4_model(tiny, dtype=torch.float32), tmp_path / "from_seed")
+    with torch.no_grad():
+        assert rel(mx2(input_ids=ids).logits, logits_seed) < TOL
+    assert not any(p.requires_grad for p in mx2.parameters())  # inference mode by default
+
+    # Identical files: same keys, shapes and values, and the same adapter config.
+    a = load_file(tmp_path / "from_mx" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "from_seed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config_a = json.loads((tmp_path / "from_mx" / "adapter_config.json").read_text())
+    config_b = json.loads((tmp_path / "from_seed" / "adapter_config.json").read_text())
+    for config in (config_a, config_b):
+        config["target_modules"] = sorted(config["target_modules"])
+    assert config_a == config_b
+
+
+def test_expert_only_adapter(tiny, tmp_path):
+    config = lora_config()
+    config.target_modules = None
+    mx = get_mxfp4_peft_model(load_mxfp4_model(tiny, dtype=torch.float32), config)
+    assert all(".experts." in n for n in trainable(mx))
+    same_lora(mx, seed=6)
+    mx.save_pretrained(tmp_path)
+    seed = PeftModel.from_pretrained(seed_model(tiny), tmp_path)
+    ids = tokens(1, 6)
+    with torch.no_grad():
+        assert rel(mx(input_ids=ids).logits, seed(input_ids=ids).logits) < TOL
+
+
+def test_no_dequantized_expert_tensor_in_the_model(tiny):
+    model = load_mxfp4_model(tiny, dtype=torch.float32)
+    cfg = model.config
+    mx = get_mxfp4_peft_model(model, lora_config())
+    hidden, inter, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    expert_shapes = {(hidden, 2 * inter), (2 * inter, hidden), (hidden, inter), (inter, hidden)}
+    experts = [m for m in mx.modules() if isinstance(m, Mxfp4Experts)]
+    assert len(experts) == cfg.num_hidden_layers
+    float_in_experts = 0
+    for name, t in [*mx.named_parameters(), *mx.named_buffers()]:
+        if not t.is_floating_point():
+            assert t.dtype == torch.uint8 and "_proj_" in name, name
+            continue
+        assert tuple(t.shape[-2:]) not in expert_shapes, name
+        if ".experts." in name:
+            float_in_experts += t.numel()
+    packed = sum(b.numel() for e in experts for b in e.buffers())
+    dequantized = cfg.num_hidden_layers * n * 3 * hidden * inter
+    assert packed * 8 == dequantized * 4.25  # MXFP4: 4 bits a weight + an 8-bit scale per 32
+    # Biases and LoRA factors only: far below the dequantized experts.
+    assert float_in_experts < 0.25 * dequantized
+
+
+def test_optimizer_step_leaves_the_frozen_weights_alone(tiny):
+    mx = get_mxfp4_peft_model(load_mxfp4_model(tiny, dtype=torch.float32), lora_config())
+    same_lora(mx)
+    frozen = {
+        n: t.clone()
+        for n, t in [*mx.named_buffers(), *mx.named_parameters()]
+        if not t.requires_grad
+    }
+    lora = {n: p.clone() for n, p in trainable(mx).items()}
+    optimizer = torch.optim.AdamW(trainable(mx).values(), lr=1e-2)
+    mx.train()
+    ids = tokens(2, 8)
+    mx(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    now = dict([*mx.named_buffers(), *mx.named_parameters()])
+    assert all(torch.equal(now[n], t) for n, t in frozen.items())
+    assert any(n.endswith("_blocks") for n in frozen) and any(n.endswith("_scales") for n in frozen)
+    assert all(not torch.equal(now[n], p) for n, p in lora.items())
+
+
+def test_load_refuses_a_bf16_checkpoint():
+    with pytest.raises(ValueError, match="MXFP4"):
+        load_mxfp4_model(ensure_tiny(mxfp4=False))
+
+
+def test_loss_is_finite_in_bf16(tiny):
+    mx = get_mxfp4_peft_model(load_mxfp4_model(tiny, dtype=torch.bfloat16), lora_config())
+    assert next(p for p in trainable(mx).values()).dtype == torch.float32  # PEFT's upcast
+    ids = tokens(2, 8)
+    loss = mx(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in trainable(mx).values())
