@@ -93,6 +93,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """``(step, loss)`` train and ``(step, eval_loss)`` eval points, errors named by line.
+
+    Not ``mxlora.report.metrics.read_metrics``: that module imports torch and transformers
+    (seconds), which a table of JSON numbers has no need for.
+    """
     train: list[tuple[int, float]] = []
     evals: list[tuple[int, float]] = []
     try:
