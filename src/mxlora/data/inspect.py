@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -115,16 +116,22 @@ def _guess(raw: Sequence[RawRow]) -> str:
     return adapter
 
 
-def cli_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """``mxlora data inspect SPEC [--adapter] [--render] [--select] [--max-len] [--show N]``."""
+@functools.cache
+def _tokenizer() -> Any:
+    """The gpt-oss tokenizer, loaded once per process (loading takes seconds)."""
     from transformers import AutoTokenizer
 
     from mxlora.model.tokenizer import ensure_tokenizer
 
+    return AutoTokenizer.from_pretrained(ensure_tokenizer())
+
+
+def cli_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``mxlora data inspect SPEC [--adapter] [--render] [--select] [--max-len] [--show N]``."""
     out = out or sys.stdout
     try:
         cfg, max_len, raw = _load_config(args)
-        tokenizer = AutoTokenizer.from_pretrained(ensure_tokenizer())
+        tokenizer = _tokenizer()
         report, kept = inspect_rows(raw, cfg, tokenizer, max_len)
     except ValueError as e:
         print(f"mxlora data inspect: {e}", file=sys.stderr)

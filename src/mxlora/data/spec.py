@@ -78,7 +78,14 @@ def parse_source(spec: str) -> SourceSpec:
         return SourceSpec(kind="local", path=example_path(spec.removeprefix("example:")))
     if spec.lower().endswith(LOCAL_SUFFIXES):
         return SourceSpec(kind="local", path=Path(spec).expanduser())
-    repo_id, *rest = spec.split(":")
+    # A split may carry datasets' slice syntax, "test[:10%]": its ':' is not a separator.
+    head, bracket, tail = spec.partition("[")
+    repo_id, *rest = head.split(":")
+    if bracket and rest and tail.endswith("]"):
+        rest[-1] += bracket + tail
+    elif bracket:
+        rest = []  # a slice with no split: invalid
+        repo_id = ""
     if not _HUB_ID.fullmatch(repo_id) or len(rest) > 2 or any(not part for part in rest):
         raise ValueError(
             f"data.source: {spec!r} is neither a local file ending in "
