@@ -146,7 +146,7 @@ def o200k_ranks_bytes() -> bytes:
     digest = hashlib.sha256(data).hexdigest()
     if digest != O200K_BASE_SHA256:
         raise RuntimeError(
-            f"o200k_base ranks from quicktok {getattr(quicktok, '__version__', '?')} have sha256 "
+            f"o200k_base ranks from quicktok {quicktok.__version__} have sha256 "
             f"{digest}, expected OpenAI's {O200K_BASE_SHA256}: this quicktok build does not ship "
             "the official o200k_base vocabulary"
         )
