@@ -260,3 +260,27 @@ def test_config_identity_and_effort_reach_both_renderers(tokenizer):
     text = tokenizer.decode(h.input_ids)
     assert text.startswith("<|start|>system<|message|>You are a careful tutor.\n")
     assert "Current date: 2024-12-31\n\nReasoning: low\n\n" in text
+
+
+def test_generation_prompt_equals_openai_harmony_completion_render(tokenizer):
+    """The inference prompt (used by `mxlora chat`) is rendered as in training."""
+    from openai_harmony import Conversation, Role
+
+    from mxlora.data.adapters import message
+    from mxlora.data.render import generation_prompt
+
+    cfg = DataConfig(source="x.jsonl", adapter="chat", reasoning_effort="high")
+    conv = [
+        message("developer", "reasoning language: German"),
+        message("user", "Hi"),
+        message("assistant", "Hallo!", thinking="Greeting back."),
+        message("user", "What is 2+2?"),
+    ]
+    text = generation_prompt(conv, cfg)
+    full = to_harmony_conversation([*conv, message("assistant", "placeholder")], cfg)
+    oracle = harmony_encoding().render_conversation_for_completion(
+        Conversation.from_messages(full.messages[:-1]), Role.ASSISTANT
+    )
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == oracle
+    assert text.endswith("<|start|>user<|message|>What is 2+2?<|end|><|start|>assistant")
+    assert "Greeting back." not in text

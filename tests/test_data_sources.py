@@ -36,7 +36,9 @@ def test_parse_source(spec, expected):
     assert parse_source(str(expected)) == expected  # str() gives a spec back
 
 
-@pytest.mark.parametrize("spec", ["english_quotes", "a/b:c:d:e", "a/b:", "rows.txt", "/abs/dir/"])
+@pytest.mark.parametrize(
+    "spec", ["english_quotes", "a/b:c:d:e", "a/b:", "a/b[:10]", "rows.txt", "/abs/dir/"]
+)
 def test_parse_source_rejects(spec):
     with pytest.raises(ValueError, match=r"^data\.source: "):
         parse_source(spec)
@@ -114,6 +116,16 @@ def test_json_lines_under_json_suffix_and_broken_array(tmp_path):
         read_rows(parse_source(str(path)))
     with pytest.raises(ValueError, match=r"data\.source: no such file"):
         read_rows(parse_source(str(tmp_path / "missing.jsonl")))
+
+
+def test_hub_source_offline_is_a_clear_error(monkeypatch):
+    """Hub ids go through datasets.load_dataset; offline, that fails with a message, not a trace."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(
+        ValueError, match=r"^data\.source: cannot load mxlora-test/absent:train from"
+    ):
+        read_rows(parse_source("mxlora-test/absent"))
 
 
 def test_select_and_split_match_the_seed_notebook_pipeline(shared_data):

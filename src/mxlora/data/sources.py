@@ -116,7 +116,10 @@ class _HubRows(Sequence[RawRow]):
     def __init__(self, spec: SourceSpec):
         import datasets
 
-        self._ds = datasets.load_dataset(spec.repo_id, name=spec.config, split=spec.split)
+        try:
+            self._ds = datasets.load_dataset(spec.repo_id, name=spec.config, split=spec.split)
+        except (ConnectionError, FileNotFoundError) as e:  # offline, or no such data set
+            raise ValueError(f"data.source: cannot load {spec} from the Hub: {e}") from None
 
     def __len__(self) -> int:
         return len(self._ds)

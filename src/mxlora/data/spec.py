@@ -42,7 +42,12 @@ DEFAULT_PROMPT_TEMPLATE = "Give me a quote about: {tags}"
 DEFAULT_COMPLETION_TEMPLATE = "{quote} - {author}"
 QUOTE_FIELDS = ("quote", "author", "tags")
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# OWNER/NAME[:CONFIG][:SPLIT] plus datasets' slice syntax on the split, "test[:10%]" (whose
+# ':' is not a separator).
+_HUB_SPEC = re.compile(
+    r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<first>[^:\[\]]+))?(?::(?P<second>[^:\[\]]+))?"
+    r"(?P<slice>(?:\[[^\]]*\])?)"
+)
 
 
 @dataclass(frozen=True)
@@ -78,22 +83,17 @@ def parse_source(spec: str) -> SourceSpec:
         return SourceSpec(kind="local", path=example_path(spec.removeprefix("example:")))
     if spec.lower().endswith(LOCAL_SUFFIXES):
         return SourceSpec(kind="local", path=Path(spec).expanduser())
-    # A split may carry datasets' slice syntax, "test[:10%]": its ':' is not a separator.
-    head, bracket, tail = spec.partition("[")
-    repo_id, *rest = head.split(":")
-    if bracket and rest and tail.endswith("]"):
-        rest[-1] += bracket + tail
-    elif bracket:
-        rest = []  # a slice with no split: invalid
-        repo_id = ""
-    if not _HUB_ID.fullmatch(repo_id) or len(rest) > 2 or any(not part for part in rest):
+    m = _HUB_SPEC.fullmatch(spec)
+    if not m or (m["slice"] and not m["first"]):
         raise ValueError(
             f"data.source: {spec!r} is neither a local file ending in "
             f"{'/'.join(LOCAL_SUFFIXES)} nor a Hub id OWNER/NAME[:SPLIT] or OWNER/NAME:CONFIG:SPLIT"
         )
-    if len(rest) == 2:
-        return SourceSpec(kind="hub", repo_id=repo_id, config=rest[0], split=rest[1])
-    return SourceSpec(kind="hub", repo_id=repo_id, split=rest[0] if rest else "train")
+    if m["second"]:
+        return SourceSpec(
+            "hub", repo_id=m["repo"], config=m["first"], split=m["second"] + m["slice"]
+        )
+    return SourceSpec("hub", repo_id=m["repo"], split=(m["first"] or "train") + m["slice"])
 
 
 @dataclass

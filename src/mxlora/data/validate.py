@@ -98,16 +98,14 @@ def check_conversation(conv: list[Message]) -> None:
 
 
 def _check_order(roles: list[str]) -> None:
-    turns = roles[1:] if roles[0] in INSTRUCTION_ROLES else roles
-    for i, role in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
+    offset = 1 if roles[0] in INSTRUCTION_ROLES else 0
+    for i, role in enumerate(roles[offset:]):
+        expected = "assistant" if i % 2 else "user"
         if role != expected:
             raise BadRow(
-                "turn_order",
-                f"roles {roles}: expected {expected} at message "
-                f"{i + len(roles) - len(turns)}, got {role}",
+                "turn_order", f"roles {roles}: message {i + offset} is {role}, expected {expected}"
             )
-    if turns[-1] != "assistant":
+    if roles[-1] != "assistant":
         raise BadRow("turn_order", f"roles {roles}: must end with the assistant turn")
 
 
