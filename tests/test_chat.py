@@ -31,6 +31,9 @@ from mxlora.recipes.chat import (
     prompt_ids,
 )
 
+# One worker runs the whole module, so its module-scoped model fixtures are built once.
+pytestmark = pytest.mark.xdist_group("chat")
+
 REPLY_KEYS = {"analysis", "final", "raw", "valid", "reason", "stop", "new_tokens"}
 
 

@@ -17,6 +17,9 @@ from mxlora.model.load import load_model
 from mxlora.model.tiny import TinySpec, ensure_tiny, tiny_config
 from mxlora.recipes.merge import MERGE_INFO, MergeError, merge
 
+# One worker runs the whole module, so its module-scoped model fixtures are built once.
+pytestmark = pytest.mark.xdist_group("merge")
+
 # Attention (all-linear) everywhere plus the experts of layer 1 only, as the seed targets a few
 # expert layers: layer 0's experts must come out of the merge unchanged.
 EXPERT_TARGETS = ["1.mlp.experts.gate_up_proj", "1.mlp.experts.down_proj"]
