@@ -156,6 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
         "new_tokens",
     )
 
+    p = _add(
+        sub,
+        "train",
+        "mxlora.recipes.train:cli_main",
+        "LoRA fine-tune gpt-oss from a YAML config (TRL SFTTrainer + PEFT)",
+        "Fine-tune a gpt-oss model with LoRA (attention projections and the experts of chosen "
+        "layers) on one data set, assistant tokens only, with the seed notebook's "
+        "hyperparameters unless the config says otherwise. Writes the run folder "
+        "<output.root>/<output.name>: config.yaml (resolved), environment.json, metrics.jsonl, "
+        "checkpoints/, adapter/ (PEFT format), report.json, report.md and loss.png. "
+        "Overrides key=value win over the YAML, e.g. `train.lr=1e-4 data.select=200`.",
+    )
+    p.add_argument("config", help="training config YAML (e.g. configs/tiny/quotes.yaml)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run folder's newest complete checkpoint (same config and overrides)",
+    )
+
     data = sub.add_parser(
         "data",
         help="look at training data before training on it",

@@ -1,0 +1,507 @@
+"""Typed configuration: the single source of truth for a training run and for the seed flow.
+
+A training config is YAML with five sections (``model``, ``lora``, ``data``, ``train``,
+``output``); every field is a dataclass field below (``data`` is :class:`mxlora.data.DataConfig`).
+Command-line overrides ``key=value`` (``train.lr=1e-4 data.select=200``) win over the YAML.
+Every value, from YAML or the command line, is checked against its field's type; a wrong one
+raises :class:`ConfigError` naming the field (``train.lr: expected float, got 'abc'``).
+
+The defaults are the seed notebook's (OpenAI cookbook, "Fine-tuning gpt-oss with Hugging Face
+Transformers"): LoRA r=8, alpha=16 on all linear layers plus the experts of layers 7/15/23, lr 2e-4,
+1 epoch, batch 4, max length 2048, 3 % warmup, cosine schedule down to 10 % of the peak lr,
+non-reentrant gradient checkpointing, bf16 where the device has it.
+
+A run config (``mxlora run``) lists training configs to run one after another, which run's
+adapter to merge and the chat check to do on the merged model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from mxlora.data import DataConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message starts with the field's dotted name."""
+
+
+# How the MXFP4 experts of a checkpoint are held in memory during training.
+# "dequantize-bf16" is the seed's `Mxfp4Config(dequantize=True)`: every expert expanded to bf16.
+ExpertsMode = Literal["dequantize-bf16"]
+# "auto": bf16 where the device supports it (the seed's choice), float32 elsewhere (CPU).
+DtypeName = Literal["auto", "bfloat16", "float32"]
+Scheduler = Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"]
+ExpertProjection = Literal["gate_up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how.
+
+    Attributes:
+        name_or_path: a Hub id (``openai/gpt-oss-20b``), a local folder, or ``tiny`` /
+            ``tiny:layers=24,hidden=64`` for a small gpt-oss built locally (the embedded default;
+            keys are :class:`mxlora.model.tiny.TinySpec` fields).
+        experts: how the MXFP4 experts are held (see ``ExpertsMode``).
+        attn_implementation: transformers' attention backend; the seed uses ``eager``.
+        dtype: weight dtype of the non-quantized parameters.
+    """
+
+    name_or_path: str = "openai/gpt-oss-20b"
+    experts: ExpertsMode = "dequantize-bf16"
+    attn_implementation: str = "eager"
+    dtype: DtypeName = "auto"
+
+
+@dataclass
+class ExpertTargets:
+    """Expert weights that get LoRA (PEFT ``target_parameters``).
+
+    Attributes:
+        layers: decoder layer indices; the seed adapts layers 7, 15 and 23 of gpt-oss-20b.
+        projections: which expert weights of those layers.
+    """
+
+    layers: list[int] = field(default_factory=lambda: [7, 15, 23])
+    projections: list[ExpertProjection] = field(
+        default_factory=lambda: ["gate_up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter shape and targets.
+
+    Attributes:
+        r: rank.
+        alpha: scaling numerator (``alpha / r`` multiplies the update).
+        dropout: dropout on the LoRA input.
+        target_modules: PEFT ``target_modules``. ``["all-linear"]`` (the seed) means every
+            ``nn.Linear`` but the output layer; on gpt-oss that is q/k/v/o_proj of every layer
+            (the router is not an ``nn.Linear`` and the experts are 3-D parameters).
+            ``[]`` adapts no module, only the experts below.
+        experts: expert parameters to adapt.
+        rank_pattern: per-target rank, PEFT's ``rank_pattern`` (key: regex or name suffix,
+            e.g. ``{"q_proj": 16, "7.mlp.experts.gate_up_proj": 4}``).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    experts: ExpertTargets = field(default_factory=ExpertTargets)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"r: must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules and not (self.experts.layers and self.experts.projections):
+            raise ConfigError("target_modules: no LoRA target at all (and no expert targets)")
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings (TRL ``SFTConfig``), the seed's values by default.
+
+    Attributes:
+        lr: peak learning rate.
+        epochs: passes over the training rows.
+        max_steps: stop after this many optimizer steps (-1: run all epochs).
+        batch_size: rows per device batch.
+        grad_accum: batches per optimizer step.
+        max_len: longest row in tokens; longer rows are handled by the data policy.
+        warmup: warmup as a ratio of all steps when < 1, else a step count (transformers 5's
+            ``warmup_steps``; the seed's ``warmup_ratio=0.03`` is ``0.03`` here).
+        scheduler: learning-rate schedule.
+        min_lr_rate: floor of ``cosine_with_min_lr`` as a fraction of ``lr``.
+        gradient_checkpointing: recompute activations in backward (always non-reentrant).
+        logging_steps: log train metrics every N optimizer steps.
+        eval: evaluate on the held-out rows at each epoch end, or never.
+        save_steps: write a resumable checkpoint every N optimizer steps.
+        seed: seed for LoRA init, shuffling and dropout.
+    """
+
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 2048
+    warmup: float = 0.03
+    scheduler: Scheduler = "cosine_with_min_lr"
+    min_lr_rate: float = 0.1
+    gradient_checkpointing: bool = True
+    logging_steps: int = 10
+    eval: Literal["epoch", "no"] = "epoch"
+    save_steps: int = 500
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_len", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps: must be -1 or >= 1, got {self.max_steps}")
+
+
+@dataclass
+class OutputConfig:
+    """Where the run folder goes: ``<root>/<name>``."""
+
+    root: str = "runs"
+    name: str = "run"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+@dataclass
+class TrainingConfig:
+    """Everything one ``mxlora train`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+@dataclass
+class RunEntry:
+    """One training run of a run config.
+
+    Attributes:
+        config: path of a training config, relative to the run config's folder.
+        overrides: ``key=value`` overrides applied on top of it (same syntax as the CLI).
+    """
+
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergeSpec:
+    """Which run's adapter is merged into the base model (by its ``output.name``)."""
+
+    run: str = "reasoning"
+
+
+@dataclass
+class ChatSpec:
+    """The chat check on the merged model (the seed's: a Spanish question, reasoning in German).
+
+    Attributes:
+        prompt: the user message.
+        reasoning_language: the language the model should reason in (developer instructions).
+        max_new_tokens: generation budget.
+    """
+
+    prompt: str = "¿Cuál es el capital de Australia?"
+    reasoning_language: str = "German"
+    max_new_tokens: int = 512
+
+
+@dataclass
+class RunConfig:
+    """The seed flow (``mxlora run``): train each entry, merge one adapter, chat, compare.
+
+    Each training run's folder is ``<output.root>/<output.name>/<its own output.name>``.
+    """
+
+    runs: list[RunEntry]
+    merge: MergeSpec = field(default_factory=MergeSpec)
+    chat: ChatSpec = field(default_factory=ChatSpec)
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(name="seed"))
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ConfigError("runs: at least one run is needed")
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with type checks that name the field.
+
+
+def from_dict(cls: type[T], raw: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, checking keys and value types.
+
+    Args:
+        cls: the dataclass type.
+        raw: a mapping (from YAML); ``None`` means all defaults.
+        where: dotted name of this section, used in error messages.
+
+    Raises:
+        ConfigError: an unknown key, a missing required field or a value of the wrong type.
+    """
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{_join(where, str(unknown[0]))}: unknown field (known: {', '.join(fields)})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], _join(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(where, name)}: required")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(_join(where, str(e))) from None
+    except ValueError as e:
+        # Sections owned by other modules (``data``) validate themselves and already name
+        # the field in full (``data.select: ...``).
+        message = str(e)
+        if where and not message.startswith(f"{where}."):
+            message = _join(where, message)
+        raise ConfigError(message) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML-able data (paths as strings)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp``; strings (from the command line) are parsed."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value in args:
+            return value
+        choices = ", ".join(repr(a) for a in args)
+        raise ConfigError(f"{where}: expected one of {choices}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None or (
+            type(None) in args and isinstance(value, str) and value.lower() in ("null", "none")
+        ):
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: may not be empty")
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[1])
+        raise ConfigError(f"{where}: {' / '.join(errors)}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = _parse_list(value)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_t, val_t = args or (Any, Any)
+        return {
+            _coerce(k, key_t, where): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()
+        }
+    return _coerce_scalar(value, tp, where)
+
+
+def _parse_list(text: str) -> list[Any]:
+    """``[7, 15]`` (YAML) or ``7,15`` or ``a,b``; an empty string is an empty list."""
+    text = text.strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        return yaml.safe_load(text)
+    return [part.strip() for part in text.split(",")]
+
+
+def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    name = getattr(tp, "__name__", str(tp))
+    bad = ConfigError(f"{where}: expected {name}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "1e-4" (no dot) as a string, so parse it here.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if tp is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+        raise bad
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides and files.
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set ``key.sub=value`` pairs into a nested mapping (a copy); types are checked later.
+
+    Values stay strings: :func:`from_dict` parses them by the field's type, so ``1e-4`` is a
+    float for a float field and a string for a string field.
+    """
+    out = _deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deepcopy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deepcopy(v) for v in raw]
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file as a mapping; an empty file is ``{}``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML ({e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainingConfig:
+    """Read a training config YAML and apply ``key=value`` overrides.
+
+    ``data.source`` may be a list of alternatives: the first local file that exists is used (a
+    Hub id or ``example:`` source always counts as existing). The tiny configs use it to take
+    the real rows in ``../shared/data`` when present and the packaged examples otherwise.
+
+    Raises:
+        ConfigError: unreadable file, unknown key or wrong value, naming the field.
+    """
+    raw = apply_overrides(read_yaml(path), overrides)
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("source"), list):
+        data["source"] = first_existing_source(data["source"])
+    return from_dict(TrainingConfig, raw)
+
+
+def first_existing_source(sources: list[Any]) -> str:
+    """The first source spec whose data is there (local files are checked on disk)."""
+    from mxlora.data.spec import parse_source
+
+    if not sources or not all(isinstance(s, str) for s in sources):
+        raise ConfigError(f"data.source: expected a source or a list of sources, got {sources!r}")
+    for spec in sources:
+        try:
+            parsed = parse_source(spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if parsed.kind == "hub" or parsed.path.exists():
+            return spec
+    raise ConfigError(f"data.source: none of {sources} exists")
+
+
+def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run config (``mxlora run``) and check that every listed training config loads."""
+    cfg = from_dict(RunConfig, apply_overrides(read_yaml(path), overrides))
+    for i, entry in enumerate(cfg.runs):
+        try:
+            run_entry_config(path, entry)
+        except ConfigError as e:
+            raise ConfigError(f"runs[{i}] ({entry.config}): {e}") from None
+    return cfg
+
+
+def run_entry_config(run_config_path: str | Path, entry: RunEntry) -> TrainingConfig:
+    """The training config of one run entry (its path is relative to the run config)."""
+    return load_config(Path(run_config_path).parent / entry.config, entry.overrides)
+
+
+def dump_config(cfg: Any) -> str:
+    """A config as YAML (all fields, after overrides), loadable again with the same class."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,174 @@
+"""Load a gpt-oss checkpoint (Hub id, local folder or the locally built tiny one) for training.
+
+The expert holding mode decides how the MXFP4 expert weights land in memory:
+
+- ``dequantize-bf16``: the seed notebook's path, ``Mxfp4Config(dequantize=True)``: transformers
+  expands every expert to the model dtype while loading (41.8 GB of experts for gpt-oss-20b).
+
+Everything that can go wrong with the path (missing folder, not cached offline, not a gpt-oss
+checkpoint, broken files) raises :class:`ModelLoadError` with a one-line message, which the CLI
+prints without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
+
+from mxlora.config import ConfigError, DtypeName, ModelConfig, from_dict
+
+log = logging.getLogger(__name__)
+
+# ``model.name_or_path`` values starting with this word name the locally built tiny gpt-oss.
+TINY = "tiny"
+
+
+class ModelLoadError(RuntimeError):
+    """The model path cannot be read or is not a gpt-oss checkpoint (one-line message)."""
+
+
+def default_device() -> torch.device:
+    """The device training runs on: the first CUDA device if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: DtypeName, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 where the device computes in it natively (CUDA with bf16), else float32.
+
+    On the CPU float32 is the default: bf16 there is emulated in part and slower for the tiny
+    model, and float32 keeps the CPU tests' numerics tight.
+    """
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "float32":
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_tiny(name_or_path: str) -> dict[str, Any] | None:
+    """``tiny`` / ``tiny:layers=24,hidden=64`` -> the spec overrides; anything else -> None.
+
+    Keys and value types are checked against :class:`mxlora.model.tiny.TinySpec`.
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type.
+    """
+    head, sep, rest = name_or_path.partition(":")
+    if head != TINY:
+        return None
+    from mxlora.model.tiny import TinySpec
+
+    raw: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))) if sep else ():
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"model.name_or_path: expected tiny:key=value,..., got {item!r}")
+        raw[key.strip()] = value.strip()
+    spec = from_dict(TinySpec, raw, where="model.name_or_path")
+    return {key: getattr(spec, key) for key in raw}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The folder or Hub id to load: builds (or reuses from the cache) a tiny model if named."""
+    tiny = parse_tiny(name_or_path)
+    if tiny is None:
+        return name_or_path
+    from mxlora.model.tiny import ensure_tiny
+
+    return str(ensure_tiny(**tiny))
+
+
+def _read_config(path: str):
+    """The checkpoint's transformers config, or a one-line :class:`ModelLoadError`."""
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelLoadError(f"model {path}: folder has no config.json (not a model checkpoint)")
+    looks_local = local.is_absolute() or path.startswith(".") or path.count("/") != 1
+    if looks_local and not local.exists():
+        raise ModelLoadError(f"model {path}: no such folder")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelLoadError(
+            f"model {path}: cannot read its config ({_first_line(e)}). A Hub id must be in the local "
+            "Hugging Face cache when offline (HF_HUB_OFFLINE=1)."
+        ) from None
+    if config.model_type != "gpt_oss":
+        raise ModelLoadError(
+            f"model {path}: is a {config.model_type!r} model; mxlora trains gpt-oss "
+            "(model_type 'gpt_oss')"
+        )
+    return config
+
+
+def _is_mxfp4(config) -> bool:
+    quant = getattr(config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method
+    return str(method) == "mxfp4" or getattr(method, "value", None) == "mxfp4"
+
+
+def load_model(
+    cfg: ModelConfig, device: torch.device | str | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """Load the model and its tokenizer as ``cfg`` says.
+
+    Args:
+        cfg: the model section of the config.
+        device: where the weights go (default: :func:`default_device`).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode with ``requires_grad`` untouched.
+
+    Raises:
+        ModelLoadError: unreadable, missing or non-gpt-oss checkpoint.
+        ConfigError: a malformed ``tiny:...`` spec.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    path = resolve_model_path(cfg.name_or_path)
+    config = _read_config(path)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs: dict[str, Any] = {
+        "attn_implementation": cfg.attn_implementation,
+        "dtype": dtype,
+        "device_map": {"": device},
+    }
+    if cfg.experts == "dequantize-bf16":
+        if _is_mxfp4(config):
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        else:
+            log.info("model %s: experts are not MXFP4, loading them as stored", path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise ModelLoadError(f"model {path}: cannot load ({_first_line(e)})") from None
+    return model, load_tokenizer(cfg)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The checkpoint's own tokenizer (every gpt-oss folder, tiny ones included, carries it).
+
+    Raises:
+        ModelLoadError: the folder or Hub id has no readable tokenizer.
+    """
+    path = resolve_model_path(cfg.name_or_path)
+    _read_config(path)  # the clear errors for a missing or non-gpt-oss path
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"model {path}: cannot load its tokenizer ({_first_line(e)})"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

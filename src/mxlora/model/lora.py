@@ -1,0 +1,75 @@
+"""LoRA targets of a config as PEFT sees them, and attaching them to a loaded gpt-oss.
+
+The seed's adapter is ``peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+target_parameters=["7.mlp.experts.gate_up_proj", "7.mlp.experts.down_proj", ...])``.
+What ``"all-linear"`` selects on gpt-oss (PEFT 0.21, transformers 5): every ``nn.Linear`` except
+the output layer, i.e. ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` of every decoder layer.
+``lm_head`` is excluded by PEFT; the router (``GptOssTopKRouter``) holds a plain weight parameter
+used through ``F.linear``, not an ``nn.Linear``, so it gets no LoRA; the experts are 3-D
+parameters, reached only through ``target_parameters``.
+"""
+
+from __future__ import annotations
+
+import peft
+import torch
+
+from mxlora.config import ConfigError, ExpertTargets, LoraConfig
+
+# PEFT's shorthand for "every linear layer but the output layer".
+ALL_LINEAR = "all-linear"
+
+
+def expert_target_parameters(targets: ExpertTargets) -> list[str]:
+    """PEFT ``target_parameters`` names, e.g. ``["7.mlp.experts.gate_up_proj", ...]``."""
+    return [
+        f"{layer}.mlp.experts.{proj}" for layer in targets.layers for proj in targets.projections
+    ]
+
+
+def peft_config(cfg: LoraConfig) -> peft.LoraConfig:
+    """The PEFT adapter config for our LoRA section."""
+    # Our list ["all-linear"] is PEFT's shorthand string; [] means experts only.
+    all_linear = cfg.target_modules == [ALL_LINEAR]
+    modules = ALL_LINEAR if all_linear else (list(cfg.target_modules) or None)
+    return peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=modules,
+        target_parameters=expert_target_parameters(cfg.experts) or None,
+        rank_pattern=dict(cfg.rank_pattern),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_targets(model: torch.nn.Module, cfg: LoraConfig) -> None:
+    """Refuse expert layers the model does not have (PEFT would silently skip or fail late).
+
+    Raises:
+        ConfigError: naming ``lora.experts.layers``.
+    """
+    n_layers = model.config.num_hidden_layers
+    missing = [layer for layer in cfg.experts.layers if not 0 <= layer < n_layers]
+    if missing:
+        raise ConfigError(
+            f"lora.experts.layers: layer(s) {missing} do not exist (the model has {n_layers} "
+            f"layers, 0..{n_layers - 1})"
+        )
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> peft.PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter; only the LoRA tensors are trainable.
+
+    The LoRA initialisation draws from torch's global RNG: seed it first for reproducibility.
+    """
+    check_targets(model, cfg)
+    return peft.get_peft_model(model, peft_config(cfg))
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

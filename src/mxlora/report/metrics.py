@@ -1,0 +1,149 @@
+"""Training metrics as they happen: ``metrics.jsonl`` lines, memory peaks and a plain log line.
+
+One JSON object per logging step (train) or evaluation (eval), in the run-folder contract's
+fields. Throughput counts only non-pad tokens (the trainer's ``num_input_tokens_seen`` with
+``include_num_input_tokens_seen="non_padding"``, i.e. the attention-mask sum) and only time spent
+inside optimizer steps (forward, backward, optimizer), so evaluation and checkpoint writes do not
+dilute it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# GB here are 10^9 bytes (what `nvidia-smi`-style tables and the issue's figures use).
+GB = 1e9
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def peak_device_gb(device: torch.device) -> tuple[float | None, float | None]:
+    """Peak allocated and reserved CUDA memory since the last reset; ``None`` on the CPU."""
+    if device.type != "cuda":
+        return None, None
+    return (
+        torch.cuda.max_memory_allocated(device) / GB,
+        torch.cuda.max_memory_reserved(device) / GB,
+    )
+
+
+class MetricsCallback(TrainerCallback):
+    """Write ``metrics.jsonl`` and keep the run's totals for the report.
+
+    Args:
+        path: the ``metrics.jsonl`` file (appended to, so a resumed run continues it).
+        device: the training device, for the memory peaks.
+        print_lines: also print one plain line per log (when no progress bar is shown).
+    """
+
+    def __init__(self, path: Path, device: torch.device, print_lines: bool) -> None:
+        self.path = path
+        self.device = device
+        self.print_lines = print_lines
+        self.step_time_total = 0.0  # seconds inside optimizer steps, this process
+        self.steps_timed = 0
+        self.tokens_at_start: int | None = None  # tokens already seen when this process began
+        self._step_start = 0.0
+        self._window_time = 0.0
+        self._window_steps = 0
+        self._window_tokens_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_at_start = state.num_input_tokens_seen
+        self._window_tokens_start = state.num_input_tokens_seen
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # time the work, not its queueing
+        elapsed = time.perf_counter() - self._step_start
+        self._window_time += elapsed
+        self._window_steps += 1
+        self.step_time_total += elapsed
+        self.steps_timed += 1
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self._write(self._train_row(state, logs))
+        if "eval_loss" in logs:
+            row = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
+            self._write(row)
+
+    def _train_row(self, state, logs: dict[str, Any]) -> dict[str, Any]:
+        tokens = state.num_input_tokens_seen
+        window_tokens = tokens - self._window_tokens_start
+        peak_alloc, _ = peak_device_gb(self.device)
+        row = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "loss": logs["loss"],
+            "grad_norm": logs.get("grad_norm"),
+            "learning_rate": logs.get("learning_rate"),
+            "tokens": tokens,
+            "tokens_per_s": window_tokens / self._window_time if self._window_time else None,
+            "step_time_s": self._window_time / self._window_steps if self._window_steps else None,
+            "peak_alloc_gb": peak_alloc,
+            "rss_gb": peak_rss_gb(),
+        }
+        self._window_time, self._window_steps = 0.0, 0
+        self._window_tokens_start = tokens
+        return row
+
+    def _write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.print_lines:
+            print(format_line(row), file=sys.stderr, flush=True)
+
+
+def format_line(row: dict[str, Any]) -> str:
+    """One metrics row as a plain log line (``step 10 loss 2.3412 ...``)."""
+    parts = [f"step {row['step']}"]
+    for key, fmt in (
+        ("loss", "{:.4f}"),
+        ("eval_loss", "{:.4f}"),
+        ("grad_norm", "{:.3f}"),
+        ("learning_rate", "{:.2e}"),
+        ("tokens_per_s", "{:.0f}"),
+        ("step_time_s", "{:.2f}"),
+        ("peak_alloc_gb", "{:.2f}"),
+        ("rss_gb", "{:.2f}"),
+    ):
+        value = row.get(key)
+        if value is not None:
+            parts.append(f"{key} {fmt.format(value)}")
+    return " ".join(parts)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All rows of a ``metrics.jsonl`` (missing file: none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows after ``last_step`` (a resumed run redoes those steps and logs them again)."""
+    rows = [r for r in read_metrics(path) if r["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

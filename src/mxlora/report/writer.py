@@ -1,0 +1,148 @@
+"""The run folder's summary files: ``environment.json``, ``report.json``, ``report.md``,
+``loss.png`` (fields as in the run-folder contract)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mxlora.report.metrics import read_metrics
+
+# Packages whose versions decide a run's numbers.
+VERSIONED = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "mxlora")
+
+
+def device_name(device: torch.device) -> str:
+    """``NVIDIA H100 80GB HBM3`` / ``cpu (x86_64)``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()})"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and device of this process (no host name: run folders get shared)."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    env: dict[str, Any] = {"versions": versions, "device": device_name(device)}
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["driver"] = _nvidia_driver()
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    else:
+        env["cuda"] = "cpu"
+        env["cpu_count"] = os.cpu_count()
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def summarize_losses(metrics_path: Path) -> dict[str, float | None]:
+    """First/final train loss, final eval loss and grad norm from ``metrics.jsonl``."""
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r.get("loss") is not None]
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    return {
+        "train_loss_first": train[0]["loss"] if train else None,
+        "train_loss_final": train[-1]["loss"] if train else None,
+        "eval_loss_final": evals[-1]["eval_loss"] if evals else None,
+        "grad_norm_final": train[-1].get("grad_norm") if train else None,
+    }
+
+
+_MD_ROWS = (
+    ("model", "model"),
+    ("experts", "experts"),
+    ("device", "device"),
+    ("steps", "steps"),
+    ("epochs", "epochs"),
+    ("train rows", "train_rows"),
+    ("eval rows", "eval_rows"),
+    ("trained tokens (non-pad)", "train_tokens"),
+    ("tokens/s", "tokens_per_s"),
+    ("wall time (s)", "wall_time_s"),
+    ("train time (s)", "train_time_s"),
+    ("mean step time (s)", "step_time_s_mean"),
+    ("peak allocated (GB)", "peak_alloc_gb"),
+    ("peak reserved (GB)", "peak_reserved_gb"),
+    ("peak RSS (GB)", "peak_rss_gb"),
+    ("train loss (first)", "train_loss_first"),
+    ("train loss (final)", "train_loss_final"),
+    ("eval loss (final)", "eval_loss_final"),
+    ("grad norm (final)", "grad_norm_final"),
+    ("trainable params", "trainable_params"),
+    ("total params", "total_params"),
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """``report.json`` as a readable page (figures table, then the data report)."""
+    lines = [f"# Run {report['name']}", "", "| | |", "|---|---:|"]
+    lines += [f"| {label} | {_fmt(report.get(key))} |" for label, key in _MD_ROWS]
+    lines += ["", "![loss](loss.png)", "", "## Data", ""]
+    lines += ["```json", json.dumps(report.get("data", {}), indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> None:
+    """Write ``report.json`` and ``report.md``."""
+    write_json(run_dir / "report.json", report)
+    (run_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
+
+
+def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path:
+    """Train loss (line) and eval loss (dots) against step."""
+    # The object API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = read_metrics(metrics_path)
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o--", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    return out_png
