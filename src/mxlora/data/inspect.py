@@ -36,8 +36,11 @@ def inspect_rows(
         the report (as one split of :func:`~mxlora.data.prepare.prepare_data`'s report, plus
         source facts) and the kept rows.
     """
-    train, held_out = split_indices(len(raw), cfg.select, 0.0, cfg.seed)
-    selected = [raw[i] for i in sorted(train + held_out)]
+    if cfg.select is None:
+        selected = list(raw)  # all rows, in order: no need for the seeded shuffle
+    else:
+        indices, _ = split_indices(len(raw), cfg.select, 0.0, cfg.seed)
+        selected = [raw[i] for i in sorted(indices)]
     kept, drops = process_rows(selected, cfg, tokenizer, max_len)
     report = {
         "source": cfg.source,

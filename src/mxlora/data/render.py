@@ -134,14 +134,18 @@ def render_harmony(
 ) -> list[Rendered]:
     """Render conversations with our Harmony renderer (batch tokenization).
 
-    Prompt and completion are tokenized apart: the split lies just before a ``<|start|>``
-    special token, where the tokenizer splits anyway, so the ids equal those of the whole text.
+    Text is tokenized in pieces that start or end at special tokens, where the tokenizer
+    splits anyway, so the ids equal those of the whole text: the system message (the same in
+    every row, tokenized once), the rest of the prompt, and the completion.
     """
+    system = _message("system", system_content(cfg))
+    system_ids = tokenizer(system, add_special_tokens=False)["input_ids"]
     texts = [harmony_text(conv, cfg) for conv in convs]
-    prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+    rests = [prompt.removeprefix(system) for prompt, _ in texts]
+    prompts = tokenizer(rests, add_special_tokens=False)["input_ids"]
     completions = tokenizer([c for _, c in texts], add_special_tokens=False)["input_ids"]
     return [
-        Rendered(row, p + c, [0] * len(p) + [1] * len(c))
+        Rendered(row, system_ids + p + c, [0] * (len(system_ids) + len(p)) + [1] * len(c))
         for row, p, c in zip(rows, prompts, completions, strict=True)
     ]
 
