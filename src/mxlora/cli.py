@@ -237,6 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where to generate (default: cuda if present)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
+    p = _add(
+        sub,
+        "bench",
+        "mxlora.recipes.bench:cli_main",
+        "measure training speed and memory of configuration variants",
+        "For each variant of the bench config, in a fresh child process: load the checkpoint "
+        "through the loader `mxlora train` uses, attach the LoRA targets, and time real training "
+        "steps (TRL SFTTrainer: forward, backward, AdamW) after warm-up, on each workload "
+        "(fixed-length random tokens, and real data sets rendered as training rows and padded as "
+        "the trainer pads). Reports per variant and workload: trained (non-pad) tokens/s, step "
+        "time, peak allocated and reserved memory, load time, MFU (6 x active parameters x "
+        "tokens over the device's measured matmul rate) and the ratio to the first variant. "
+        "Writes <results>/<name>.json and .md and prints the table. A missing checkpoint is "
+        "first built with make-random when the config says so.",
+    )
+    p.add_argument("config", help="bench config YAML (e.g. bench/configs/gpt-oss-20b.yaml)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="bench config overrides, e.g. steps=2 model=/data/gpt-oss-20b",
+    )
+    p.add_argument(
+        "--only", default=None, help="comma-separated variant names to run (default: all)"
+    )
+
     return parser
 
 

@@ -1,0 +1,142 @@
+"""``mxlora bench``: the whole flow on a tiny checkpoint built by make-random, on the CPU.
+
+One bench run (module fixture) with two variants that compute the same function (transformers'
+default experts implementation and the per-expert loop), a random-token and a real-data
+workload; the tests check its figures against each other and against what they must be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mxlora.cli import main
+from mxlora.config import ConfigError
+from mxlora.model.configs import parameter_counts
+from mxlora.model.tiny import TinySpec, tiny_config
+from mxlora.recipes.bench import load_bench_config, markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "bench" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, shared_data):
+    """Run a cut-down bench/configs/tiny.yaml through the CLI (1 step per workload)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    spec = tiny_config(TinySpec(layers=24, hidden=64, intermediate=64))
+    (tmp / "tiny-config.json").write_text(json.dumps(spec))
+    raw = yaml.safe_load(TINY.read_text())
+    raw["workloads"] = [
+        {"name": "1x24", "batch": 1, "length": 24},
+        {
+            "name": "quotes",
+            "batch": 2,
+            "data": {"source": str(shared_data / "english_quotes.jsonl"), "select": 12},
+        },
+    ]
+    config = tmp / "bench.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    overrides = [
+        f"model={tmp / 'ckpt'}",
+        f"make_random={tmp / 'tiny-config.json'}",
+        "warmup_steps=0",
+        "steps=1",
+        f"results={tmp / 'results'}",
+    ]
+    # One thread per child: on a busy 2-core machine (pytest -n 2) two OpenMP threads per
+    # process wait on each other and a tiny step takes 20 s instead of 1.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        code = main(["bench", str(config), *overrides])
+    result = json.loads((tmp / "results" / "tiny.json").read_text())
+    return code, result, tmp
+
+
+def rows_by(result):
+    return {(r["variant"], r["workload"]): r for r in result["rows"]}
+
+
+def test_every_variant_and_workload_measured(bench_run):
+    code, result, tmp = bench_run
+    assert code == 0
+    rows = rows_by(result)
+    assert set(rows) == {(v, w) for v in ("seed", "seed-eager-experts") for w in ("1x24", "quotes")}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["steps"] == 1 and row["warmup_steps"] == 0
+        # tokens/s is tokens over time, step by step.
+        assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(row["tokens_per_step"])
+        assert row["load_s"] > 0 and math.isfinite(row["train_loss"])
+        assert row["peak_alloc_gb"] is None  # no device memory on the CPU
+    # Random tokens: every token trained, no padding.
+    fixed = rows[("seed", "1x24")]
+    assert fixed["tokens_per_step"] == fixed["padded_tokens_per_step"] == 24
+    # Real rows: the trainer pads a batch of 2 to its longer row.
+    quotes = rows[("seed", "quotes")]
+    assert 0 < quotes["tokens_per_step"] <= quotes["padded_tokens_per_step"]
+    assert quotes["padded_tokens_per_step"] % 2 == 0
+
+
+def test_variants_train_the_same_model(bench_run):
+    """grouped_mm / default experts and the per-expert loop: same data, same init, same loss."""
+    _, result, _ = bench_run
+    rows = rows_by(result)
+    for workload in ("1x24", "quotes"):
+        seed = rows[("seed", workload)]["train_loss"]
+        eager = rows[("seed-eager-experts", workload)]["train_loss"]
+        assert eager == pytest.approx(seed, rel=1e-4)
+        assert (
+            rows[("seed", workload)]["tokens_per_step"]
+            == rows[("seed-eager-experts", workload)]["tokens_per_step"]
+        )
+
+
+def test_derived_figures(bench_run):
+    _, result, tmp = bench_run
+    setup = result["setup"]
+    # The checkpoint came from make-random, in the Hub layout.
+    assert setup["make_random_s"] > 0
+    assert (tmp / "ckpt" / "model.safetensors.index.json").is_file()
+    counts = parameter_counts(json.loads((tmp / "ckpt" / "config.json").read_text()))
+    assert setup["active_params"] == counts["active"] < setup["total_params"] == counts["total"]
+    assert setup["matmul_dtype"] == "float32" and setup["matmul_tflops"] > 0
+    assert result["baseline"] == "seed"
+    rows = rows_by(result)
+    for (_variant, workload), row in rows.items():
+        mfu = 6 * counts["active"] * row["tokens_per_s"] / (setup["matmul_tflops"] * 1e12)
+        assert row["mfu"] == pytest.approx(mfu)
+        base = rows[("seed", workload)]["tokens_per_s"]
+        assert row["ratio"] == pytest.approx(row["tokens_per_s"] / base)
+    assert result["command"].startswith(f"mxlora bench {tmp / 'bench.yaml'} model=")
+    text = (tmp / "results" / "tiny.md").read_text()
+    assert text == markdown(result)
+    assert "| seed-eager-experts | quotes |" in text
+    assert setup["environment"]["versions"]["transformers"] in text
+
+
+def test_shipped_configs_load():
+    tiny = load_bench_config(TINY)
+    assert [v.name for v in tiny.variants] == ["seed", "seed-eager-experts"]
+    big = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-20b.yaml", ["steps=1"])
+    assert [v.name for v in big.variants] == ["seed", "hf-best", "seed-eager-experts"]
+    assert [w.name for w in big.workloads] == ["4x512", "4x1024", "4x2048", "quotes", "gsm8k"]
+    assert big.make_random == "20b" and big.steps == 1
+
+
+def test_bad_configs(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["variants"][1]["overrides"] = ["model.attn = sdpa"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="variants.seed-eager-experts"):
+        load_bench_config(tmp_path / "bad.yaml")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["workloads"][0]["data"] = {"source": "x.jsonl"}
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="exactly one of length and data"):
+        load_bench_config(tmp_path / "both.yaml")
+    assert main(["bench", str(TINY), "--only", "nope"]) == 1
