@@ -1,0 +1,396 @@
+"""Triton grouped GEMM with MXFP4 weights dequantized in registers (the fast CUDA path).
+
+Same contract as :func:`mxlora.mxfp4.experts.grouped_mxfp4_matmul_reference`: rows of ``x`` are
+grouped by expert (``counts[e]`` rows for expert ``e``, in expert order); the weight of expert
+``e`` is ``W_e [out, in]``, packed as the Hub ships it (uint8 ``blocks [E, out, in/32, 16]``, two
+e2m1 codes a byte with element ``2i`` in the low nibble, e8m0 ``scales [E, out, in/32]``).
+``transpose=False`` computes ``y_e = x_e · W_eᵀ`` (forward, ``[n, in] -> [n, out]``),
+``transpose=True`` computes ``dx_e = dy_e · W_e`` (input gradient, ``[n, out] -> [n, in]``).
+
+One kernel does both directions. Each program computes a ``BLOCK_M x BLOCK_N`` tile of the
+output: it loads the packed bytes and scales of the weight tile it needs for each step of the
+reduction, turns them into ``x``'s dtype in registers (never a dequantized weight in global
+memory) and feeds ``tl.dot``, accumulating in fp32. The forward reduces over ``in`` and reads the
+weight tile ``[BLOCK_N (out), BLOCK_K (in)]`` transposed; the input gradient reduces over ``out``
+and reads ``[BLOCK_K (out), BLOCK_N (in)]`` as it lies. Either way the packed bytes are read along
+``in``, the direction they are packed in.
+
+The MoE tile schedule is computed on the device, inside the kernel, from the per-expert row
+counts: expert ``e`` owns ``ceil(counts[e] / BLOCK_M)`` row tiles, consecutive across experts.
+The grid is launched for an upper bound of row tiles (``ceil(rows / BLOCK_M) + E``) and the
+surplus programs return at once, so the host needs neither the counts nor the tile list: with
+``counts`` given as a device tensor there is no host synchronisation at all, and the schedule
+follows whatever ``BLOCK_M`` the autotuner picks. Row tiles and column tiles are visited in
+``GROUP_M`` super-rows (as in Triton's matmul tutorial) so that neighbouring programs share the
+weight tiles of one expert and the activation rows in L2.
+
+Under ``TRITON_INTERPRET=1`` (set before :mod:`triton` is imported) the same kernel runs on CPU
+tensors through Triton's interpreter; that is how the test suite checks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from mxlora.mxfp4.format import BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel instance.
+
+    ``block_n`` and ``block_k`` are multiples of the MXFP4 block (32), so a weight tile never
+    splits a scale group; all three are >= 16, as ``tl.dot`` requires.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.block_n % BLOCK_SIZE or self.block_k % BLOCK_SIZE or self.block_m < 16:
+            raise ValueError(f"{self}: block_n, block_k must be multiples of 32, block_m >= 16")
+
+    def kwargs(self) -> dict[str, int]:
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "BLOCK_K": self.block_k,
+            "GROUP_M": self.group_m,
+        }
+
+
+#: Autotuning candidates for bf16/fp16 on the GPU. The first is the default for gpt-oss-20b
+#: shapes on an H100 (hidden = intermediate = 2880 = 45 * 64, about 1k rows per expert at 8k
+#: tokens x top-4 over 32 experts): 128 x 128 output tiles with a 64-deep reduction step, the
+#: usual Hopper bf16 GEMM tile, and 2880 needs no reduction mask at BLOCK_K = 64. The others trade
+#: tile size for more programs (few rows per expert) or a deeper reduction step. All compile for
+#: sm_90 to wgmma with pipelined loads and no register spills (tests/test_mxfp4_triton.py).
+CONFIGS: tuple[KernelConfig, ...] = (
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    KernelConfig(64, 128, 64, num_warps=8, num_stages=4),
+    KernelConfig(128, 64, 64, num_warps=4, num_stages=4),
+    KernelConfig(64, 64, 64, num_warps=4, num_stages=4),
+    KernelConfig(128, 128, 128, num_warps=8, num_stages=3),
+)
+
+#: fp32 inputs (tests, exact checks): the dot runs on CUDA cores in full fp32, whose operands
+#: live in registers; larger tiles spill.
+FP32_CONFIG = KernelConfig(64, 64, 32, num_warps=8, num_stages=2)
+
+#: The interpreter (tests): tiles wider than 32 so that shapes that are multiples of 32 but not
+#: of the tile exercise the masks, and still several row tiles on tiny shapes.
+INTERPRETER_CONFIG = KernelConfig(16, 64, 64)
+
+
+@triton.jit
+def _e2m1_to_fp32(code):
+    """4-bit e2m1 codes (OCP MX v1.0 section 5.3.3, :data:`FP4_VALUES`) to their fp32 values."""
+    c = code.to(tl.int32)
+    em = c & 7
+    # Codes 2..7 are normal: exponent field em >> 1 (bias 1), mantissa bit em & 1; built as fp32
+    # bits (bias 127). Codes 0 and 1 are 0 and the subnormal 0.5.
+    normal = (((em >> 1) + 126) << 23) | ((em & 1) << 22)
+    magnitude = tl.where(em >= 2, normal.to(tl.float32, bitcast=True), em.to(tl.float32) * 0.5)
+    return tl.where((c & 8) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _e8m0_to_fp32(scale):
+    """e8m0 scale bytes to ``2**(byte - 127)`` in fp32, exactly (byte 0 is the subnormal 2**-127)."""
+    s = scale.to(tl.int32)
+    bits = tl.where(s == 0, 0x00400000, s << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequantize_tile(
+    b_ptr,
+    s_ptr,
+    offs_o,
+    k0,
+    n_out,
+    n_in,
+    stride_bo,
+    stride_so,
+    O_WIDTH: tl.constexpr,
+    K_WIDTH: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
+    """``W[offs_o, k0 : k0 + K_WIDTH]`` of one expert as ``DTYPE [O_WIDTH, K_WIDTH]``.
+
+    ``k0`` is a multiple of 32; rows past ``n_out`` and columns past ``n_in`` read as zero.
+    """
+    offs_byte = k0 // 2 + tl.arange(0, K_WIDTH // 2)
+    offs_group = k0 // 32 + tl.arange(0, K_WIDTH // 32)
+    rows = offs_o < n_out
+    packed = tl.load(
+        b_ptr + offs_o[:, None] * stride_bo + offs_byte[None, :],
+        mask=rows[:, None] & (offs_byte < n_in // 2)[None, :],
+        other=0,
+    )
+    scale = tl.load(
+        s_ptr + offs_o[:, None] * stride_so + offs_group[None, :],
+        mask=rows[:, None] & (offs_group < n_in // 32)[None, :],
+        other=0,
+    )
+    # One scale per 32 values = per 16 bytes: widen the scales to the byte tile.
+    scale = _e8m0_to_fp32(scale)
+    scale = tl.reshape(
+        tl.broadcast_to(scale[:, :, None], (O_WIDTH, K_WIDTH // 32, 16)), (O_WIDTH, K_WIDTH // 2)
+    )
+    # Exact in fp32 and in DTYPE: an e2m1 value has at most 2 significant bits and the scale is a
+    # power of two, so this equals the reference's ldexp in DTYPE (bar overflow to inf).
+    low = (_e2m1_to_fp32(packed & 0x0F) * scale).to(DTYPE)
+    high = (_e2m1_to_fp32(packed >> 4) * scale).to(DTYPE)
+    # Element 2i is the low nibble of byte i, 2i + 1 the high one: interleave along ``in``.
+    return tl.reshape(tl.join(low, high), (O_WIDTH, K_WIDTH))
+
+
+@triton.jit
+def _grouped_mxfp4_kernel(
+    x_ptr,
+    b_ptr,
+    s_ptr,
+    y_ptr,
+    counts_ptr,
+    n_rows,
+    n_experts,
+    RED,
+    COLS,
+    stride_xm,
+    stride_ym,
+    stride_be,
+    stride_bo,
+    stride_se,
+    stride_so,
+    TRANSPOSE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``y[rows_e] = x[rows_e] · op(W_e)``: ``x [n_rows, RED]``, ``y [n_rows, COLS]``.
+
+    ``op(W) = Wᵀ`` (``RED = in``, ``COLS = out``) or ``W`` with ``TRANSPOSE`` (``RED = out``,
+    ``COLS = in``).
+    """
+    # Program -> (row tile, column tile), GROUP_M row tiles at a time.
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(n_rows, BLOCK_M) + n_experts  # >= sum_e ceil(counts[e] / BLOCK_M)
+    n_n_tiles = tl.cdiv(COLS, BLOCK_N)
+    per_group = GROUP_M * n_n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    # Row tile -> (expert, rows): expert e owns tiles [tile_end[e] - tiles[e], tile_end[e]).
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < n_experts, other=0).to(tl.int32)
+    tiles = tl.cdiv(counts, BLOCK_M)
+    tile_end = tl.cumsum(tiles, 0)
+    if pid_m >= tl.sum(tiles, 0):
+        return
+    expert = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
+    mine = experts == expert
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
+    row_end = tl.sum(tl.where(mine, tl.cumsum(counts, 0), 0), 0)
+    row_start = row_end - tl.sum(tl.where(mine, counts, 0), 0)
+
+    offs_m = row_start + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_e = b_ptr + expert.to(tl.int64) * stride_be
+    s_e = s_ptr + expert.to(tl.int64) * stride_se
+    if TRANSPOSE:
+        n_out = RED
+        n_in = COLS
+    else:
+        n_out = COLS
+        n_in = RED
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, RED, BLOCK_K):
+        offs_k = r0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + offs_k[None, :], mask=rows[:, None] & (offs_k < RED)[None, :], other=0)
+        if TRANSPOSE:
+            # W[o, i] with o = reduction step, i = output columns: as stored.
+            w = _dequantize_tile(
+                b_e, s_e, offs_k, pid_n * BLOCK_N, n_out, n_in, stride_bo, stride_so,
+                BLOCK_K, BLOCK_N, dtype,
+            )  # fmt: skip
+        else:
+            # W[o, i] with o = output columns, i = reduction step: read along i, transposed.
+            w = tl.trans(
+                _dequantize_tile(
+                    b_e,
+                    s_e,
+                    offs_n,
+                    r0,
+                    n_out,
+                    n_in,
+                    stride_bo,
+                    stride_so,
+                    BLOCK_N,
+                    BLOCK_K,
+                    dtype,
+                )  # fmt: skip
+            )
+        if DOT_IN_FP32:
+            # Interpreter only: its tl.dot multiplies bf16 bit patterns (triton#11584). The
+            # products of bf16 values are exact in fp32, so this is the tensor-core dot bar the
+            # order of the fp32 additions.
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows[:, None] & (offs_n < COLS)[None, :])
+
+
+#: Whether the kernel runs in Triton's CPU interpreter: ``triton.jit`` decides once, when this
+#: module is imported, from ``TRITON_INTERPRET``.
+INTERPRETED: bool = isinstance(_grouped_mxfp4_kernel, InterpretedFunction)
+
+
+@functools.cache
+def _autotuned():
+    configs = [
+        triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS
+    ]
+    # The row count changes every step; the projection shape and direction do not.
+    return triton.autotune(configs, key=["RED", "COLS", "TRANSPOSE"])(_grouped_mxfp4_kernel)
+
+
+def device_counts(counts: Sequence[int] | Tensor, device: torch.device) -> Tensor:
+    """Rows per expert as an int32 tensor on ``device``, without waiting for the device.
+
+    A host sequence goes through pinned memory and an asynchronous copy (a plain ``.to(cuda)``
+    of pageable memory would synchronise the stream); a tensor is converted on its device.
+    """
+    if isinstance(counts, Tensor):
+        return counts.to(device=device, dtype=torch.int32)
+    host = torch.tensor(list(counts), dtype=torch.int32)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def grouped_mxfp4_matmul_triton(
+    x: Tensor,
+    blocks: Tensor,
+    scales: Tensor,
+    counts: Sequence[int] | Tensor,
+    *,
+    transpose: bool,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """Grouped matmul with MXFP4 weights dequantized inside the kernel.
+
+    The contract of :func:`mxlora.mxfp4.experts.grouped_mxfp4_matmul_reference`, accumulated in
+    fp32 (bf16/fp16 inputs on tensor cores; fp32 inputs in full fp32, no TF32).
+
+    Args:
+        x: ``[sum(counts), in]`` (``[sum(counts), out]`` with ``transpose``), rows grouped by
+            expert; bf16, fp16 or fp32.
+        blocks: uint8 ``[E, out, in // 32, 16]``, its last two dimensions contiguous.
+        scales: uint8 e8m0 ``[E, out, in // 32]``, its last dimension contiguous.
+        counts: rows per expert, ``E`` of them: a host sequence, or an integer tensor (on
+            ``x``'s device for no host synchronisation; its sum is then not checked).
+        transpose: ``x_e · W_e`` (input gradient) instead of ``x_e · W_eᵀ`` (forward).
+        config: fixed tile sizes; by default autotuned over :data:`CONFIGS` on the GPU
+            (:data:`FP32_CONFIG` for fp32) and :data:`INTERPRETER_CONFIG` under the interpreter.
+
+    Returns:
+        ``[sum(counts), out]`` (``[sum(counts), in]`` with ``transpose``), ``x``'s dtype.
+    """
+    n_experts, n_out = blocks.shape[:2]
+    n_in = blocks.shape[2] * blocks.shape[3] * 2
+    red, cols = (n_out, n_in) if transpose else (n_in, n_out)
+    _check(x, blocks, scales, counts, red)
+    y = x.new_empty(x.shape[0], cols)
+    if x.shape[0] == 0:
+        return y
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    packed = blocks.flatten(-2)  # [E, out, in // 2]: a view for the Hub's layout
+    args = (
+        x,
+        packed,
+        scales,
+        y,
+        device_counts(counts, x.device),
+        x.shape[0],
+        n_experts,
+        red,
+        cols,
+        x.stride(0),
+        y.stride(0),
+        packed.stride(0),
+        packed.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+    )
+    meta = dict(
+        TRANSPOSE=transpose,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_IN_FP32=INTERPRETED and x.dtype == torch.bfloat16,
+        BLOCK_E=max(16, triton.next_power_of_2(n_experts)),
+    )
+
+    def grid(launch: dict) -> tuple[int]:
+        row_tiles = triton.cdiv(x.shape[0], launch["BLOCK_M"]) + n_experts
+        return (row_tiles * triton.cdiv(cols, launch["BLOCK_N"]),)
+
+    if config is None and INTERPRETED:
+        config = INTERPRETER_CONFIG
+    elif config is None and x.dtype == torch.float32:
+        config = FP32_CONFIG
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if config is None:
+            _autotuned()[grid](*args, **meta)
+        else:
+            launch = config.kwargs()
+            _grouped_mxfp4_kernel[grid(launch)](
+                *args, **meta, **launch, num_warps=config.num_warps, num_stages=config.num_stages
+            )
+    return y
+
+
+def _check(
+    x: Tensor, blocks: Tensor, scales: Tensor, counts: Sequence[int] | Tensor, red: int
+) -> None:
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
+    if blocks.ndim != 4 or blocks.shape[-1] != BLOCK_SIZE // 2 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(
+            f"blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)}: expected "
+            "[E, out, in // 32, 16] / [E, out, in // 32]"
+        )
+    if blocks.stride(-1) != 1 or blocks.stride(-2) != blocks.shape[-1] or scales.stride(-1) != 1:
+        raise ValueError("blocks need contiguous last two dimensions, scales a contiguous last one")
+    if x.ndim != 2 or x.shape[1] != red:
+        raise ValueError(f"x {tuple(x.shape)}: expected [rows, {red}]")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    if len(counts) != blocks.shape[0]:
+        raise ValueError(f"{len(counts)} counts for {blocks.shape[0]} experts")
+    if not isinstance(counts, Tensor) and sum(counts) != x.shape[0]:
+        raise ValueError(f"counts sum to {sum(counts)}, x has {x.shape[0]} rows")
