@@ -89,8 +89,18 @@ def grouped_mxfp4_matmul(
     """The frozen-weight grouped matmul used by :class:`FrozenMxfp4Matmul` (forward and backward).
 
     The one place where a fused kernel replaces the reference; same contract as
-    :func:`grouped_mxfp4_matmul_reference`.
+    :func:`grouped_mxfp4_matmul_reference`. The Triton kernel
+    (:func:`mxlora.mxfp4.triton_kernels.grouped_mxfp4_matmul_triton`) runs where
+    :func:`mxlora.mxfp4.kernels.kernel_available` says it can (CUDA, compute capability >= 8.0,
+    or ``MXLORA_KERNELS=triton``), the reference everywhere else.
     """
+    # Imported here: kernels.py is light, and Triton is imported only where it can run.
+    from mxlora.mxfp4.kernels import kernel_available
+
+    if kernel_available(x):
+        from mxlora.mxfp4.triton_kernels import grouped_mxfp4_matmul_triton
+
+        return grouped_mxfp4_matmul_triton(x, blocks, scales, counts, transpose=transpose)
     return grouped_mxfp4_matmul_reference(x, blocks, scales, counts, transpose=transpose)
 
 
