@@ -73,6 +73,9 @@ def test_every_variant_and_workload_measured(bench_run):
         assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(row["tokens_per_step"])
         assert row["load_s"] > 0 and math.isfinite(row["train_loss"])
         assert row["peak_alloc_gb"] is None  # no device memory on the CPU
+        assert row["attn_implementation"] == "eager"
+    assert {rows[("seed", "quotes")]["experts_implementation"]} == {"grouped_mm"}
+    assert rows[("seed-eager-experts", "quotes")]["experts_implementation"] == "eager"
     # Random tokens: every token trained, no padding.
     fixed = rows[("seed", "1x24")]
     assert fixed["tokens_per_step"] == fixed["padded_tokens_per_step"] == 24

@@ -430,13 +430,18 @@ def variant_job(bench: BenchConfig, variant: Variant) -> dict[str, Any]:
     except Exception as e:  # a variant that cannot load is a result, not a crash of the bench
         return {"error": f"load: {_one_line(e)}"}
     load_s = time.perf_counter() - start
-    print(f"bench: {variant.name}: loaded in {load_s:.1f} s", flush=True)
+    # What transformers actually chose (a requested backend it cannot use may fall back).
+    backends = {
+        "attn_implementation": model.config._attn_implementation,
+        "experts_implementation": model.config._experts_implementation,
+    }
+    print(f"bench: {variant.name}: loaded in {load_s:.1f} s; {backends}", flush=True)
     model.config.use_cache = False  # as mxlora train: the KV cache is useless in training
     set_seed(cfg.train.seed)
     model = apply_lora(model, cfg.lora)
     rows = []
     for workload in bench.workloads:
-        row = {"variant": variant.name, "workload": workload.name}
+        row = {"variant": variant.name, "workload": workload.name, **backends}
         try:
             row.update(time_workload(model, tokenizer, cfg, bench, workload, device))
         except torch.OutOfMemoryError:
