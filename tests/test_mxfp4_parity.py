@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Mxfp4Config
 
 from mxlora.model.tiny import ensure_tiny
@@ -269,3 +270,128 @@ def test_loss_is_finite_in_bf16(tiny):
     loss.backward()
     assert math.isfinite(loss.item())
     assert all(torch.isfinite(p.grad).all() for p in trainable(mx).values())
+
+
+def _batches(shared_data, tokenizer, steps: int, batch: int):
+    """``steps`` batches of english_quotes rows rendered as the trainer sees them (padded right,
+    labels only on the assistant turn)."""
+    from mxlora.data import DataConfig, prepare_data
+
+    cfg = DataConfig(
+        source=str(shared_data / "english_quotes.jsonl"), select=steps * batch, test_size=0.0
+    )
+    rows = prepare_data(cfg, tokenizer, max_len=256).train
+    for start in range(0, steps * batch, batch):
+        chunk = rows[start : start + batch]
+        width = max(len(ids) for ids in chunk["input_ids"])
+        ids = torch.full((batch, width), tokenizer.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        attention = torch.zeros(batch, width, dtype=torch.long)
+        for i, (row, mask) in enumerate(
+            zip(chunk["input_ids"], chunk["completion_mask"], strict=True)
+        ):
+            n = len(row)
+            ids[i, :n] = torch.tensor(row)
+            attention[i, :n] = 1
+            labels[i, :n] = torch.where(torch.tensor(mask) == 1, torch.tensor(row), -100)
+        yield ids, attention, labels
+
+
+@pytest.mark.slow
+def test_loss_curve_matches_seed_path_on_english_quotes(tiny, shared_data, tokenizer):
+    """50 AdamW steps on real rows, same init and batches, gradient checkpointing on (the seed's
+    setting): the two loss curves coincide to fp32 noise."""
+    # Batch 2: each step computes 201088-wide logits for every token; CPU time, not coverage.
+    steps, batch = 50, 2
+    seed, mx = pair(tiny)
+    curves = {}
+    for name, model in (("seed", seed), ("mxfp4", mx)):
+        model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        optimizer = torch.optim.AdamW(trainable(model).values(), lr=1e-3)
+        losses = []
+        for ids, attention, labels in _batches(shared_data, tokenizer, steps, batch):
+            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        curves[name] = losses
+    seed_curve, mx_curve = torch.tensor(curves["seed"]), torch.tensor(curves["mxfp4"])
+    print(f"seed  first/last: {seed_curve[0]:.6f} {seed_curve[-1]:.6f}")
+    print(f"mxfp4 first/last: {mx_curve[0]:.6f} {mx_curve[-1]:.6f}")
+    print(f"max |difference|: {(seed_curve - mx_curve).abs().max():.3e}")
+    assert seed_curve[-10:].mean() < seed_curve[:10].mean() - 0.5  # it does learn
+    assert torch.allclose(mx_curve, seed_curve, rtol=1e-4, atol=0)
+
+
+def test_sharded_checkpoint_loads_the_same(tiny, tmp_path):
+    """A checkpoint split over two shards with an index loads to the same tensors."""
+    tensors = load_file(tiny / "model.safetensors")
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, tmp_path / shard, metadata={"format": "pt"})
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(tiny / name, tmp_path / name)
+    single = load_mxfp4_model(tiny, dtype=torch.float32).state_dict()
+    sharded = load_mxfp4_model(tmp_path, dtype=torch.float32).state_dict()
+    assert single.keys() == sharded.keys()
+    assert all(torch.equal(single[k], sharded[k]) for k in single)
+
+
+def test_hub_id_resolves_from_the_local_cache(tiny, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    revision = "0" * 40
+    repo = tmp_path / "models--someone--tiny-gpt-oss"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in tiny.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model = load_mxfp4_model("someone/tiny-gpt-oss", dtype=torch.float32)
+    assert model.name_or_path == "someone/tiny-gpt-oss"  # what PEFT writes as the base model
+    direct = load_mxfp4_model(tiny, dtype=torch.float32).state_dict()
+    assert all(torch.equal(t, direct[k]) for k, t in model.state_dict().items())
+    with pytest.raises(ValueError, match="Hugging Face cache"):
+        load_mxfp4_model("someone/not-cached")
+
+
+def test_loading_dequantizes_nothing(tiny):
+    """No floating-point tensor shaped like an expert weight is created while loading."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                # Meta tensors (the model skeleton) hold no memory; real ones do.
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta:
+                    self.seen.add(tuple(t.shape[-2:]))
+            return out
+
+    with Shapes() as mode:
+        model = load_mxfp4_model(tiny, dtype=torch.float32)
+    cfg = model.config
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    assert mode.seen  # the hook did see the float casts of the other tensors
+    assert not mode.seen & {
+        (hidden, 2 * inter),
+        (2 * inter, hidden),
+        (hidden, inter),
+        (inter, hidden),
+    }

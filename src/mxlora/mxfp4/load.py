@@ -34,10 +34,13 @@ from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What a Hub snapshot needs for load_mxfp4_model: gpt-oss repos also hold original/ and metal/
+# copies of the weights, which these patterns (matched from the repo root) leave out.
+HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors*"]
 
 
 def load_mxfp4_model(
-    path: str | Path,
+    name_or_path: str | Path,
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
@@ -46,8 +49,9 @@ def load_mxfp4_model(
     """A gpt-oss model whose experts stay MXFP4, everything else in ``dtype``.
 
     Args:
-        path: a local checkpoint folder in the Hub layout (``config.json``, ``model.safetensors``
-            or sharded with ``model.safetensors.index.json``).
+        name_or_path: a checkpoint folder in the Hub layout (``config.json``, ``model.safetensors``
+            or sharded with ``model.safetensors.index.json``), or a Hub id (see
+            :func:`local_checkpoint`).
         dtype: dtype of every non-expert weight and of the expert biases; the experts compute
             in it.
         device: where the model goes.
@@ -60,7 +64,7 @@ def load_mxfp4_model(
         ValueError: not a gpt-oss checkpoint with MXFP4 experts, or tensors missing/unexpected/
             misshapen.
     """
-    path = Path(path)
+    path = local_checkpoint(name_or_path)
     device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "gpt_oss" or not _is_mxfp4(config):
@@ -100,10 +104,37 @@ def load_mxfp4_model(
     if on_meta:
         raise ValueError(f"{path}: tensors left unset: {on_meta[:8]}")
 
+    # As from_pretrained: the name given (a Hub id stays a Hub id in adapter configs).
+    model.name_or_path = model.config.name_or_path = str(name_or_path)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.requires_grad_(False)
     return model.eval()
+
+
+def local_checkpoint(name_or_path: str | Path) -> Path:
+    """The folder of a checkpoint: ``name_or_path`` itself, or a Hub id's snapshot.
+
+    A Hub id resolves through ``huggingface_hub`` (only from the local cache when
+    ``HF_HUB_OFFLINE=1``), fetching just the config and the model's own safetensors, not
+    ``original/`` or ``metal/``.
+
+    Raises:
+        ValueError: not a folder, and not a Hub id available here.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_FILES))
+    except (OSError, HFValidationError) as e:
+        raise ValueError(
+            f"{name_or_path}: no such folder, and not a Hub checkpoint available here "
+            f"(offline: it must be in the Hugging Face cache): {type(e).__name__}"
+        ) from None
 
 
 def _is_mxfp4(config) -> bool:
