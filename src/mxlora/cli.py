@@ -178,6 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run folder's newest complete checkpoint (same config and overrides)",
     )
 
+    p = _add(
+        sub,
+        "run",
+        "mxlora.recipes.run:cli_main",
+        "the whole seed flow: train each data set, merge, chat check, compare",
+        "Run a run config (e.g. configs/tiny/seed.yaml, configs/gpt-oss-20b/seed.yaml): train "
+        "each listed training config in its own child process (own memory scope and peak), "
+        "merge the chosen run's adapter into the base model, ask the merged model the chat "
+        "question (reasoning language as configured; reply parsed into analysis and final), and "
+        "compare the runs. Writes <output.root>/<output.name>/ (one folder per run, merged/, "
+        "chat.json, compare/, run.json) and prints where the comparison report is.",
+    )
+    p.add_argument("config", help="run config YAML (e.g. configs/tiny/seed.yaml)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides, e.g. chat.prompt=Hi"
+    )
+
     data = sub.add_parser(
         "data",
         help="look at training data before training on it",

@@ -54,12 +54,17 @@ class ModelConfig:
             keys are :class:`mxlora.model.tiny.TinySpec` fields).
         experts: how the MXFP4 experts are held (see ``ExpertsMode``).
         attn_implementation: transformers' attention backend; the seed uses ``eager``.
+        experts_implementation: transformers' MoE experts backend (``from_pretrained``'s
+            ``experts_implementation``): ``None`` keeps transformers' default (``grouped_mm``
+            in transformers 5, what the seed ran), ``eager`` is the per-expert Python loop of
+            the notebook's era, ``grouped_mm`` / ``batched_mm`` name the fused ones.
         dtype: weight dtype of the non-quantized parameters.
     """
 
     name_or_path: str = "openai/gpt-oss-20b"
     experts: ExpertsMode = "dequantize-bf16"
     attn_implementation: str = "eager"
+    experts_implementation: str | None = None
     dtype: DtypeName = "auto"
 
 
@@ -489,11 +494,17 @@ def first_existing_source(sources: list[Any]) -> str:
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a run config (``mxlora run``) and check that every listed training config loads."""
     cfg = from_dict(RunConfig, apply_overrides(read_yaml(path), overrides))
+    names: list[str] = []
     for i, entry in enumerate(cfg.runs):
         try:
-            run_entry_config(path, entry)
+            name = run_entry_config(path, entry).output.name
         except ConfigError as e:
             raise ConfigError(f"runs[{i}] ({entry.config}): {e}") from None
+        if name in names:
+            raise ConfigError(f"runs[{i}]: output.name {name!r} is used by an earlier run")
+        names.append(name)
+    if cfg.merge.run not in names:
+        raise ConfigError(f"merge.run: no run named {cfg.merge.run!r} (runs: {', '.join(names)})")
     return cfg
 
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from mxlora.config import (
     read_yaml,
     to_dict,
 )
-from mxlora.data import prepare_data
+from mxlora.data import PreparedData, prepare_data
 from mxlora.model.load import (
     ModelLoadError,
     default_device,
@@ -73,6 +74,15 @@ class NonFiniteLossError(TrainingError):
 # The recipe.
 
 
+@dataclass
+class TrainResult:
+    """What :func:`fit` leaves: the run folder, the trained PEFT model and the data it saw."""
+
+    run_dir: Path
+    model: torch.nn.Module
+    data: PreparedData
+
+
 def train(cfg: TrainingConfig, resume: bool = False) -> Path:
     """Fine-tune with LoRA as ``cfg`` says and write the run folder.
 
@@ -85,9 +95,16 @@ def train(cfg: TrainingConfig, resume: bool = False) -> Path:
 
     Raises:
         ConfigError, ModelLoadError: bad config or model path.
-        TrainingError: NaN/Inf loss, out of memory, nothing to resume.
+        TrainingError: bad data, NaN/Inf loss, out of memory, nothing to resume.
     """
+    return fit(cfg, resume).run_dir
+
+
+def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
+    """:func:`train`, also handing back the trained model in memory (for tests and notebooks)."""
     wall_start = time.perf_counter()
+    # The tokenizer first: it checks the model path before an earlier run folder is replaced.
+    tokenizer = load_tokenizer(cfg.model)
     run_dir = cfg.output.run_dir
     checkpoint = _setup_run_dir(cfg, resume)
     device = default_device()
@@ -96,8 +113,10 @@ def train(cfg: TrainingConfig, resume: bool = False) -> Path:
         torch.cuda.reset_peak_memory_stats(device)
 
     # Data: rendered and validated before the (possibly huge) model is loaded.
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
+    try:
+        data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
+    except ValueError as e:  # the data module's errors name the field or the bad row
+        raise TrainingError(str(e)) from None
 
     # Model: the LoRA initialisation draws from the global RNG, hence the seed first.
     try:
@@ -174,7 +193,7 @@ def train(cfg: TrainingConfig, resume: bool = False) -> Path:
     }
     write_report(run_dir, report)
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.output.name} loss")
-    return run_dir
+    return TrainResult(run_dir=run_dir, model=trainer.model, data=data)
 
 
 # --------------------------------------------------------------------------------------------

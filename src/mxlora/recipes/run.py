@@ -1,0 +1,166 @@
+"""``mxlora run CONFIG``: the seed notebook's whole flow as one command.
+
+1. train every run of the config, each in its own child process (``mxlora train``): its own
+   memory scope, so nothing leaks between runs and each report shows that run's own peak;
+2. merge the chosen run's adapter into the base model (``mxlora merge``);
+3. ask the merged model the chat question (``mxlora chat --json``), reply parsed into the
+   analysis and final channels;
+4. compare the runs (``mxlora compare``): table and overlaid loss curves.
+
+Every step is a child process running the step's own subcommand, so this module depends on
+their command lines only. Everything lands in ``<output.root>/<output.name>/``: one folder per
+training run, ``merged/``, ``chat.json``, ``compare/`` and ``run.json`` (where everything is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mxlora.config import ConfigError, RunConfig, load_run_config, run_entry_config
+from mxlora.report.writer import write_json
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A step of the flow failed (its own output, above, says why)."""
+
+
+def run(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run the flow of a run config.
+
+    Args:
+        config_path: the run config YAML (e.g. ``configs/tiny/seed.yaml``).
+        overrides: ``key=value`` overrides of the run config (e.g. ``chat.max_new_tokens=64``).
+
+    Returns:
+        The comparison report (``compare/comparison.md``).
+
+    Raises:
+        ConfigError: the run config or one of its training configs is invalid.
+        RunError: a step failed.
+    """
+    cfg = load_run_config(config_path, overrides)
+    out = cfg.output.run_dir
+    if out.exists():
+        log.warning("replacing the earlier run in %s", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    run_dirs = train_all(config_path, cfg, out)
+    merged = merge(config_path, cfg, run_dirs, out / "merged")
+    reply = chat(cfg, merged)
+    write_json(out / "chat.json", reply)
+    report = compare(list(run_dirs.values()), out / "compare")
+
+    write_json(
+        out / "run.json",
+        {
+            "config": str(config_path),
+            "runs": {name: str(path) for name, path in run_dirs.items()},
+            "merged": str(merged),
+            "chat": str(out / "chat.json"),
+            "comparison": str(report),
+        },
+    )
+    return report
+
+
+def train_all(config_path: str | Path, cfg: RunConfig, out: Path) -> dict[str, Path]:
+    """Train each run in a child process; returns run name -> run folder."""
+    run_dirs: dict[str, Path] = {}
+    for entry in cfg.runs:
+        name = run_entry_config(config_path, entry).output.name
+        config = Path(config_path).parent / entry.config
+        print(f"== training {name} ({config}) in its own process", flush=True)
+        _child(["train", str(config), *entry.overrides, f"output.root={out}"], f"training {name}")
+        run_dirs[name] = out / name
+    return run_dirs
+
+
+def merge(config_path: str | Path, cfg: RunConfig, run_dirs: dict[str, Path], dest: Path) -> Path:
+    """Merge the adapter of run ``cfg.merge.run`` into its base model."""
+    entry = next(
+        e for e in cfg.runs if run_entry_config(config_path, e).output.name == cfg.merge.run
+    )
+    model = run_entry_config(config_path, entry).model
+    print(f"== merging the {cfg.merge.run} adapter into {model.name_or_path}", flush=True)
+    _child(
+        [
+            "merge",
+            "--base",
+            model.name_or_path,
+            "--adapter",
+            str(run_dirs[cfg.merge.run] / "adapter"),
+            "--out",
+            str(dest),
+            "--dtype",
+            model.dtype,
+        ],
+        "merge",
+    )
+    return dest
+
+
+def chat(cfg: RunConfig, model: Path) -> dict[str, Any]:
+    """Ask the merged model the configured question; the reply as ``mxlora chat --json`` gives."""
+    c = cfg.chat
+    print(f"== chat with {model} (reasoning language: {c.reasoning_language})", flush=True)
+    stdout = _child(
+        [
+            "chat",
+            "--model",
+            str(model),
+            "--prompt",
+            c.prompt,
+            "--reasoning-language",
+            c.reasoning_language,
+            "--max-new-tokens",
+            str(c.max_new_tokens),
+            "--json",
+        ],
+        "chat",
+        capture=True,
+    )
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    try:
+        reply = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RunError(f"chat: expected one JSON line, got {stdout[-500:]!r}") from None
+    print(f"analysis: {reply.get('analysis')!r}\nfinal:    {reply.get('final')!r}", flush=True)
+    return {"prompt": c.prompt, "reasoning_language": c.reasoning_language, **reply}
+
+
+def compare(run_dirs: list[Path], dest: Path) -> Path:
+    """Write the comparison of the runs; returns its markdown report."""
+    print("== comparing the runs", flush=True)
+    _child(["compare", *map(str, run_dirs), "--out", str(dest)], "compare")
+    return dest / "comparison.md"
+
+
+def _child(args: list[str], what: str, capture: bool = False) -> str:
+    """Run ``mxlora ARGS`` in a fresh Python process; its stderr (and stdout) pass through."""
+    command = [sys.executable, "-m", "mxlora.cli", *args]
+    result = subprocess.run(command, stdout=subprocess.PIPE if capture else None, text=True)
+    if result.returncode != 0:
+        raise RunError(f"{what} failed (exit {result.returncode}); its output is above")
+    return result.stdout or ""
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``mxlora run CONFIG [key=value ...]``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = run(args.config, args.overrides)
+    except (ConfigError, RunError) as e:
+        print(f"mxlora run: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    print(f"comparison report: {report}")
+    return 0

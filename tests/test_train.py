@@ -1,0 +1,227 @@
+"""`mxlora train` on a tiny gpt-oss (CPU, fp32): what LoRA touches, what it must not, the run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mxlora.config import ExpertTargets, LoraConfig, ModelConfig, TrainingConfig, from_dict
+from mxlora.model.load import load_model, resolve_model_path
+from mxlora.model.lora import apply_lora
+from mxlora.model.tiny import TinySpec, make_tiny
+from mxlora.recipes.train import NonFiniteLossError, TrainingError, fit, save_adapter
+
+TINY = "tiny:layers=4"
+TARGET_LAYERS = [1, 3]  # layers 0 and 2 keep plain experts
+
+
+def tiny_config(root: Path, **sections) -> TrainingConfig:
+    raw = {
+        "model": {"name_or_path": TINY},
+        "lora": {"experts": {"layers": TARGET_LAYERS}},
+        "data": {"source": "example:quotes", "select": 16, "test_size": 0.25, "seed": 42},
+        "train": {
+            "lr": 1e-3,
+            "batch_size": 4,
+            "max_len": 256,
+            "logging_steps": 1,
+            "save_steps": 100,
+        },
+        "output": {"root": str(root), "name": "quotes"},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return from_dict(TrainingConfig, raw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run, plus the base weights and the LoRA initialisation before it."""
+    cfg = tiny_config(tmp_path_factory.mktemp("runs"))
+    base, _ = load_model(cfg.model)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(cfg.train.seed)  # fit() seeds the same way before attaching LoRA
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
+    init = apply_lora(base, cfg.lora)
+    lora_init = {k: v.clone() for k, v in init.state_dict().items() if "lora_" in k}
+    del base, init
+    result = fit(cfg)
+    return cfg, result, base_state, lora_init
+
+
+def _base_name(peft_name: str) -> str:
+    """PEFT's name of a base tensor -> the plain model's name."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def test_every_lora_tensor_changed_and_no_base_weight_did(trained):
+    _, result, base_state, lora_init = trained
+    state = result.model.state_dict()
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    assert lora.keys() == lora_init.keys() and lora
+    unchanged = [k for k, v in lora.items() if torch.equal(v, lora_init[k])]
+    assert not unchanged, unchanged
+    base = {_base_name(k): v for k, v in state.items() if "lora_" not in k}
+    assert base.keys() == base_state.keys()
+    changed = [k for k, v in base.items() if not torch.equal(v, base_state[k])]
+    assert not changed, changed
+
+
+def test_lora_sits_exactly_on_the_targets(trained):
+    """all-linear = q/k/v/o of every layer (no router, no lm_head); experts only where asked."""
+    cfg, result, _, _ = trained
+    names = [k for k in result.model.state_dict() if "lora_A" in k]
+    layers = range(4)
+    attention = {
+        f"model.layers.{i}.self_attn.{p}" for i in layers for p in ("q_proj", "k_proj", "v_proj")
+    } | {f"model.layers.{i}.self_attn.o_proj" for i in layers}
+    got_attention = {
+        n.removeprefix("base_model.model.").split(".lora_A")[0] for n in names if "self_attn" in n
+    }
+    assert got_attention == attention
+    expert_layers = {int(n.split("layers.")[1].split(".")[0]) for n in names if ".experts." in n}
+    assert expert_layers == set(TARGET_LAYERS)
+    # Two expert parameters (gate_up_proj, down_proj) per targeted layer.
+    assert sum(".experts." in n for n in names) == 2 * len(TARGET_LAYERS)
+    assert not [n for n in names if "router" in n or "lm_head" in n or "embed" in n]
+
+
+def test_expert_lora_gets_nonzero_gradients(trained):
+    _, result, _, _ = trained
+    model = result.model
+    batch = result.data.train[:2]
+    ids = torch.tensor([row[:64] for row in batch["input_ids"]])
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    experts = {n: p for n, p in model.named_parameters() if ".experts." in n and "lora_" in n}
+    assert len(experts) == 4 * len(TARGET_LAYERS)  # A and B of two parameters per layer
+    for name, p in experts.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.zero_grad()
+
+
+def test_run_folder_follows_the_contract(trained):
+    cfg, result, _, _ = trained
+    run = result.run_dir
+    assert run == Path(cfg.output.root) / "quotes"
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "report.json", "report.md"):
+        assert (run / name).is_file(), name
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((run / "report.json").read_text())
+    for key in [
+        "name",
+        "model",
+        "experts",
+        "steps",
+        "epochs",
+        "train_rows",
+        "eval_rows",
+        "train_tokens",
+        "tokens_per_s",
+        "wall_time_s",
+        "train_time_s",
+        "step_time_s_mean",
+        "peak_alloc_gb",
+        "peak_reserved_gb",
+        "peak_rss_gb",
+        "train_loss_first",
+        "train_loss_final",
+        "eval_loss_final",
+        "grad_norm_final",
+        "trainable_params",
+        "total_params",
+        "data",
+        "device",
+    ]:
+        assert key in report, key
+    # 12 train rows, batch 4, one epoch.
+    assert (report["steps"], report["train_rows"], report["eval_rows"]) == (3, 12, 4)
+    # Trained tokens count every non-pad token of every train row exactly once.
+    assert report["train_tokens"] == sum(len(ids) for ids in result.data.train["input_ids"])
+    assert report["trainable_params"] == sum(
+        p.numel() for p in result.model.parameters() if p.requires_grad
+    )
+    assert report["peak_alloc_gb"] is None and report["peak_rss_gb"] > 0.1  # CPU run
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert train_rows[-1]["tokens"] == report["train_tokens"]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train_rows)
+    assert [r for r in rows if "eval_loss" in r][-1]["eval_loss"] == report["eval_loss_final"]
+    assert report["train_loss_final"] == train_rows[-1]["loss"]
+    # The resolved config reads back as the config that ran.
+    from mxlora.config import load_config
+
+    assert load_config(run / "config.yaml") == cfg
+
+
+def test_saved_adapter_reproduces_the_trained_model(trained):
+    from peft import PeftModel
+
+    cfg, result, _, _ = trained
+    adapter = result.run_dir / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(
+        f"{layer}.mlp.experts.{p}" for layer in TARGET_LAYERS for p in ("gate_up_proj", "down_proj")
+    )
+    base, _ = load_model(cfg.model)
+    loaded = PeftModel.from_pretrained(base, adapter).eval()
+    ids = torch.tensor([result.data.eval[0]["input_ids"][:48]])
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=0, atol=0
+        )
+
+
+def test_adapter_is_replaced_in_one_rename(trained, tmp_path):
+    _, result, _, _ = trained
+    dest = tmp_path / "adapter"
+    dest.mkdir()
+    (dest / "stale.txt").write_text("old")
+    save_adapter(result.model, dest)
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp folder left behind
+
+
+def test_nan_loss_stops_naming_step_and_batch(tmp_path):
+    """A checkpoint whose embedding is NaN gives a NaN loss on the very first batch."""
+    folder = make_tiny(tmp_path / "nan-model", TinySpec(layers=2))
+    weights = load_file(folder / "model.safetensors")
+    weights["model.embed_tokens.weight"] = torch.full_like(
+        weights["model.embed_tokens.weight"], float("nan")
+    )
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = tiny_config(
+        tmp_path / "runs", model={"name_or_path": str(folder)}, lora={"experts": {"layers": [1]}}
+    )
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 1, batch 0 "):
+        fit(cfg)
+    assert not (tmp_path / "runs" / "quotes" / "adapter").exists()
+
+
+def test_missing_expert_layer_is_a_config_error(tmp_path):
+    from mxlora.config import ConfigError
+
+    model, _ = load_model(ModelConfig(name_or_path=TINY))
+    with pytest.raises(ConfigError, match=r"lora.experts.layers: layer\(s\) \[7\] do not exist"):
+        apply_lora(model, LoraConfig(experts=ExpertTargets(layers=[1, 7])))
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(TrainingError, match="holds no run"):
+        fit(cfg, resume=True)
+    assert resolve_model_path(TINY)  # the tiny model exists (built by the fixtures above)
