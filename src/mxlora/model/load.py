@@ -139,6 +139,8 @@ def load_model(
         "dtype": dtype,
         "device_map": {"": device},
     }
+    if cfg.experts_implementation is not None:
+        kwargs["experts_implementation"] = cfg.experts_implementation
     if cfg.experts == "dequantize-bf16":
         if _is_mxfp4(config):
             kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
