@@ -1,0 +1,75 @@
+"""Runs mxlora's Triton kernel in Triton's CPU interpreter for tests/test_mxfp4_triton.py.
+
+``python tests/mxfp4_triton_worker.py JOBS.pt RESULTS.pt``. The interpreter must be chosen before
+Triton is imported (``triton.jit`` decides at decoration), and once chosen it holds for the whole
+process: so the tests run it here, in a process of its own, rather than in a pytest worker that
+other tests share. ``JOBS.pt`` holds the inputs (built and checked by the test module); this
+script only computes and saves the kernel's outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.pop("MXLORA_KERNELS", None)
+
+import torch  # noqa: E402
+
+from mxlora.mxfp4.experts import FrozenMxfp4Matmul  # noqa: E402
+from mxlora.mxfp4.kernels import KERNELS_ENV, kernel_available  # noqa: E402
+from mxlora.mxfp4.triton_kernels import INTERPRETED, grouped_mxfp4_matmul_triton  # noqa: E402
+
+
+def matmul(job: dict) -> torch.Tensor:
+    return grouped_mxfp4_matmul_triton(
+        job["x"],
+        job["blocks"],
+        job["scales"],
+        job["counts"],
+        transpose=job["transpose"],
+        config=job["config"],
+    )
+
+
+def autograd(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FrozenMxfp4Matmul`` forward and backward: the dispatch picks the kernel here."""
+    x = job["x"].clone().requires_grad_()
+    y = FrozenMxfp4Matmul.apply(x, job["blocks"], job["scales"], job["counts"])
+    y.backward(job["dy"])
+    return y.detach(), x.grad
+
+
+def layer(job: dict):
+    """The experts layer with LoRA (tests/test_mxfp4_experts.py's pair), forward and backward."""
+    from test_mxfp4_experts import make_pair, run
+
+    _, mine = make_pair(k=job["k"])
+    return run(mine, job["x"], job["indices"], job["weights"], job["grad_out"])
+
+
+def availability() -> dict[str, bool]:
+    cpu = torch.zeros(1)
+    found = {"default": kernel_available(cpu)}
+    for choice in ("reference", "triton"):
+        os.environ[KERNELS_ENV] = choice
+        found[choice] = kernel_available(cpu)
+    del os.environ[KERNELS_ENV]
+    return found
+
+
+def main(jobs_path: str, results_path: str) -> None:
+    jobs = torch.load(jobs_path, weights_only=False)
+    results = {
+        "interpreted": INTERPRETED,
+        "available": availability(),
+        "matmul": {name: matmul(job) for name, job in jobs["matmul"].items()},
+        "autograd": {name: autograd(job) for name, job in jobs["autograd"].items()},
+        "layer": {name: layer(job) for name, job in jobs["layer"].items()},
+    }
+    torch.save(results, results_path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

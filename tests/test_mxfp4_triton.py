@@ -1,0 +1,418 @@
+"""The Triton MXFP4 grouped GEMM against the pure-PyTorch reference, on the CPU.
+
+The kernel runs in Triton's interpreter, in a child process (tests/mxfp4_triton_worker.py): the
+interpreter has to be chosen before Triton is imported and then holds for the whole process, so
+it must not leak into the pytest worker that other tests share. This module builds every input,
+the child computes the kernel's outputs in one go (a module-scoped fixture), and each test
+compares one of them with the reference computed here.
+
+Two limits of the interpreter (Triton 3.9) shape the bf16 checks: its ``tl.dot`` cannot take bf16
+operands (triton#11584), so under the interpreter the kernel upcasts them to fp32 (exact
+products, fp32 sums: the tensor-core arithmetic bar summation order); and its fp32 -> bf16 cast
+truncates where the GPU rounds to nearest even, so bf16 outputs may differ from the reference by
+one bf16 ulp. fp32 runs the kernel's own dot in full fp32 and must match to 1e-5.
+
+What the interpreter cannot show (tensor-core dots, real tiling on sm_90) is covered by compiling
+the kernel for sm_90 here (Triton's own ptxas, no GPU needed) and by
+tests/test_mxfp4_triton_gpu.py on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mxlora.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from mxlora.mxfp4.experts import grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference
+from mxlora.mxfp4.kernels import KERNELS_ENV, kernel_available
+from mxlora.paths import cache_dir
+from test_mxfp4_experts import CASES as LAYER_CASES
+from test_mxfp4_experts import make_pair, routing, run
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("mxfp4_triton_worker.py")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    experts: int
+    n_in: int
+    n_out: int
+    counts: tuple[int, ...]
+    #: Spread of the per-block gains, in powers of two: wide spreads give wide-ranging scales.
+    log2_spread: int = 0
+
+
+# Multiples of 32 (MXFP4 blocks), not of the interpreter's 64-wide tiles; row counts not
+# multiples of its 16-row tiles.
+SHAPES = {
+    "one-token": Shape(3, 64, 96, (0, 1, 0)),
+    "all-to-one-expert": Shape(4, 96, 64, (0, 0, 37, 0)),
+    "idle-expert-E5": Shape(5, 160, 96, (7, 0, 19, 1, 16)),
+    "one-expert-E1": Shape(1, 96, 160, (33,)),
+    "wide-scales": Shape(2, 64, 96, (17, 20), log2_spread=40),
+    "no-rows": Shape(2, 64, 64, (0, 0)),
+}
+AUTOGRAD_SHAPES = ("one-token", "idle-expert-E5")
+# Every GPU tile config on one shape that is smaller than, and not a multiple of, each tile.
+CONFIG_SHAPE = Shape(3, 96, 320, (130, 0, 77))
+
+
+def weights(shape: Shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape.experts, shape.n_out, shape.n_in, generator=gen)
+    groups = (shape.experts, shape.n_out, shape.n_in // 32, 1)
+    gain = torch.randint(-shape.log2_spread, shape.log2_spread + 1, groups, generator=gen)
+    return quantize_mxfp4((w.view(*groups[:-1], 32) * torch.exp2(gain.float())).view(w.shape))
+
+
+def activations(rows: int, width: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def matmul_job(shape: Shape, dtype, transpose: bool, seed: int, config=None) -> dict:
+    blocks, scales = weights(shape, seed)
+    width = shape.n_out if transpose else shape.n_in
+    x = activations(sum(shape.counts), width, dtype, seed + 1)
+    return dict(x=x, blocks=blocks, scales=scales, counts=shape.counts, transpose=transpose,
+                config=config)  # fmt: skip
+
+
+def identity_jobs() -> dict[str, dict]:
+    """x = I per expert, so the kernel's output is its dequantized weight itself (exactly).
+
+    Every code, and every finite scale byte small enough that 6 * 2**(s - 127) is finite in fp32
+    (s <= 252), byte 0 (the subnormal 2**-127) included.
+    """
+    gen = torch.Generator().manual_seed(7)
+    n_experts, n_out, n_in = 2, 96, 64
+    blocks = torch.randint(0, 256, (n_experts, n_out, n_in // 32, 16), generator=gen)
+    scales = torch.randint(0, 253, (n_experts, n_out, n_in // 32), generator=gen)
+    scales.view(-1)[:253] = torch.arange(253)
+    blocks, scales = blocks.to(torch.uint8), scales.to(torch.uint8)
+    jobs = {}
+    for name, dtype in DTYPES.items():
+        for transpose, width in ((False, n_in), (True, n_out)):
+            x = torch.eye(width, dtype=dtype).repeat(n_experts, 1)
+            jobs[f"identity-{name}-{direction(transpose)}"] = dict(
+                x=x, blocks=blocks, scales=scales, counts=(width,) * n_experts,
+                transpose=transpose, config=None,
+            )  # fmt: skip
+    return jobs
+
+
+def direction(transpose: bool) -> str:
+    return "transpose" if transpose else "forward"
+
+
+def build_jobs() -> dict[str, dict]:
+    matmul = {}
+    for i, (name, shape) in enumerate(SHAPES.items()):
+        for dname, dtype in DTYPES.items():
+            for transpose in (False, True):
+                job = matmul_job(shape, dtype, transpose, seed=10 * i)
+                matmul[f"{name}-{dname}-{direction(transpose)}"] = job
+    # x a column slice of a wider tensor: a row stride that is not the row width.
+    for transpose in (False, True):
+        job = matmul_job(SHAPES["idle-expert-E5"], torch.float32, transpose, seed=3)
+        wide = torch.zeros(job["x"].shape[0], job["x"].shape[1] + 32)
+        wide[:, 16 : 16 + job["x"].shape[1]] = job["x"]
+        job["x"] = wide[:, 16 : 16 + job["x"].shape[1]]
+        matmul[f"strided-x-fp32-{direction(transpose)}"] = job
+    for i, config, dname in gpu_configs():
+        for transpose in (False, True):
+            job = matmul_job(CONFIG_SHAPE, DTYPES[dname], transpose, seed=100 + i, config=config)
+            matmul[f"config{i}-{dname}-{direction(transpose)}"] = job
+    matmul.update(identity_jobs())
+
+    autograd = {}
+    for name in AUTOGRAD_SHAPES:
+        shape = SHAPES[name]
+        for dname, dtype in DTYPES.items():
+            blocks, scales = weights(shape, seed=5)
+            rows = sum(shape.counts)
+            autograd[f"{name}-{dname}"] = dict(
+                x=activations(rows, shape.n_in, dtype, 6),
+                dy=activations(rows, shape.n_out, dtype, 8),
+                blocks=blocks, scales=scales, counts=shape.counts,
+            )  # fmt: skip
+
+    layer = {}
+    for name, spec in LAYER_CASES.items():
+        x, indices, weights_ = routing(spec["tokens"], spec["k"], spec.get("indices"))
+        grad_out = activations(spec["tokens"], x.shape[1], torch.float32, 2)
+        layer[name] = dict(k=spec["k"], x=x, indices=indices, weights=weights_, grad_out=grad_out)
+    return {"matmul": matmul, "autograd": autograd, "layer": layer}
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """``(jobs, results)``: the inputs, and the kernel's outputs from the interpreter."""
+    jobs = build_jobs()
+    folder = tmp_path_factory.mktemp("triton")
+    torch.save(jobs, folder / "jobs.pt")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", KERNELS_ENV)}
+    done = subprocess.run(
+        [sys.executable, str(WORKER), str(folder / "jobs.pt"), str(folder / "results.pt")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    return jobs, torch.load(folder / "results.pt", weights_only=False)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32 to 1e-5; bf16 to one bf16 ulp (the interpreter truncates where the GPU rounds)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    rtol = 1e-5 if expected.dtype == torch.float32 else 2.0**-7
+    # Elements that cancel to near zero: fp32 summation order, relative to the largest output.
+    atol = 1e-6 * expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def test_worker_ran_the_interpreter(interpreted):
+    _, results = interpreted
+    assert results["interpreted"]
+    # Under the interpreter CPU tensors take the kernel unless the override says otherwise.
+    assert results["available"] == {"default": True, "reference": False, "triton": True}
+
+
+def _matmul_names(prefix: str = "") -> list[str]:
+    names = [f"{s}-{d}-{direction(t)}" for s in SHAPES for d in DTYPES for t in (False, True)]
+    return [n for n in names if n.startswith(prefix)]
+
+
+@pytest.mark.parametrize("name", _matmul_names())
+def test_kernel_matches_reference(interpreted, name):
+    jobs, results = interpreted
+    job = jobs["matmul"][name]
+    expected = grouped_mxfp4_matmul_reference(
+        job["x"], job["blocks"], job["scales"], job["counts"], transpose=job["transpose"]
+    )
+    assert_matches(results["matmul"][name], expected)
+    if expected.numel():
+        assert results["matmul"][name].abs().max() > 0  # not an empty result passing by default
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=direction)
+def test_strided_rows(interpreted, transpose):
+    jobs, results = interpreted
+    name = f"strided-x-fp32-{direction(transpose)}"
+    job = jobs["matmul"][name]
+    assert not job["x"].is_contiguous()
+    expected = grouped_mxfp4_matmul_reference(
+        job["x"].contiguous(), job["blocks"], job["scales"], job["counts"], transpose=transpose
+    )
+    assert_matches(results["matmul"][name], expected)
+
+
+def gpu_configs() -> list:
+    """Each autotuning candidate (bf16) and the fp32 config, as ``(index, config, dtype)``."""
+    from mxlora.mxfp4.triton_kernels import CONFIGS, FP32_CONFIG
+
+    return [(i, c, "bf16") for i, c in enumerate(CONFIGS)] + [(len(CONFIGS), FP32_CONFIG, "fp32")]
+
+
+@pytest.mark.parametrize("index", [i for i, _, _ in gpu_configs()])
+@pytest.mark.parametrize("transpose", [False, True], ids=direction)
+def test_every_gpu_config(interpreted, index, transpose):
+    """Each GPU tile config computes the same, with masks on every edge of the shape."""
+    jobs, results = interpreted
+    name = f"config{index}-{gpu_configs()[index][2]}-{direction(transpose)}"
+    job = jobs["matmul"][name]
+    expected = grouped_mxfp4_matmul_reference(
+        job["x"], job["blocks"], job["scales"], job["counts"], transpose=transpose
+    )
+    assert_matches(results["matmul"][name], expected)
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("transpose", [False, True], ids=direction)
+def test_dequantization_is_exact(interpreted, dname, transpose):
+    """Every e2m1 code and e8m0 scale byte decodes bit for bit as the reference decodes it."""
+    jobs, results = interpreted
+    name = f"identity-{dname}-{direction(transpose)}"
+    job = jobs["matmul"][name]
+    w = dequantize_mxfp4(job["blocks"], job["scales"], DTYPES[dname])  # [E, out, in]
+    expected = (w if transpose else w.transpose(-1, -2)).flatten(0, 1)
+    got = results["matmul"][name]
+    assert got.dtype == DTYPES[dname]
+    if dname == "bf16":
+        # The interpreter's fp32 -> bf16 cast flushes bf16 subnormals (|w| < 2**-126, scale
+        # bytes 0 and 1) to zero; the GPU keeps them (tests/test_mxfp4_triton_gpu.py).
+        normal = (expected.abs() >= 2.0**-126) | (expected == 0)
+        assert normal.float().mean() > 0.99
+        got, expected = got[normal], expected[normal]
+    assert torch.equal(got, expected)
+    assert (expected == 0).float().mean() < 0.2  # the scales span the range, not all underflow
+
+
+@pytest.mark.parametrize("name", [f"{s}-{d}" for s in AUTOGRAD_SHAPES for d in DTYPES])
+def test_frozen_matmul_autograd(interpreted, name, monkeypatch):
+    """Through FrozenMxfp4Matmul: the dispatch took the kernel in forward and backward."""
+    monkeypatch.setenv(KERNELS_ENV, "reference")
+    jobs, results = interpreted
+    job = jobs["autograd"][name]
+    y_ref = grouped_mxfp4_matmul_reference(
+        job["x"], job["blocks"], job["scales"], job["counts"], transpose=False
+    )
+    dx_ref = grouped_mxfp4_matmul_reference(
+        job["dy"], job["blocks"], job["scales"], job["counts"], transpose=True
+    )
+    y, dx = results["autograd"][name]
+    assert_matches(y, y_ref)
+    assert_matches(dx, dx_ref)
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_experts_layer_with_lora(interpreted, case, monkeypatch):
+    """The whole MXFP4 experts layer with LoRA: output, dx, routing-weight and LoRA gradients."""
+    monkeypatch.setenv(KERNELS_ENV, "reference")
+    jobs, results = interpreted
+    job = jobs["layer"][case]
+    _, mine = make_pair(k=job["k"])
+    expected = run(mine, job["x"], job["indices"], job["weights"], job["grad_out"])
+    y, dx, dw, grads = results["layer"][case]
+    y_ref, dx_ref, dw_ref, grads_ref = expected
+    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), *(
+        (grads[n], grads_ref[n]) for n in grads_ref
+    )):  # fmt: skip
+        assert_matches(got, want)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 4
+
+
+# --- capability detection, in this (non-interpreted) process --------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    return monkeypatch
+
+
+def test_cpu_takes_the_reference_outside_the_interpreter(clean_env):
+    x = torch.zeros(2, 64)
+    assert not kernel_available(x)
+    clean_env.setenv(KERNELS_ENV, "reference")
+    assert not kernel_available(x)
+    clean_env.setenv(KERNELS_ENV, "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernel_available(x)
+    clean_env.setenv(KERNELS_ENV, "cuda")
+    with pytest.raises(ValueError, match="reference"):
+        kernel_available(x)
+
+
+def test_dispatch_follows_kernel_available(clean_env):
+    """grouped_mxfp4_matmul is the reference here, and asks kernel_available (forced: error)."""
+    shape = SHAPES["idle-expert-E5"]
+    job = matmul_job(shape, torch.float32, False, seed=1)
+    args = (job["x"], job["blocks"], job["scales"], job["counts"])
+    expected = grouped_mxfp4_matmul_reference(*args, transpose=False)
+    assert torch.equal(grouped_mxfp4_matmul(*args, transpose=False), expected)
+    clean_env.setenv(KERNELS_ENV, "triton")
+    with pytest.raises(RuntimeError, match="MXLORA_KERNELS=triton"):
+        grouped_mxfp4_matmul(*args, transpose=False)
+
+
+@pytest.mark.parametrize(
+    ("capability", "hip", "choice", "expected"),
+    [
+        ((9, 0), None, "", True),
+        ((8, 0), None, "", True),
+        ((7, 5), None, "", False),
+        ((7, 5), None, "triton", True),
+        ((9, 4), "6.4", "", False),
+        ((9, 4), "6.4", "triton", True),
+        ((9, 0), None, "reference", False),
+    ],
+)
+def test_cuda_capability_detection(clean_env, capability, hip, choice, expected):
+    """CUDA >= 8.0 takes the kernel, older GPUs and ROCm the reference, unless overridden."""
+    clean_env.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    clean_env.setattr(torch.version, "hip", hip)
+    clean_env.setenv(KERNELS_ENV, choice)
+    # Only the device is read: a stand-in avoids needing a GPU.
+    assert kernel_available(SimpleNamespace(device=torch.device("cuda", 0))) is expected
+
+
+# --- real compilation for the H100, without a GPU ---------------------------------------------
+
+#: gpt-oss-20b: hidden = intermediate = 2880; gate_up_proj is [2 * 2880, 2880], down_proj
+#: [2880, 2880]; 8k tokens x top-4 rows.
+GPT_OSS_20B = {"gate_up": (5760, 2880), "down": (2880, 2880)}
+
+
+def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int):
+    """Compile the kernel for sm_90 as a launch at these shapes would (alignment included)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mxlora.mxfp4.triton_kernels import _grouped_mxfp4_kernel as kernel
+
+    red, cols = (n_out, n_in) if transpose else (n_in, n_out)
+    ints = dict(
+        n_rows=32771, n_experts=32, RED=red, COLS=cols, stride_xm=red, stride_ym=cols,
+        stride_be=n_out * n_in // 2, stride_bo=n_in // 2,
+        stride_se=n_out * n_in // 32, stride_so=n_in // 32,
+    )  # fmt: skip
+    signature = {"x_ptr": f"*{dtype}", "b_ptr": "*u8", "s_ptr": "*u8", "y_ptr": f"*{dtype}"}
+    signature |= {"counts_ptr": "*i32"} | dict.fromkeys(ints, "i32")
+    # What Triton's launcher specializes: 16-byte aligned pointers, integers divisible by 16.
+    aligned = [n for n in signature if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    constexprs = dict(
+        TRANSPOSE=transpose, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+        DOT_IN_FP32=False, BLOCK_E=32, **config.kwargs(),
+    )  # fmt: skip
+    signature |= dict.fromkeys(constexprs, "constexpr")
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def stack_bytes(cubin: bytes, tmp_path: Path) -> int:
+    """Per-thread stack frame (register spills) of a cubin, from cuobjdump's resource usage."""
+    from triton import knobs
+
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    usage = subprocess.run(
+        [knobs.nvidia.cuobjdump.path, "-res-usage", str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return int(usage.split("STACK:")[1].split()[0])
+
+
+def sm90_cases() -> list:
+    return [
+        pytest.param(config, dtype, transpose, id=f"config{i}-{dtype}-{direction(transpose)}")
+        for i, config, dtype in gpu_configs()
+        for transpose in (False, True)
+    ]
+
+
+@pytest.mark.parametrize(("config", "dtype", "transpose"), sm90_cases())
+def test_compiles_for_h100(config, dtype, transpose, tmp_path, monkeypatch):
+    """Every config compiles to an sm_90 cubin: wgmma for bf16, pipelined loads, no spills."""
+    from mxlora.mxfp4.triton_kernels import INTERPRETED
+
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set in this process: nothing to compile")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir("triton")))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said out loud
+    for n_out, n_in in GPT_OSS_20B.values():
+        compiled = compile_sm90(config, dtype, transpose, n_out, n_in)
+        ttgir = compiled.asm["ttgir"]
+        assert "ttg.async_copy_global_to_local" in ttgir  # loads software-pipelined
+        assert ("ttng.warp_group_dot" in ttgir) == (dtype == "bf16")  # wgmma for bf16
+        assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
