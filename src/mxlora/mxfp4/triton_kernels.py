@@ -75,15 +75,17 @@ class KernelConfig:
 #: Autotuning candidates for bf16/fp16 on the GPU. The first is the default for gpt-oss-20b
 #: shapes on an H100 (hidden = intermediate = 2880 = 45 * 64, about 1k rows per expert at 8k
 #: tokens x top-4 over 32 experts): 128 x 128 output tiles with a 64-deep reduction step, the
-#: usual Hopper bf16 GEMM tile, and 2880 needs no reduction mask at BLOCK_K = 64. The others trade
-#: tile size for more programs (few rows per expert) or a deeper reduction step. All compile for
-#: sm_90 to wgmma with pipelined loads and no register spills (tests/test_mxfp4_triton.py).
+#: usual Hopper bf16 GEMM tile, and 2880 needs no reduction mask at BLOCK_K = 64. A weight tile is
+#: dequantized once per row tile, so taller tiles (256 rows) halve that work per flop; smaller
+#: ones give more programs when experts have few rows. All compile for sm_90 to wgmma with
+#: pipelined loads and no register spills (tests/test_mxfp4_triton.py).
 CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    KernelConfig(256, 128, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
     KernelConfig(64, 128, 64, num_warps=8, num_stages=4),
     KernelConfig(128, 64, 64, num_warps=4, num_stages=4),
     KernelConfig(64, 64, 64, num_warps=4, num_stages=4),
-    KernelConfig(128, 128, 128, num_warps=8, num_stages=3),
 )
 
 #: fp32 inputs (tests, exact checks): the dot runs on CUDA cores in full fp32, whose operands
@@ -95,16 +97,22 @@ FP32_CONFIG = KernelConfig(64, 64, 32, num_warps=8, num_stages=2)
 INTERPRETER_CONFIG = KernelConfig(16, 64, 64)
 
 
+#: 2**126, as exact fp32: scales :func:`_e2m1_bits` up to the e2m1 values.
+_E2M1_BITS_SCALE = tl.constexpr(2.0**126)
+
+
 @triton.jit
-def _e2m1_to_fp32(code):
-    """4-bit e2m1 codes (OCP MX v1.0 section 5.3.3, :data:`FP4_VALUES`) to their fp32 values."""
-    c = code.to(tl.int32)
-    em = c & 7
-    # Codes 2..7 are normal: exponent field em >> 1 (bias 1), mantissa bit em & 1; built as fp32
-    # bits (bias 127). Codes 0 and 1 are 0 and the subnormal 0.5.
-    normal = (((em >> 1) + 126) << 23) | ((em & 1) << 22)
-    magnitude = tl.where(em >= 2, normal.to(tl.float32, bitcast=True), em.to(tl.float32) * 0.5)
-    return tl.where((c & 8) != 0, -magnitude, magnitude)
+def _e2m1_bits(code_bits, SHIFT: tl.constexpr):
+    """The e2m1 codes in bits ``SHIFT .. SHIFT + 3`` of ``code_bits`` (uint32) as fp32, / 2**126.
+
+    The code's sign bit goes to the fp32 sign and its 2 exponent bits and 1 mantissa bit to the
+    fp32 bits 24..22 (the low exponent bits and the top mantissa bit). The fp32 number is then
+    the e2m1 value (OCP MX v1.0 section 5.3.3) times 2**-126 exactly, the exponent-0 codes (0
+    and 0.5) landing on fp32 subnormals: 4 integer operations a value instead of a table.
+    """
+    sign = (code_bits << (28 - SHIFT)) & 0x80000000
+    magnitude = (code_bits << (22 - SHIFT)) & 0x01C00000
+    return (sign | magnitude).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -151,10 +159,12 @@ def _dequantize_tile(
     scale = tl.reshape(
         tl.broadcast_to(scale[:, :, None], (O_WIDTH, K_WIDTH // 32, 16)), (O_WIDTH, K_WIDTH // 2)
     )
-    # Exact in fp32 and in DTYPE: an e2m1 value has at most 2 significant bits and the scale is a
-    # power of two, so this equals the reference's ldexp in DTYPE (bar overflow to inf).
-    low = (_e2m1_to_fp32(packed & 0x0F) * scale).to(DTYPE)
-    high = (_e2m1_to_fp32(packed >> 4) * scale).to(DTYPE)
+    # Exact in fp32 and in DTYPE: an e2m1 value has at most 2 significant bits and both factors
+    # are powers of two, so this equals the reference's ldexp in DTYPE (bar overflow to inf).
+    # Two products, not one by 2**(scale - 1): that would overflow fp32 for scale bytes > 128.
+    packed = packed.to(tl.uint32)
+    low = (_e2m1_bits(packed, 0) * _E2M1_BITS_SCALE * scale).to(DTYPE)
+    high = (_e2m1_bits(packed, 4) * _E2M1_BITS_SCALE * scale).to(DTYPE)
     # Element 2i is the low nibble of byte i, 2i + 1 the high one: interleave along ``in``.
     return tl.reshape(tl.join(low, high), (O_WIDTH, K_WIDTH))
 
