@@ -33,7 +33,8 @@ def environment(device: torch.device) -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    env: dict[str, Any] = {"versions": versions, "device": device_name(device)}
+    # The pid shows which process trained (``mxlora run`` gives each run its own).
+    env: dict[str, Any] = {"versions": versions, "device": device_name(device), "pid": os.getpid()}
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["driver"] = _nvidia_driver()
