@@ -225,3 +225,28 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(TrainingError, match="holds no run"):
         fit(cfg, resume=True)
     assert resolve_model_path(TINY)  # the tiny model exists (built by the fixtures above)
+
+
+def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
+    """An OOM inside a step ends with one message naming what lowers memory, with values."""
+    from mxlora.recipes.train import GuardedSFTTrainer
+
+    def step_out_of_memory(self, model, inputs, num_items_in_batch=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GuardedSFTTrainer, "training_step", step_out_of_memory)
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(TrainingError) as info:
+        fit(cfg)
+    message = str(info.value)
+    assert message.startswith("out of memory while step 1 (cpu)")
+    for knob in (
+        "train.batch_size (now 4",
+        "train.grad_accum, now 1",
+        "train.max_len (now 256)",
+        "lora.target_modules, now ['all-linear']",
+        "lora.experts.layers, now [1, 3]",
+        "model.experts, now 'dequantize-bf16'",
+    ):
+        assert knob in message, knob
+    assert not (tmp_path / "quotes" / "adapter").exists()

@@ -124,7 +124,17 @@ def load_model(
         device: where the weights go (default: :func:`default_device`).
 
     Returns:
-        ``(model, tokenizer)``; the model is in eval mode with ``requires_grad`` untouched.
+        ``(model, tokenizer)``; see :func:`load_weights` and :func:`load_tokenizer`.
+
+    Raises:
+        ModelLoadError: unreadable, missing or non-gpt-oss checkpoint.
+        ConfigError: a malformed ``tiny:...`` spec.
+    """
+    return load_weights(cfg, device), load_tokenizer(cfg)
+
+
+def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
+    """Load the model alone (experts held as ``cfg.experts`` says), in eval mode.
 
     Raises:
         ModelLoadError: unreadable, missing or non-gpt-oss checkpoint.
@@ -147,12 +157,11 @@ def load_model(
         else:
             log.info("model %s: experts are not MXFP4, loading them as stored", path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             raise
         raise ModelLoadError(f"model {path}: cannot load ({_first_line(e)})") from None
-    return model, load_tokenizer(cfg)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,8 @@ from mxlora.data import PreparedData, prepare_data
 from mxlora.model.load import (
     ModelLoadError,
     default_device,
-    load_model,
     load_tokenizer,
+    load_weights,
     resolve_dtype,
 )
 from mxlora.model.lora import apply_lora, count_parameters
@@ -120,7 +121,7 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
 
     # Model: the LoRA initialisation draws from the global RNG, hence the seed first.
     try:
-        model, tokenizer = load_model(cfg.model, device)
+        model = load_weights(cfg.model, device)
     except torch.OutOfMemoryError:
         raise TrainingError(oom_message(cfg, device, "loading the model")) from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
@@ -235,6 +236,7 @@ def sft_config(
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not show_bar,
+        dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
     )
 
@@ -242,9 +244,14 @@ def sft_config(
 class GuardedSFTTrainer(SFTTrainer):
     """SFTTrainer that stops at the first non-finite loss, naming the step and batch."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._micro_step = 0  # optimizer step (1-based) of the last micro-batch seen
+        self._micro_index = 0  # its index within that step's gradient accumulation
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
-        if getattr(self, "_micro_step", None) != step:
+        if self._micro_step != step:
             self._micro_step, self._micro_index = step, 0
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
@@ -391,10 +398,27 @@ def oom_message(cfg: TrainingConfig, device: torch.device, when: str) -> str:
 # Command line.
 
 
+def quiet_libraries(progress_bars: bool) -> None:
+    """Keep the log readable: library warnings only, no per-map progress bars in plain logs.
+
+    transformers 5.2x deprecates ``gradient_checkpointing`` for ``activation_checkpointing``,
+    which 5.17 (the GPU machine's) does not know yet; we keep the old name and its warning quiet.
+    """
+    import datasets
+
+    transformers.logging.set_verbosity_warning()
+    warnings.filterwarnings(
+        "ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning
+    )
+    if not progress_bars:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """``mxlora train CONFIG [key=value ...] [--resume]``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    transformers.logging.set_verbosity_warning()
+    quiet_libraries(progress_bars=sys.stderr.isatty())
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = train(cfg, resume=args.resume)
