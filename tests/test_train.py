@@ -250,3 +250,17 @@ def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
     ):
         assert knob in message, knob
     assert not (tmp_path / "quotes" / "adapter").exists()
+
+
+def test_seed_lora_on_gpt_oss_20b_has_the_notebooks_parameter_count():
+    """The seed's adapter on the real 20b shape (meta device): the cookbook's printed
+    ``trainable params: 15,040,512 || all params: 20,929,797,696``."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from mxlora.model.configs import gpt_oss_20b_config
+    from mxlora.model.lora import count_parameters
+
+    raw = {k: v for k, v in gpt_oss_20b_config().items() if k != "quantization_config"}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(GptOssConfig(**raw))
+    assert count_parameters(apply_lora(model, LoraConfig())) == (15_040_512, 20_929_797_696)
