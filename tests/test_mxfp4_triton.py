@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from filelock import FileLock
 
 from mxlora.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from mxlora.mxfp4.experts import grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference
@@ -153,19 +154,42 @@ def build_jobs() -> dict[str, dict]:
     return {"matmul": matmul, "autograd": autograd, "layer": layer}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def interpreted(tmp_path_factory):
-    """``(jobs, results)``: the inputs, and the kernel's outputs from the interpreter."""
-    jobs = build_jobs()
-    folder = tmp_path_factory.mktemp("triton")
-    torch.save(jobs, folder / "jobs.pt")
+    """``(jobs, results)``: the inputs, and the kernel's outputs from the interpreter.
+
+    The child takes half a minute: it runs once per test session. Kept in this module rather
+    than by fixture scope (xdist may tear module fixtures down between batches), and shared
+    between xdist workers through their common temp folder, under a lock.
+    """
+    if not _INTERPRETED:
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            shared = tmp_path_factory.getbasetemp().parent / "mxfp4_triton"
+            shared.mkdir(exist_ok=True)
+            with FileLock(shared / "lock"):
+                if not (shared / "results.pt").is_file():
+                    _run_worker(shared)
+        else:
+            shared = tmp_path_factory.mktemp("mxfp4_triton")
+            _run_worker(shared)
+        jobs = torch.load(shared / "jobs.pt", weights_only=False)
+        _INTERPRETED.append((jobs, torch.load(shared / "results.pt", weights_only=False)))
+    return _INTERPRETED[0]
+
+
+_INTERPRETED: list[tuple[dict, dict]] = []
+
+
+def _run_worker(folder: Path) -> None:
+    """Build the jobs and have the child compute the kernel's outputs, both saved in ``folder``."""
+    torch.save(build_jobs(), folder / "jobs.pt")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", KERNELS_ENV)}
     done = subprocess.run(
-        [sys.executable, str(WORKER), str(folder / "jobs.pt"), str(folder / "results.pt")],
+        [sys.executable, str(WORKER), str(folder / "jobs.pt"), str(folder / "results.tmp")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]
-    return jobs, torch.load(folder / "results.pt", weights_only=False)
+    os.replace(folder / "results.tmp", folder / "results.pt")
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
