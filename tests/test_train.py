@@ -264,3 +264,45 @@ def test_seed_lora_on_gpt_oss_20b_has_the_notebooks_parameter_count():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(GptOssConfig(**raw))
     assert count_parameters(apply_lora(model, LoraConfig())) == (15_040_512, 20_929_797_696)
+
+
+def test_sft_config_carries_the_seed_hyperparameters(tmp_path):
+    from mxlora.recipes.train import sft_config
+
+    cfg = tiny_config(tmp_path, train={"lr": 2e-4, "max_len": 2048, "logging_steps": 10})
+    # fp32: transformers refuses bf16=True on a machine without bf16 support (this CPU).
+    args = sft_config(cfg, tmp_path / "run", torch.float32, has_eval=True, show_bar=False)
+    assert args.learning_rate == 2e-4 and args.num_train_epochs == 1.0
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 1)
+    assert args.max_length == 2048 and args.logging_steps == 10
+    # transformers 5: warmup_steps below 1 is a ratio, the seed's warmup_ratio=0.03.
+    assert args.get_warmup_steps(200) == 6
+    assert args.lr_scheduler_type == "cosine_with_min_lr"
+    assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {
+        "use_reentrant": False
+    }
+    assert not args.bf16 and not args.fp16 and args.eval_strategy == "epoch"
+    assert args.completion_only_loss and args.include_num_input_tokens_seen == "non_padding"
+    no_eval_rows = sft_config(cfg, tmp_path / "run", torch.float32, has_eval=False, show_bar=False)
+    assert no_eval_rows.eval_strategy == "no"
+    constant = tiny_config(tmp_path, train={"scheduler": "constant", "eval": "no"})
+    args = sft_config(constant, tmp_path / "run", torch.float32, has_eval=True, show_bar=False)
+    assert args.lr_scheduler_kwargs == {} and args.eval_strategy == "no"
+
+
+def test_rank_pattern_sets_per_target_ranks():
+    model, _ = load_model(ModelConfig(name_or_path=TINY))
+    cfg = LoraConfig(
+        r=8,
+        experts=ExpertTargets(layers=[1]),
+        rank_pattern={"q_proj": 4, "1.mlp.experts.down_proj": 2},
+    )
+    shapes = {k: tuple(v.shape) for k, v in apply_lora(model, cfg).state_dict().items()}
+    experts = model.config.num_local_experts
+    assert shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"][0] == 4
+    assert shapes["base_model.model.model.layers.0.self_attn.k_proj.lora_A.default.weight"][0] == 8
+    # PEFT's expert LoRA stacks one rank-r factor per expert: A is (r * experts, in).
+    down = "base_model.model.model.layers.1.mlp.experts.lora_A.default.weight"
+    gate_up = "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.default.weight"
+    assert shapes[down][0] == 2 * experts and shapes[gate_up][0] == 8 * experts
