@@ -128,6 +128,13 @@ def build_jobs() -> dict[str, dict]:
         wide[:, 16 : 16 + job["x"].shape[1]] = job["x"]
         job["x"] = wide[:, 16 : 16 + job["x"].shape[1]]
         matmul[f"strided-x-fp32-{direction(transpose)}"] = job
+    # fp16 (the kernel's third input dtype) and counts given as a tensor (no host sync on GPU).
+    for transpose in (False, True):
+        job = matmul_job(SHAPES["idle-expert-E5"], torch.float16, transpose, seed=4)
+        matmul[f"idle-expert-E5-fp16-{direction(transpose)}"] = job
+        job = matmul_job(SHAPES["idle-expert-E5"], torch.bfloat16, transpose, seed=4)
+        job["counts"] = torch.tensor(job["counts"])
+        matmul[f"counts-tensor-bf16-{direction(transpose)}"] = job
     for i, config, dname in gpu_configs():
         for transpose in (False, True):
             job = matmul_job(CONFIG_SHAPE, DTYPES[dname], transpose, seed=100 + i, config=config)
@@ -192,10 +199,15 @@ def _run_worker(folder: Path) -> None:
     os.replace(folder / "results.tmp", folder / "results.pt")
 
 
+#: Relative tolerance per output dtype: fp32 tight; bf16 one ulp (the interpreter truncates where
+#: the GPU rounds to nearest); fp16 one ulp (2**-10 relative, rounded as the reference does).
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp32 to 1e-5; bf16 to one bf16 ulp (the interpreter truncates where the GPU rounds)."""
+    """Equal to the reference up to :data:`RTOL` and fp32 summation order."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    rtol = 1e-5 if expected.dtype == torch.float32 else 2.0**-7
+    rtol = RTOL[expected.dtype]
     # Elements that cancel to near zero: fp32 summation order, relative to the largest output.
     atol = 1e-6 * expected.abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
@@ -223,6 +235,18 @@ def test_kernel_matches_reference(interpreted, name):
     assert_matches(results["matmul"][name], expected)
     if expected.numel():
         assert results["matmul"][name].abs().max() > 0  # not an empty result passing by default
+
+
+@pytest.mark.parametrize("name", ["idle-expert-E5-fp16", "counts-tensor-bf16"])
+@pytest.mark.parametrize("transpose", [False, True], ids=direction)
+def test_fp16_and_counts_tensor(interpreted, name, transpose):
+    jobs, results = interpreted
+    job = jobs["matmul"][f"{name}-{direction(transpose)}"]
+    counts = tuple(int(n) for n in job["counts"])
+    expected = grouped_mxfp4_matmul_reference(
+        job["x"], job["blocks"], job["scales"], counts, transpose=transpose
+    )
+    assert_matches(results["matmul"][f"{name}-{direction(transpose)}"], expected)
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=direction)

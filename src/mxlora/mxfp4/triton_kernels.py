@@ -396,6 +396,8 @@ def _check(
         )
     if blocks.stride(-1) != 1 or blocks.stride(-2) != blocks.shape[-1] or scales.stride(-1) != 1:
         raise ValueError("blocks need contiguous last two dimensions, scales a contiguous last one")
+    if blocks.device != x.device or scales.device != x.device:
+        raise ValueError(f"x on {x.device}, blocks on {blocks.device}, scales on {scales.device}")
     if x.ndim != 2 or x.shape[1] != red:
         raise ValueError(f"x {tuple(x.shape)}: expected [rows, {red}]")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
