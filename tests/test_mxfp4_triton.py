@@ -3,7 +3,7 @@
 The kernel runs in Triton's interpreter, in a child process (tests/mxfp4_triton_worker.py): the
 interpreter has to be chosen before Triton is imported and then holds for the whole process, so
 it must not leak into the pytest worker that other tests share. This module builds every input,
-the child computes the kernel's outputs in one go (a module-scoped fixture), and each test
+the child computes the kernel's outputs in one go (once a session), and each test
 compares one of them with the reference computed here.
 
 Two limits of the interpreter (Triton 3.9) shape the bf16 checks: its ``tl.dot`` cannot take bf16
@@ -220,12 +220,9 @@ def test_worker_ran_the_interpreter(interpreted):
     assert results["available"] == {"default": True, "reference": False, "triton": True}
 
 
-def _matmul_names(prefix: str = "") -> list[str]:
-    names = [f"{s}-{d}-{direction(t)}" for s in SHAPES for d in DTYPES for t in (False, True)]
-    return [n for n in names if n.startswith(prefix)]
-
-
-@pytest.mark.parametrize("name", _matmul_names())
+@pytest.mark.parametrize(
+    "name", [f"{s}-{d}-{direction(t)}" for s in SHAPES for d in DTYPES for t in (False, True)]
+)
 def test_kernel_matches_reference(interpreted, name):
     jobs, results = interpreted
     job = jobs["matmul"][name]
