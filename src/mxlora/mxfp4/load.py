@@ -99,7 +99,7 @@ def load_mxfp4_model(
     for name, module in list(model.named_modules()):
         if isinstance(module, GptOssRotaryEmbedding):
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, type(module)(config).to(device))
+            setattr(model.get_submodule(parent_name), child, type(module)(model.config).to(device))
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise ValueError(f"{path}: tensors left unset: {on_meta[:8]}")
