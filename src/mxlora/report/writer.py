@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,22 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _nvidia_driver() -> str | None:
+    """The driver version from /proc/driver/nvidia/version.
+
+    Its first line varies ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04 ..." or
+    "... Open Kernel Module for x86_64  580.159.04 ..."), so take the first dotted version number.
+    """
     try:
-        return Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
-    except (OSError, IndexError):
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
         return None
+    return parse_nvidia_driver(text)
+
+
+def parse_nvidia_driver(text: str) -> str | None:
+    """First ``N.N[.N]`` version number on the first line of /proc/driver/nvidia/version."""
+    match = re.search(r"\b(\d+\.\d+(?:\.\d+)?)\b", text.splitlines()[0] if text else "")
+    return match.group(1) if match else None
 
 
 def write_json(path: Path, data: Any) -> None:
