@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from mxlora.model.tiny import ensure_tiny
 from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
 from mxlora.mxfp4.load import load_mxfp4_adapter, load_mxfp4_model
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 201088
 # Layer 0: attention LoRA only (below every adapted expert); 1: both projections; 2: gate_up
 # only; 3: down only, with its own rank through rank_pattern.
@@ -436,6 +438,57 @@ def test_loading_dequantizes_nothing(tiny):
         (hidden, inter),
         (inter, hidden),
     }
+
+
+def test_mxlora_train_in_mxfp4_mode_trains_the_seed_modes_adapter(tmp_path):
+    """``mxlora train configs/tiny/quotes.yaml model.experts=mxfp4`` against the same command in
+    the seed's mode: same losses, same adapter, and its files load with ``PeftModel`` on the
+    dequantized model with the logits of the mxfp4 model."""
+    from mxlora.cli import main
+    from mxlora.model.load import resolve_model_path
+
+    tiny_spec = "tiny:layers=4,intermediate=96"
+    for mode in ("dequantize-bf16", "mxfp4"):
+        code = main(
+            [
+                "train",
+                str(ROOT / "configs" / "tiny" / "quotes.yaml"),
+                f"model.experts={mode}",
+                f"model.name_or_path={tiny_spec}",
+                "lora.experts.layers=[1,3]",
+                "data.select=12",
+                "train.max_steps=2",
+                "train.batch_size=2",
+                "train.logging_steps=1",
+                "train.eval=no",
+                f"output.root={tmp_path}",
+                f"output.name={mode}",
+            ]
+        )
+        assert code == 0
+    seed_dir, mx_dir = tmp_path / "dequantize-bf16", tmp_path / "mxfp4"
+    assert json.loads((mx_dir / "report.json").read_text())["experts"] == "mxfp4"
+
+    def losses(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    assert len(losses(mx_dir)) == 2
+    assert losses(mx_dir) == pytest.approx(losses(seed_dir), rel=1e-5)
+    a = load_file(mx_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(seed_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(".experts." in k for k in a)
+    for key in a:
+        assert rel(a[key], b[key]) < 1e-4, key
+
+    path = resolve_model_path(tiny_spec)
+    ids = tokens(2, 8)
+    seed = PeftModel.from_pretrained(seed_model(path), mx_dir / "adapter")
+    mx = load_mxfp4_adapter(load_mxfp4_model(path, dtype=torch.float32), mx_dir / "adapter")
+    with torch.no_grad():
+        logits = seed(input_ids=ids).logits
+        assert rel(mx(input_ids=ids).logits, logits) < TOL
+        assert rel(seed_model(path)(input_ids=ids).logits, logits) > 1e-4  # it did train
 
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child would

@@ -37,7 +37,9 @@ class ConfigError(ValueError):
 
 # How the MXFP4 experts of a checkpoint are held in memory during training.
 # "dequantize-bf16" is the seed's `Mxfp4Config(dequantize=True)`: every expert expanded to bf16.
-ExpertsMode = Literal["dequantize-bf16"]
+# "mxfp4": the experts stay packed as shipped (uint8 blocks + e8m0 scales) and LoRA trains on
+# them with exact gradients (mxlora.mxfp4.experts); no float copy of an expert weight is made.
+ExpertsMode = Literal["dequantize-bf16", "mxfp4"]
 # "auto": bf16 where the device supports it (the seed's choice), float32 elsewhere (CPU).
 DtypeName = Literal["auto", "bfloat16", "float32"]
 Scheduler = Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"]

@@ -4,6 +4,8 @@ The expert holding mode decides how the MXFP4 expert weights land in memory:
 
 - ``dequantize-bf16``: the seed notebook's path, ``Mxfp4Config(dequantize=True)``: transformers
   expands every expert to the model dtype while loading (41.8 GB of experts for gpt-oss-20b).
+- ``mxfp4``: the experts stay packed (:func:`mxlora.mxfp4.load.load_mxfp4_model`), 4.25 bits a
+  weight; LoRA on them goes through :func:`mxlora.model.lora.apply_lora` as usual.
 
 Everything that can go wrong with the path (missing folder, not cached offline, not a gpt-oss
 checkpoint, broken files) raises :class:`ModelLoadError` with a one-line message, which the CLI
@@ -144,6 +146,8 @@ def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> 
     path = resolve_model_path(cfg.name_or_path)
     config = _read_config(path)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.experts == "mxfp4":
+        return _load_mxfp4(cfg, path, config, dtype, device)
     kwargs: dict[str, Any] = {
         "attn_implementation": cfg.attn_implementation,
         "dtype": dtype,
@@ -161,6 +165,27 @@ def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> 
     except (OSError, ValueError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             raise
+        raise ModelLoadError(f"model {path}: cannot load ({_first_line(e)})") from None
+
+
+def _load_mxfp4(
+    cfg: ModelConfig, path: str, config: Any, dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
+    """``experts: mxfp4``: our own loader; transformers' experts backend does not apply."""
+    from mxlora.mxfp4.load import load_mxfp4_model
+
+    if not _is_mxfp4(config):
+        raise ModelLoadError(
+            f"model {path}: experts: mxfp4 needs a checkpoint with MXFP4 experts; this one "
+            "stores them unquantized (use experts: dequantize-bf16)"
+        )
+    if cfg.experts_implementation is not None:
+        log.info("model.experts_implementation is ignored with experts: mxfp4")
+    try:
+        return load_mxfp4_model(
+            path, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation
+        )
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"model {path}: cannot load ({_first_line(e)})") from None
 
 

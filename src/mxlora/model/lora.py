@@ -65,6 +65,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> peft.PeftModel:
     The LoRA initialisation draws from torch's global RNG: seed it first for reproducibility.
     """
     check_targets(model, cfg)
+    # Imported here: the mxfp4 module pulls in PEFT internals only this mode needs.
+    from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
+
+    if any(isinstance(m, Mxfp4Experts) for m in model.modules()):
+        # experts: mxfp4. Same PEFT config, names, shapes and saved files as the seed path.
+        return get_mxfp4_peft_model(model, peft_config(cfg))
     return peft.get_peft_model(model, peft_config(cfg))
 
 
