@@ -113,7 +113,10 @@ def test_overrides_are_parsed_by_field_type(tmp_path):
         ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
         ("train.lrr=1", "train.lrr: unknown field"),
         ("trian.lr=1", "trian: unknown field"),
-        ("model.experts=nf4", "model.experts: expected one of 'dequantize-bf16', got 'nf4'"),
+        (
+            "model.experts=nf4",
+            "model.experts: expected one of 'dequantize-bf16', 'mxfp4', got 'nf4'",
+        ),
         ("model.dtype=fp8", "model.dtype: expected one of"),
         ("lora.experts.layers=7,x", "lora.experts.layers[1]: expected int, got 'x'"),
         ("lora.experts.projections=up_proj", "lora.experts.projections[0]: expected one of"),
