@@ -1,7 +1,8 @@
 """``mxlora bench``: the whole flow on a tiny checkpoint built by make-random, on the CPU.
 
-One bench run, with two variants that compute the same function (transformers' default experts
-implementation and the per-expert loop) on a random-token and a real-data workload, checked
+One bench run, with three variants that compute the same function (transformers' default experts
+implementation, the per-expert loop, and the MXFP4 experts mode) on a random-token and a real-data
+workload, checked
 against itself and against what its figures must be. It is one test, not a module fixture shared
 by several: under pytest 9 + xdist 3.8 ``xdist_group`` no longer keeps a module on one worker,
 so a shared fixture would run the bench once per worker.
@@ -72,7 +73,8 @@ def check_every_variant_and_workload_measured(bench_run):
     code, result, tmp = bench_run
     assert code == 0
     rows = rows_by(result)
-    assert set(rows) == {(v, w) for v in ("seed", "seed-eager-experts") for w in ("1x24", "quotes")}
+    variants = ("seed", "seed-eager-experts", "mxfp4")
+    assert set(rows) == {(v, w) for v in variants for w in ("1x24", "quotes")}
     for row in rows.values():
         assert "error" not in row, row
         assert row["steps"] == 1 and row["warmup_steps"] == 0
@@ -83,6 +85,7 @@ def check_every_variant_and_workload_measured(bench_run):
         assert row["attn_implementation"] == "eager"
     assert {rows[("seed", "quotes")]["experts_implementation"]} == {"grouped_mm"}
     assert rows[("seed-eager-experts", "quotes")]["experts_implementation"] == "eager"
+    assert rows[("mxfp4", "quotes")]["experts_implementation"] == "mxfp4-reference"
     # Random tokens: every token trained, no padding.
     fixed = rows[("seed", "1x24")]
     assert fixed["tokens_per_step"] == fixed["padded_tokens_per_step"] == 24
@@ -93,17 +96,16 @@ def check_every_variant_and_workload_measured(bench_run):
 
 
 def check_variants_train_the_same_model(bench_run):
-    """grouped_mm / default experts and the per-expert loop: same data, same init, same loss."""
+    """grouped_mm / default experts, the per-expert loop and the MXFP4 experts: same data, same
+    init, same loss."""
     _, result, _ = bench_run
     rows = rows_by(result)
     for workload in ("1x24", "quotes"):
-        seed = rows[("seed", workload)]["train_loss"]
-        eager = rows[("seed-eager-experts", workload)]["train_loss"]
-        assert eager == pytest.approx(seed, rel=1e-4)
-        assert (
-            rows[("seed", workload)]["tokens_per_step"]
-            == rows[("seed-eager-experts", workload)]["tokens_per_step"]
-        )
+        seed = rows[("seed", workload)]
+        for variant in ("seed-eager-experts", "mxfp4"):
+            other = rows[(variant, workload)]
+            assert other["train_loss"] == pytest.approx(seed["train_loss"], rel=1e-4), variant
+            assert other["tokens_per_step"] == seed["tokens_per_step"]
 
 
 def check_derived_figures(bench_run):
@@ -131,9 +133,9 @@ def check_derived_figures(bench_run):
 
 def test_shipped_configs_load():
     tiny = load_bench_config(TINY)
-    assert [v.name for v in tiny.variants] == ["seed", "seed-eager-experts"]
+    assert [v.name for v in tiny.variants] == ["seed", "seed-eager-experts", "mxfp4"]
     big = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-20b.yaml", ["steps=1"])
-    assert [v.name for v in big.variants] == ["seed", "hf-best", "seed-eager-experts"]
+    assert [v.name for v in big.variants] == ["seed", "hf-best", "seed-eager-experts", "mxfp4"]
     assert [w.name for w in big.workloads] == ["4x512", "4x1024", "4x2048", "quotes", "gsm8k"]
     assert big.make_random == "20b" and big.steps == 1
 

@@ -435,6 +435,11 @@ def variant_job(bench: BenchConfig, variant: Variant) -> dict[str, Any]:
         "attn_implementation": model.config._attn_implementation,
         "experts_implementation": model.config._experts_implementation,
     }
+    if cfg.model.experts == "mxfp4":  # our experts layer replaced transformers': name its path
+        from mxlora.mxfp4.kernels import kernel_available
+
+        uses_kernel = kernel_available(torch.empty(0, device=device))
+        backends["experts_implementation"] = f"mxfp4-{'triton' if uses_kernel else 'reference'}"
     print(f"bench: {variant.name}: loaded in {load_s:.1f} s; {backends}", flush=True)
     model.config.use_cache = False  # as mxlora train: the KV cache is useless in training
     set_seed(cfg.train.seed)
