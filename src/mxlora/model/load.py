@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
 
 from mxlora.config import ConfigError, DtypeName, ModelConfig, from_dict
+from mxlora.mxfp4.load import is_mxfp4, load_mxfp4_model
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,6 @@ def _read_config(path: str):
     return config
 
 
-def _is_mxfp4(config) -> bool:
-    quant = getattr(config, "quantization_config", None) or {}
-    method = quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method
-    return str(method) == "mxfp4" or getattr(method, "value", None) == "mxfp4"
-
-
 def load_model(
     cfg: ModelConfig, device: torch.device | str | None = None
 ) -> tuple[torch.nn.Module, Any]:
@@ -156,7 +151,7 @@ def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> 
     if cfg.experts_implementation is not None:
         kwargs["experts_implementation"] = cfg.experts_implementation
     if cfg.experts == "dequantize-bf16":
-        if _is_mxfp4(config):
+        if is_mxfp4(config):
             kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
         else:
             log.info("model %s: experts are not MXFP4, loading them as stored", path)
@@ -172,9 +167,7 @@ def _load_mxfp4(
     cfg: ModelConfig, path: str, config: Any, dtype: torch.dtype, device: torch.device
 ) -> torch.nn.Module:
     """``experts: mxfp4``: our own loader; transformers' experts backend does not apply."""
-    from mxlora.mxfp4.load import load_mxfp4_model
-
-    if not _is_mxfp4(config):
+    if not is_mxfp4(config):
         raise ModelLoadError(
             f"model {path}: experts: mxfp4 needs a checkpoint with MXFP4 experts; this one "
             "stores them unquantized (use experts: dequantize-bf16)"

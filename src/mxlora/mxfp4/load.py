@@ -26,7 +26,13 @@ from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssRotaryEmbedding
 
 from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
@@ -67,7 +73,7 @@ def load_mxfp4_model(
     path = local_checkpoint(name_or_path)
     device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
-    if config.model_type != "gpt_oss" or not _is_mxfp4(config):
+    if config.model_type != "gpt_oss" or not is_mxfp4(config):
         raise ValueError(f"{path}: not a gpt-oss checkpoint with MXFP4 experts")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
@@ -78,7 +84,7 @@ def load_mxfp4_model(
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, _empty_mxfp4_experts(module, dtype))
 
-    expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
+    expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()
     for name, tensor in _checkpoint_tensors(path):
         target = expected.get(name)
@@ -137,7 +143,12 @@ def local_checkpoint(name_or_path: str | Path) -> Path:
         ) from None
 
 
-def _is_mxfp4(config) -> bool:
+def is_mxfp4(config: PretrainedConfig) -> bool:
+    """Whether a checkpoint's config declares MXFP4 experts (``quantization_config``).
+
+    Read from ``config.json`` the block is a dict; transformers may have turned it into an
+    ``Mxfp4Config`` whose ``quant_method`` is an enum.
+    """
     quant = getattr(config, "quantization_config", None) or {}
     method = quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method
     return str(getattr(method, "value", method)) == "mxfp4"
