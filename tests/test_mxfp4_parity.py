@@ -259,8 +259,13 @@ def test_optimizer_step_leaves_the_frozen_weights_alone(tiny):
 
 
 def test_load_refuses_a_bf16_checkpoint():
+    from mxlora.config import ModelConfig
+    from mxlora.model.load import ModelLoadError, load_weights
+
     with pytest.raises(ValueError, match="MXFP4"):
         load_mxfp4_model(ensure_tiny(mxfp4=False))
+    with pytest.raises(ModelLoadError, match="experts: mxfp4 needs a checkpoint with MXFP4"):
+        load_weights(ModelConfig(name_or_path="tiny:mxfp4=false", experts="mxfp4"), "cpu")
 
 
 def test_bf16_gradients_agree_with_the_seed_path_in_bf16(tiny):
