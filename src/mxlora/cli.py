@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="run config YAML (e.g. configs/tiny/seed.yaml)")
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides, e.g. chat.prompt=Hi"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="run config overrides, e.g. chat.prompt=Hi",
     )
 
     data = sub.add_parser(
