@@ -135,7 +135,13 @@ def test_shipped_configs_load():
     tiny = load_bench_config(TINY)
     assert [v.name for v in tiny.variants] == ["seed", "seed-eager-experts", "mxfp4"]
     big = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-20b.yaml", ["steps=1"])
-    assert [v.name for v in big.variants] == ["seed", "hf-best", "seed-eager-experts", "mxfp4"]
+    assert [v.name for v in big.variants] == [
+        "seed",
+        "hf-best",
+        "seed-eager-experts",
+        "mxfp4",
+        "mxfp4-flex",
+    ]
     assert [w.name for w in big.workloads] == ["4x512", "4x1024", "4x2048", "quotes", "gsm8k"]
     assert big.make_random == "20b" and big.steps == 1
 

@@ -115,7 +115,7 @@ def test_overrides_are_parsed_by_field_type(tmp_path):
         ("trian.lr=1", "trian: unknown field"),
         (
             "model.experts=nf4",
-            "model.experts: expected one of 'dequantize-bf16', 'mxfp4', got 'nf4'",
+            "model.experts: expected one of 'auto', 'dequantize-bf16', 'mxfp4', got 'nf4'",
         ),
         ("model.dtype=fp8", "model.dtype: expected one of"),
         ("lora.experts.layers=7,x", "lora.experts.layers[1]: expected int, got 'x'"),

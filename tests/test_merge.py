@@ -50,7 +50,11 @@ def merged(tmp_path_factory):
     """Base (MXFP4 tiny, dequantized to fp32), a PEFT adapter saved from it, and the merge."""
     root = tmp_path_factory.mktemp("merge")
     base_dir = str(ensure_tiny())
-    base, tokenizer = load_model(ModelConfig(name_or_path=base_dir, dtype="float32"), "cpu")
+    base, tokenizer = load_model(
+        # The adapter is built with plain PEFT target_parameters: the seed's dequantized model.
+        ModelConfig(name_or_path=base_dir, dtype="float32", experts="dequantize-bf16"),
+        "cpu",
+    )
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
     base_logits = _logits(base, ids)
     base_experts = {

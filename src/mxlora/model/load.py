@@ -141,7 +141,8 @@ def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> 
     path = resolve_model_path(cfg.name_or_path)
     config = _read_config(path)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.experts == "mxfp4":
+    experts = resolve_experts(cfg.experts, config)
+    if experts == "mxfp4":
         return _load_mxfp4(cfg, path, config, dtype, device)
     kwargs: dict[str, Any] = {
         "attn_implementation": cfg.attn_implementation,
@@ -150,7 +151,7 @@ def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> 
     }
     if cfg.experts_implementation is not None:
         kwargs["experts_implementation"] = cfg.experts_implementation
-    if cfg.experts == "dequantize-bf16":
+    if experts == "dequantize-bf16":
         if is_mxfp4(config):
             kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
         else:
@@ -161,6 +162,14 @@ def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> 
         if isinstance(e, torch.OutOfMemoryError):
             raise
         raise ModelLoadError(f"model {path}: cannot load ({_first_line(e)})") from None
+
+
+def resolve_experts(mode: str, config: Any) -> str:
+    """``auto`` -> ``mxfp4`` for a checkpoint with MXFP4 experts, else ``dequantize-bf16``
+    (which loads unquantized experts as stored); explicit modes pass through."""
+    if mode != "auto":
+        return mode
+    return "mxfp4" if is_mxfp4(config) else "dequantize-bf16"
 
 
 def _load_mxfp4(

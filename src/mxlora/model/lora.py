@@ -11,6 +11,8 @@ parameters, reached only through ``target_parameters``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import peft
 import torch
 
@@ -72,6 +74,21 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> peft.PeftModel:
         # experts: mxfp4. Same PEFT config, names, shapes and saved files as the seed path.
         return get_mxfp4_peft_model(model, peft_config(cfg))
     return peft.get_peft_model(model, peft_config(cfg))
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> peft.PeftModel:
+    """Load a saved PEFT adapter onto ``model`` for inference, whichever way its experts are held.
+
+    The counterpart of :func:`apply_lora`: MXFP4-expert models (``experts: mxfp4``) go through
+    :func:`mxlora.mxfp4.load.load_mxfp4_adapter`, others through ``PeftModel.from_pretrained``;
+    the adapter files are the same either way.
+    """
+    from mxlora.mxfp4.experts import Mxfp4Experts
+    from mxlora.mxfp4.load import load_mxfp4_adapter
+
+    if any(isinstance(m, Mxfp4Experts) for m in model.modules()):
+        return load_mxfp4_adapter(model, adapter_dir)
+    return peft.PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

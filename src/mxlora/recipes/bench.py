@@ -435,7 +435,10 @@ def variant_job(bench: BenchConfig, variant: Variant) -> dict[str, Any]:
         "attn_implementation": model.config._attn_implementation,
         "experts_implementation": model.config._experts_implementation,
     }
-    if cfg.model.experts == "mxfp4":  # our experts layer replaced transformers': name its path
+    from mxlora.mxfp4.experts import Mxfp4Experts
+
+    if any(isinstance(m, Mxfp4Experts) for m in model.modules()):
+        # experts: mxfp4 (explicit or auto): our layer replaced transformers': name its path.
         from mxlora.mxfp4.kernels import kernel_available
 
         uses_kernel = kernel_available(torch.empty(0, device=device))

@@ -183,7 +183,11 @@ class ChatModel:
     ):
         if adapter is not None:
             check_adapter_dir(adapter)  # fail before the (long) model load
-        self.model, self.tokenizer = load_model(ModelConfig(name_or_path=model), device)
+        self.model, self.tokenizer = load_model(
+            # Inference on the dequantized model, where PEFT applies any adapter as usual.
+            ModelConfig(name_or_path=model, experts="dequantize-bf16"),
+            device,
+        )
         if adapter is not None:
             self.model = attach_adapter(self.model, adapter)
         self.model.eval()

@@ -110,8 +110,9 @@ def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike[str]):
     in_model = set(get_peft_model_state_dict(peft_model).keys())
     unused, missing = sorted(in_file - in_model), sorted(in_model - in_file)
     if unused or missing:
-        what = f"{len(unused)} adapter tensor(s) have no place in the model (e.g. {unused[0]})"
-        if not unused:
+        if unused:
+            what = f"{len(unused)} adapter tensor(s) have no place in the model (e.g. {unused[0]})"
+        else:
             what = f"{len(missing)} LoRA tensor(s) of the model are not in the adapter"
         raise MergeError(f"adapter {adapter} does not fit this model: {what}")
     return peft_model
@@ -187,7 +188,11 @@ def merge(
             f"adapter {adapter} is already merged into {base} (same weights, see {MERGE_INFO}); "
             "merging it again would apply it twice"
         )
-    model, tokenizer = load_model(ModelConfig(name_or_path=base, dtype=dtype), device)
+    model, tokenizer = load_model(
+        # Merging folds ΔW into dense weights: the seed's dequantized model.
+        ModelConfig(name_or_path=base, dtype=dtype, experts="dequantize-bf16"),
+        device,
+    )
     merged = attach_adapter(model, adapter_dir).merge_and_unload()
     _strip_quantization(merged)
     out.parent.mkdir(parents=True, exist_ok=True)
