@@ -135,7 +135,11 @@ def chat(cfg: RunConfig, model: Path) -> dict[str, Any]:
         reply = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         raise RunError(f"chat: expected one JSON line, got {stdout[-500:]!r}") from None
-    print(f"analysis: {reply.get('analysis')!r}\nfinal:    {reply.get('final')!r}", flush=True)
+    if reply.get("valid"):
+        print(f"analysis: {reply.get('analysis')!r}\nfinal:    {reply.get('final')!r}", flush=True)
+    else:  # e.g. a tiny random model: say so instead of printing two empty channels
+        print(f"not a complete Harmony answer ({reply.get('reason')}); raw reply:", flush=True)
+        print(f"  {reply.get('raw')!r}", flush=True)
     return {"prompt": c.prompt, "reasoning_language": c.reasoning_language, **reply}
 
 
