@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mxlora.report.plots import loss_axes, save_loss_figure
+
 MD_NAME = "comparison.md"
 PNG_NAME = "comparison.png"
 JSON_NAME = "comparison.json"
@@ -185,13 +187,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
 
 def plot_loss_curves(runs: Sequence[Run], out_png: Path) -> Path:
     """Overlay every run's train loss (solid) and eval loss (dashed) against step in one PNG."""
-    # The object API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = loss_axes(8, 5)
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
         if run.train_loss:
@@ -202,15 +198,7 @@ def plot_loss_curves(runs: Sequence[Run], out_png: Path) -> Path:
             ax.plot(
                 steps, losses, color=color, linestyle="--", marker="o", label=f"{run.label} eval"
             )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss curves")
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    return out_png
+    return save_loss_figure(fig, ax, "Loss curves", out_png)
 
 
 def _json_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:

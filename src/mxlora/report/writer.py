@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mxlora.report.metrics import read_metrics
+from mxlora.report.plots import loss_axes, save_loss_figure
 
 # Packages whose versions decide a run's numbers.
 VERSIONED = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "mxlora")
@@ -137,26 +138,12 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> None:
 
 def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path:
     """Train loss (line) and eval loss (dots) against step."""
-    # The object API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows = read_metrics(metrics_path)
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = loss_axes(7, 4.5)
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if train:
         ax.plot(*zip(*train, strict=True), label="train")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o--", label="eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    return out_png
+    return save_loss_figure(fig, ax, title, out_png)
