@@ -104,6 +104,20 @@ def test_make_tiny_and_make_random_refuse_an_existing_output(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_run_refuses_an_existing_output(tmp_path, capsys):
+    out = tmp_path / "seed"
+    before = user_folder(out)
+    config = tmp_path / "seed.yaml"
+    quotes = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "quotes.yaml"
+    config.write_text(
+        f"runs: [{{config: {quotes}}}]\nmerge: {{run: quotes}}\n"
+        f"output: {{root: {tmp_path}, name: seed}}\n"
+    )
+    assert main(["run", str(config)]) == 1
+    assert "seed already exists; pass --overwrite" in capsys.readouterr().err
+    assert tree_digest(out) == before
+
+
 def test_options_and_overrides_parse_in_any_order():
     parser = build_parser()
     args = parser.parse_args(["train", "c.yaml", "a=1", "--overwrite", "b=2"])

@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="run config overrides, e.g. chat.prompt=Hi",
     )
+    _overwrite(p, "output folder")
 
     data = sub.add_parser(
         "data",

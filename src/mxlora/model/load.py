@@ -27,6 +27,26 @@ from mxlora.mxfp4.load import is_mxfp4, load_mxfp4_model
 
 log = logging.getLogger(__name__)
 
+
+class _DropNotice(logging.Filter):
+    """Drop log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# transformers' MXFP4 quantizer announces on every CPU load that it "will dequantize the model to
+# bf16", also when the caller asked for exactly that (Mxfp4Config(dequantize=True), our
+# `dequantize-bf16` mode and `mxlora merge`); MXFP4 kept packed goes through our own loader, never
+# through that quantizer. So the notice never tells an mxlora user anything.
+logging.getLogger("transformers.quantizers.quantizer_mxfp4").addFilter(
+    _DropNotice("MXFP4 inference on CPU requires use_kernels")
+)
+
 # ``model.name_or_path`` values starting with this word name the locally built tiny gpt-oss.
 TINY = "tiny"
 # Layers of ``tiny`` when the spec does not say: the demo's model, deep enough for the seed's

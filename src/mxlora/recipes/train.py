@@ -103,14 +103,17 @@ class TrainingInterrupted(Exception):
         exit_code: what the command exits with (130 SIGINT, 143 SIGTERM).
     """
 
-    def __init__(self, signum: int, run_dir: Path, state: TrainerState):
-        checkpoints = complete_checkpoints(run_dir / "checkpoints")
-        saved = f"saved {checkpoints[-1]}" if checkpoints else "no checkpoint saved"
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} at step {state.global_step} of "
-            f"{state.max_steps}; {saved}; resume with: "
-            f"mxlora train --resume {shlex.quote(str(run_dir.resolve()))}"
-        )
+    def __init__(self, signum: int, folder: RunFolder, state: TrainerState):
+        where = f"stopped by {signal.Signals(signum).name} at step {state.global_step}"
+        checkpoints = complete_checkpoints(folder.dest / "checkpoints") if folder.kept else []
+        if checkpoints:
+            message = (
+                f"{where} of {state.max_steps}; saved {checkpoints[-1]}; resume with: "
+                f"mxlora train --resume {shlex.quote(str(folder.dest.resolve()))}"
+            )
+        else:  # a second signal before the first checkpoint was complete
+            message = f"{where}, before a complete checkpoint; nothing was saved"
+        super().__init__(message)
         self.signum = signum
         self.exit_code = exit_code(signum)
 
@@ -217,6 +220,8 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
         try:
             with stops.stoppable():
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Interrupted as e:  # a second signal: stop at once, mid-step
+            raise TrainingInterrupted(e.signum, folder, trainer.state) from None
         except torch.OutOfMemoryError:
             raise TrainingError(
                 oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
@@ -229,7 +234,7 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
             raise
         state = trainer.state
         if stops.requested and state.global_step < state.max_steps:
-            raise TrainingInterrupted(stops.signum or signal.SIGINT, folder.dest, state)
+            raise TrainingInterrupted(stops.signum or signal.SIGINT, folder, state)
 
         # Save.
         save_adapter(trainer.model, run_dir / "adapter")
@@ -507,6 +512,11 @@ class RunFolder:
         self.staged = staged
         self.checkpoint = checkpoint
         self.path = staged.path if staged else dest
+
+    @property
+    def kept(self) -> bool:
+        """The run folder holds this run (resumed, or published)."""
+        return self.staged is None or self.staged.published
 
     def publish(self) -> None:
         if self.staged is not None:
