@@ -85,6 +85,14 @@ COMPLETE_MARKER = "mxlora-complete"
 TOTALS_FILE = "mxlora-totals.json"
 # Resumable checkpoints kept (the newest complete ones); older ones are deleted.
 KEEP_CHECKPOINTS = 2
+# transformers 5.2x renamed the trainer's gradient_checkpointing(_kwargs) to
+# activation_checkpointing(_kwargs) and warns on every run given the old name; 5.17 (the GPU
+# machine's) knows only the old one. Passing the name this version has keeps both quiet.
+CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+    else "gradient_checkpointing"
+)
 
 
 class TrainingError(RuntimeError):
@@ -344,8 +352,10 @@ def sft_config(
         lr_scheduler_kwargs=(
             {"min_lr_rate": t.min_lr_rate} if t.scheduler == "cosine_with_min_lr" else {}
         ),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **{
+            CHECKPOINTING: t.gradient_checkpointing,
+            f"{CHECKPOINTING}_kwargs": {"use_reentrant": False},
+        },
         bf16=dtype == torch.bfloat16,
         fp16=False,
         logging_steps=t.logging_steps,
@@ -658,8 +668,9 @@ def oom_message(cfg: TrainingConfig, device: torch.device, when: str) -> str:
 def quiet_libraries(progress_bars: bool) -> None:
     """Keep the log readable: library warnings only, no per-map progress bars in plain logs.
 
-    transformers 5.2x deprecates ``gradient_checkpointing`` for ``activation_checkpointing``,
-    which 5.17 (the GPU machine's) does not know yet; we keep the old name and its warning quiet.
+    transformers 5.2x deprecates the model's ``is_gradient_checkpointing`` for
+    ``is_activation_checkpointing``; PEFT and TRL still read the old name (not our code, so it
+    cannot be fixed where it is called), hence the filter.
     """
     import datasets
 
