@@ -20,7 +20,7 @@ $(BIN)/mxlora: pyproject.toml
 setup: $(BIN)/mxlora
 
 demo: setup
-	$(BIN)/mxlora run configs/tiny/seed.yaml
+	$(BIN)/mxlora run configs/tiny/seed.yaml --overwrite
 
 # Two xdist workers on the 2-core machine, one BLAS/OpenMP thread each: oversubscribed threads made
 # tiny CPU training steps ~20x slower. --dist loadfile keeps a module (and its module-scoped tiny

@@ -183,7 +183,8 @@ def test_run_config_checks_its_runs(tmp_path):
 
 def test_tiny_model_spec():
     assert parse_tiny("openai/gpt-oss-20b") is None
-    assert parse_tiny("tiny") == {}
+    assert parse_tiny("tiny") == {"layers": 24}  # the demo's model: the seed's layers exist
+    assert parse_tiny("tiny:hidden=96") == {"hidden": 96, "layers": 24}
     assert parse_tiny("tiny:layers=24, hidden=96,mxfp4=false") == {
         "layers": 24,
         "hidden": 96,

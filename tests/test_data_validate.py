@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mxlora.data import DataConfig, prepare_data
+from mxlora.data.prepare import describe_data
 from mxlora.data.validate import REASONS, DropLog
 
 MAX_LEN = 256
@@ -145,6 +146,35 @@ def test_empty_data_set_is_an_error_saying_why(tmp_path, tokenizer):
     message = str(info.value)
     assert "no train rows left" in message and "all 3 selected rows were dropped" in message
     assert "missing_field 1 (row 1)" in message and "too_long 1 (row 3)" in message
+
+
+def test_wrong_columns_name_the_expected_fields_and_the_columns_found(tmp_path, tokenizer):
+    rows = [json.dumps({"text": f"t{i}", "label": i}) for i in range(4)]
+    path = _write(tmp_path / "other.jsonl", rows)
+    with pytest.raises(ValueError) as info:
+        _prepare(path, tokenizer)
+    message = str(info.value)
+    assert "missing_field 4 (rows 1, 2, 3, 4)" in message
+    assert (
+        "The 'quotes' adapter (data.adapter) reads the field(s) author, quote, tags; the rows "
+        "have the columns text, label." in message
+    )
+    with pytest.raises(ValueError, match=r"reads the field\(s\) question, answer; the rows "):
+        _prepare(path, tokenizer, adapter="fields", on_bad_row="error")
+
+
+def test_console_summary_names_every_drop_with_row_numbers(tmp_path, tokenizer):
+    path = _write(tmp_path / "planted.jsonl", [line for line, _ in QUOTE_LINES.values()])
+    data = _prepare(path, tokenizer)
+    expected, good = _expected(QUOTE_LINES)
+    line = describe_data(data.report)
+    dropped = sum(e["count"] for e in expected.values())
+    assert f"{len(good) + dropped} rows read" in line
+    assert f"train {len(good)} of {len(good) + dropped} kept" in line
+    assert f"dropped {dropped}: " in line
+    for reason, entry in expected.items():
+        rows = ", ".join(map(str, entry["rows"]))
+        assert f"{reason} {entry['count']} (row{'s' if entry['count'] > 1 else ''} {rows})" in line
 
 
 def test_truncate_cuts_long_rows_only_when_asked(tmp_path, tokenizer):

@@ -116,7 +116,7 @@ def test_merged_folder_is_a_plain_honest_checkpoint(merged):
 def test_merging_twice_is_refused(merged, capsys):
     root, adapter = merged["root"], merged["root"] / "adapter"
     # Same output again.
-    with pytest.raises(MergeError, match="already exists; merge never overwrites"):
+    with pytest.raises(MergeError, match="already exists; pass --overwrite"):
         merge(merged["base"], adapter, merged["out"], dtype="float32", device="cpu")
     # The same adapter into its own merge result: it would be added twice.
     with pytest.raises(MergeError, match="already merged into"):

@@ -12,6 +12,34 @@ import sys
 from collections.abc import Sequence
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options and positionals (``key=value`` overrides) parse in any order, as users expect.
+
+    A subcommand's own parser uses argparse's intermixed parsing, so ``mxlora train CONFIG
+    train.lr=1e-4 --overwrite data.select=8`` works; parsers with subcommands of their own
+    (which intermixed parsing does not support) parse as usual.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls back in here
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an existing {what}; the old one is kept until the new one is complete",
+    )
+
+
 def _add(sub: argparse._SubParsersAction, name: str, target: str, help: str, description: str):
     p = sub.add_parser(name, help=help, description=description)
     p.set_defaults(_target=target)
@@ -19,7 +47,7 @@ def _add(sub: argparse._SubParsersAction, name: str, target: str, help: str, des
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mxlora",
         description="LoRA fine-tuning for gpt-oss (20b/120b) with MXFP4 experts. "
         "Takes Hugging Face Hub ids or local folders/files.",
@@ -47,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the real tensor names, MXFP4 *_blocks/*_scales experts with --mxfp4, "
         "generation_config.json and the real tokenizer). Deterministic from --seed.",
     )
-    p.add_argument("out", help="output folder")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("out", help="output folder (must not exist yet, unless --overwrite)")
+    _overwrite(p, "output folder")
+    p.add_argument(
+        "--layers", type=int, default=24, help="decoder layers (default 24, the demo's model)"
+    )
     p.add_argument("--experts", type=int, default=4, help="local experts per layer (default 4)")
     p.add_argument("--experts-per-token", type=int, default=2, help="router top-k (default 2)")
     p.add_argument(
@@ -104,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", required=True, help="base model: Hub id, folder or tiny[:key=value]")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder (a run's adapter/)")
-    p.add_argument("--out", required=True, help="output folder (must not exist yet)")
+    p.add_argument(
+        "--out", required=True, help="output folder (must not exist yet, unless --overwrite)"
+    )
+    _overwrite(p, "--out folder")
     p.add_argument(
         "--dtype",
         choices=("auto", "bfloat16", "float32"),
@@ -166,17 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
         "hyperparameters unless the config says otherwise. Writes the run folder "
         "<output.root>/<output.name>: config.yaml (resolved), environment.json, metrics.jsonl, "
         "checkpoints/, adapter/ (PEFT format), report.json, report.md and loss.png. "
-        "Overrides key=value win over the YAML, e.g. `train.lr=1e-4 data.select=200`.",
+        "Overrides key=value win over the YAML, e.g. `train.lr=1e-4 data.select=200`. An existing "
+        "run folder of the same name is refused unless --overwrite. Ctrl-C (or SIGTERM) saves "
+        "a checkpoint and prints the command that resumes it.",
     )
-    p.add_argument("config", help="training config YAML (e.g. configs/tiny/quotes.yaml)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="training config YAML (e.g. configs/tiny/quotes.yaml); not with --resume",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4"
     )
     p.add_argument(
         "--resume",
-        action="store_true",
-        help="continue the run folder's newest complete checkpoint (same config and overrides)",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR from its newest complete checkpoint, with the config "
+        "it was started with (saved in RUN_DIR/config.yaml); KEY=VALUE may change only what "
+        "does not change the math (e.g. train.logging_steps, train.save_steps). A finished "
+        "run is left as it is.",
     )
+    _overwrite(p, "run folder of the same name")
 
     p = _add(
         sub,
@@ -197,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="run config overrides, e.g. chat.prompt=Hi",
     )
+    _overwrite(p, "output folder")
 
     data = sub.add_parser(
         "data",
@@ -248,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         "it. Generated on --device one layer at a time and written shard by shard (host memory "
         "about one 5 GB shard); on a GPU gpt-oss-20b takes minutes.",
     )
-    p.add_argument("out", help="output folder (replaced if it exists)")
+    p.add_argument("out", help="output folder (must not exist yet, unless --overwrite)")
+    _overwrite(p, "output folder")
     p.add_argument(
         "--config",
         required=True,

@@ -171,6 +171,12 @@ class TrainConfig:
             raise ConfigError(f"max_steps: must be -1 or >= 1, got {self.max_steps}")
 
 
+# Fields that `mxlora train --resume RUN_DIR key=value` may change: they decide what is logged,
+# evaluated and saved, never what the optimizer computes, so the resumed run ends exactly as the
+# uninterrupted one would. Any other change is refused, naming the field.
+RESUME_SAFE_FIELDS = frozenset({"train.logging_steps", "train.save_steps", "train.eval"})
+
+
 @dataclass
 class OutputConfig:
     """Where the run folder goes: ``<root>/<name>``."""
@@ -517,6 +523,27 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 def run_entry_config(run_config_path: str | Path, entry: RunEntry) -> TrainingConfig:
     """The training config of one run entry (its path is relative to the run config)."""
     return load_config(Path(run_config_path).parent / entry.config, entry.overrides)
+
+
+def with_absolute_paths(cfg: TrainingConfig) -> TrainingConfig:
+    """``cfg`` with a local data file and a local model folder as absolute paths (a copy).
+
+    A run's saved ``config.yaml`` holds these, so ``--resume`` works from any directory.
+    ``example:`` sources, Hub ids and ``tiny`` specs stay as they are.
+    """
+    from mxlora.data.spec import parse_source
+
+    source = cfg.data.source
+    if not source.startswith("example:") and parse_source(source).kind == "local":
+        source = str(Path(source).expanduser().resolve())
+    model = cfg.model.name_or_path
+    if model.partition(":")[0] != "tiny" and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, source=source),
+        model=dataclasses.replace(cfg.model, name_or_path=model),
+    )
 
 
 def dump_config(cfg: Any) -> str:

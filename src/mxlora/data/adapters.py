@@ -173,6 +173,16 @@ def adapt(row: Any, cfg: DataConfig) -> list[Message]:
     return conv
 
 
+def expected_fields(cfg: DataConfig) -> list[str]:
+    """The columns ``cfg.adapter`` reads (with the configured field names and templates)."""
+    if cfg.adapter == "quotes":
+        used = _template_fields(cfg.prompt_template) | _template_fields(cfg.completion_template)
+        return sorted(used)
+    if cfg.adapter == "fields":
+        return [cfg.question_field, cfg.answer_field]
+    return [cfg.messages_field]
+
+
 def guess_adapter(row: Any) -> str | None:
     """The adapter a row's columns call for, or ``None`` (used by ``mxlora data inspect``)."""
     if not isinstance(row, dict):

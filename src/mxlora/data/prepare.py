@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mxlora.data.adapters import adapt
+from mxlora.data.adapters import adapt, expected_fields
 from mxlora.data.render import Rendered, render
 from mxlora.data.sources import RawRow, read_rows, split_indices
 from mxlora.data.spec import DataConfig, parse_source
@@ -104,23 +104,63 @@ def split_report(selected: int, kept: list[Rendered], drops: DropLog) -> dict[st
     }
 
 
-def drop_summary(drops: DropLog) -> str:
-    """``"too_long 3 (rows 4, 9, 12), empty_field 1 (row 2)"``, rows capped at 10 per reason."""
+def drop_summary(drops: DropLog | dict[str, dict[str, Any]]) -> str:
+    """``"too_long 3 (rows 4, 9, 12), empty_field 1 (row 2)"``, rows capped at 10 per reason.
+
+    ``drops`` is a log or its :meth:`~mxlora.data.validate.DropLog.to_dict` form (a report's).
+    """
     parts = []
-    for reason, entry in drops.to_dict().items():
+    by_reason = drops.to_dict() if isinstance(drops, DropLog) else drops
+    for reason, entry in by_reason.items():
         rows = entry["rows"]
         shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
         parts.append(f"{reason} {entry['count']} (row{'s' if len(rows) > 1 else ''} {shown})")
     return ", ".join(parts) or "none"
 
 
-def _raise_first_bad(drops: DropLog, source: str) -> None:
+def describe_data(report: dict[str, Any]) -> str:
+    """The console summary of :func:`prepare_data`'s report: rows kept per split and every drop
+    by reason with its first row numbers."""
+    splits = ", ".join(
+        f"{name} {split['kept']} of {split['rows']} kept"
+        for name, split in report["splits"].items()
+    )
+    dropped = sum(entry["count"] for entry in report["dropped"].values())
+    line = (
+        f"data {report['source']} ({report['adapter']}, max_len {report['max_len']}): "
+        f"{report['rows_read']} rows read, {report['rows_selected']} selected; {splits}"
+    )
+    if dropped:
+        line += f"; dropped {dropped}: {drop_summary(report['dropped'])} (details in report.json)"
+    truncated = sum(split["truncated"]["count"] for split in report["splits"].values())
+    if truncated:
+        line += f"; {truncated} cut to max_len (data.truncate)"
+    return line
+
+
+def columns_hint(raw: Sequence[RawRow], cfg: DataConfig) -> str:
+    """What the adapter reads against what the rows hold, for a missing-field error."""
+    found: dict[str, None] = {}  # ordered set
+    for r in (raw[i] for i in range(min(len(raw), 20))):
+        if isinstance(r.value, dict):
+            found.update(dict.fromkeys(r.value))
+    columns = ", ".join(found) or "none (no readable row)"
+    return (
+        f"The {cfg.adapter!r} adapter (data.adapter) reads the field(s) "
+        f"{', '.join(expected_fields(cfg))}; the rows have the columns {columns}. Choose the "
+        "adapter that fits (quotes, messages, fields, chat) or name the columns "
+        "(data.question_field, data.answer_field, data.messages_field, data.*_template)."
+    )
+
+
+def _raise_first_bad(drops: DropLog, source: str, hint: str) -> None:
     first = drops.first()
     if first is not None:
         row, reason, detail = first
         raise ValueError(
             f"data: row {row} of {source}: {reason}: {detail} "
             f"(data.on_bad_row is 'error'; {len(drops)} bad row(s) in the selection)"
+            + (f". {hint}" if reason == "missing_field" else "")
         )
 
 
@@ -155,13 +195,15 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, max_len: int) -> PreparedData:
     all_drops = DropLog()
     for _, drops in results.values():
         all_drops.merge(drops)
+    hint = columns_hint(raw, cfg)
     if cfg.on_bad_row == "error":
-        _raise_first_bad(all_drops, str(spec))
+        _raise_first_bad(all_drops, str(spec), hint)
     for name, (kept, drops) in results.items():
         if not kept:
+            missing = "missing_field" in drops.to_dict()
             raise ValueError(
                 f"data: no {name} rows left from {spec}: all {len(drops)} selected rows were "
-                f"dropped: {drop_summary(drops)}"
+                f"dropped: {drop_summary(drops)}" + (f". {hint}" if missing else "")
             )
 
     def to_dataset(kept: list[Rendered]):

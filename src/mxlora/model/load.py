@@ -27,8 +27,31 @@ from mxlora.mxfp4.load import is_mxfp4, load_mxfp4_model
 
 log = logging.getLogger(__name__)
 
+
+class _DropNotice(logging.Filter):
+    """Drop log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# transformers' MXFP4 quantizer announces on every CPU load that it "will dequantize the model to
+# bf16", also when the caller asked for exactly that (Mxfp4Config(dequantize=True), our
+# `dequantize-bf16` mode and `mxlora merge`); MXFP4 kept packed goes through our own loader, never
+# through that quantizer. So the notice never tells an mxlora user anything.
+logging.getLogger("transformers.quantizers.quantizer_mxfp4").addFilter(
+    _DropNotice("MXFP4 inference on CPU requires use_kernels")
+)
+
 # ``model.name_or_path`` values starting with this word name the locally built tiny gpt-oss.
 TINY = "tiny"
+# Layers of ``tiny`` when the spec does not say: the demo's model, deep enough for the seed's
+# expert LoRA layers 7/15/23 (TinySpec's own default is the tests' smaller model).
+TINY_LAYERS = 24
 
 
 class ModelLoadError(RuntimeError):
@@ -58,7 +81,9 @@ def resolve_dtype(name: DtypeName, device: torch.device) -> torch.dtype:
 def parse_tiny(name_or_path: str) -> dict[str, Any] | None:
     """``tiny`` / ``tiny:layers=24,hidden=64`` -> the spec overrides; anything else -> None.
 
-    Keys and value types are checked against :class:`mxlora.model.tiny.TinySpec`.
+    Keys and value types are checked against :class:`mxlora.model.tiny.TinySpec`. Without
+    ``layers`` the model has :data:`TINY_LAYERS` (the demo's), so ``tiny`` alone takes the
+    seed's LoRA targets.
 
     Raises:
         ConfigError: an unknown key or a value of the wrong type.
@@ -74,6 +99,7 @@ def parse_tiny(name_or_path: str) -> dict[str, Any] | None:
         if not eq:
             raise ConfigError(f"model.name_or_path: expected tiny:key=value,..., got {item!r}")
         raw[key.strip()] = value.strip()
+    raw.setdefault("layers", str(TINY_LAYERS))
     spec = from_dict(TinySpec, raw, where="model.name_or_path")
     return {key: getattr(spec, key) for key in raw}
 

@@ -57,7 +57,8 @@ def check_targets(model: torch.nn.Module, cfg: LoraConfig) -> None:
     if missing:
         raise ConfigError(
             f"lora.experts.layers: layer(s) {missing} do not exist (the model has {n_layers} "
-            f"layers, 0..{n_layers - 1})"
+            f"layers, 0..{n_layers - 1}); pick layers it has, or a deeper model (the demo's "
+            "tiny one is model.name_or_path=tiny:layers=24)"
         )
 
 

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from torch import Tensor
 
 from mxlora.model.configs import gpt_oss_20b_config, gpt_oss_120b_config
 from mxlora.model.tiny import random_weights, write_model_files
+from mxlora.staging import DestinationExists, StagedFolder, check_destination
 
 #: Largest shard written (bytes). 5 GB was transformers' ``max_shard_size`` default for years
 #: and gives the Hub's three shards for gpt-oss-20b (13.8 GB).
@@ -102,11 +100,13 @@ def make_random(
     device: torch.device | str = "cpu",
     max_shard_bytes: int = MAX_SHARD_BYTES,
     log: bool = False,
+    overwrite: bool = False,
 ) -> RandomCheckpoint:
     """Write a random gpt-oss checkpoint for ``config`` into ``out`` (Hub layout, MXFP4 experts).
 
-    The folder appears complete or not at all: everything is written into a temp folder beside
-    ``out`` and renamed into place (an existing ``out`` is replaced).
+    The folder appears complete or not at all: everything is written into a staging folder
+    beside ``out`` and renamed into place (:mod:`mxlora.staging`). An existing ``out`` is
+    refused unless ``overwrite``; then it is replaced only once the new checkpoint is complete.
 
     Args:
         out: checkpoint folder to create.
@@ -115,24 +115,22 @@ def make_random(
         device: where weights are generated and quantized (``cuda`` takes minutes for 20b).
         max_shard_bytes: shard size limit (a shard holds at least one tensor).
         log: print a line per shard written.
+        overwrite: replace an existing ``out``.
 
     Returns:
         What was written.
+
+    Raises:
+        DestinationExists: ``out`` exists and ``overwrite`` is false.
     """
     start = time.perf_counter()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with StagedFolder(out, overwrite) as staged:
+        tmp = staged.path
         shards, weight_map, total = _write_shards(tmp, config, seed, device, max_shard_bytes, log)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         write_model_files(tmp, config)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return RandomCheckpoint(out, shards, total, time.perf_counter() - start)
 
 
@@ -195,10 +193,17 @@ def cli_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mxlora make-random: error: {e}", file=sys.stderr)
         return 2
+    try:
+        check_destination(args.out, args.overwrite)  # before minutes of work, not after
+    except DestinationExists as e:
+        print(f"mxlora make-random: error: {e}", file=sys.stderr)
+        return 2
     device = args.device or default_device()
     layers, experts = config["num_hidden_layers"], config["num_local_experts"]
     print(f"generating {layers} layers x {experts} experts on {device} into {args.out}", flush=True)
-    done = make_random(args.out, config, seed=args.seed, device=device, log=True)
+    done = make_random(
+        args.out, config, seed=args.seed, device=device, log=True, overwrite=args.overwrite
+    )
     print(
         f"wrote {done.path}: {len(done.shards)} shards, {done.total_size / 1e9:.2f} GB of tensors "
         f"in {done.seconds:.0f} s",

@@ -36,6 +36,7 @@ from torch import Tensor
 from mxlora.model.configs import GPT_OSS_GENERATION_CONFIG, gpt_oss_20b_config, layer_types
 from mxlora.mxfp4 import BLOCK_SIZE, dequantize_mxfp4_experts, quantize_mxfp4
 from mxlora.paths import cache_dir
+from mxlora.staging import DestinationExists, StagedFolder
 
 # Bump when the bytes a spec produces change, so cached tiny models are rebuilt.
 FORMAT_VERSION = 1
@@ -284,7 +285,13 @@ def cli_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mxlora make-tiny: error: {e}", file=sys.stderr)
         return 2
-    out = make_tiny(Path(args.out), spec)
+    out = Path(args.out)
+    try:
+        with StagedFolder(out, args.overwrite) as staged:
+            make_tiny(staged.path, spec)
+    except DestinationExists as e:
+        print(f"mxlora make-tiny: error: {e}", file=sys.stderr)
+        return 2
     size = (out / "model.safetensors").stat().st_size
     kind = "MXFP4" if spec.mxfp4 else "bf16"
     print(f"wrote {out}: {spec.layers} layers, {kind} experts, model.safetensors {size:,} bytes")

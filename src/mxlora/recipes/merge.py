@@ -9,7 +9,7 @@ them too). The output folder holds safetensors weights, ``config.json`` without 
 ``generation_config.json`` (gpt-oss's stop tokens), the tokenizer, and :data:`MERGE_INFO`.
 
 Merging twice is refused, never silently repeated: the output folder must not exist (or be
-empty), and an adapter whose weights (by sha256) are already recorded in the base's
+empty; ``--overwrite`` replaces it, once the new merge is complete), and an adapter whose weights (by sha256) are already recorded in the base's
 :data:`MERGE_INFO` is not merged into it again (that would add its update a second time).
 Merging a *different* adapter into a merged model is allowed and recorded in the chain.
 The folder appears atomically: it is written beside the target and renamed into place, so a
@@ -22,9 +22,7 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ import torch
 
 from mxlora.config import ConfigError, DtypeName, ModelConfig
 from mxlora.model.load import ModelLoadError, load_model
+from mxlora.staging import DestinationExists, StagedFolder, check_destination
 
 #: Written into every merged folder: what was merged into what (the whole chain).
 MERGE_INFO = "mxlora_merge.json"
@@ -137,11 +136,11 @@ def _previous_merges(base: str) -> list[dict[str, Any]]:
         raise MergeError(f"model {base}: unreadable {MERGE_INFO} ({e})") from None
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(
-            f"output {out} already exists; merge never overwrites (remove it or pick another --out)"
-        )
+def _check_out(out: Path, overwrite: bool) -> None:
+    try:
+        check_destination(out, overwrite)
+    except DestinationExists as e:
+        raise MergeError(f"output {e}") from None
 
 
 def _strip_quantization(model: torch.nn.Module) -> None:
@@ -161,15 +160,18 @@ def merge(
     out: str | os.PathLike[str],
     dtype: DtypeName = "auto",
     device: torch.device | str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Merge ``adapter`` into ``base`` and save the result to ``out``.
 
     Args:
         base: Hub id, local folder or ``tiny[:...]`` (as ``model.name_or_path`` in configs).
         adapter: PEFT LoRA adapter folder (e.g. a run's ``adapter/``).
-        out: output folder; must not exist yet (or be empty).
+        out: output folder; must not exist yet (or be empty) unless ``overwrite``. It appears
+            complete or not at all (built beside it, renamed into place).
         dtype: weight dtype to load and save in (``auto``: bf16 on a bf16 GPU, else float32).
         device: where to merge (default: the first GPU, else the CPU).
+        overwrite: replace an existing ``out`` (only once the new merge is complete).
 
     Returns:
         The output folder.
@@ -179,7 +181,7 @@ def merge(
         ModelLoadError: the base cannot be read or is not gpt-oss.
     """
     out = Path(out)
-    _check_out(out)
+    _check_out(out, overwrite)
     adapter_dir = check_adapter_dir(adapter)
     adapter_sha = _sha256(adapter_dir / ADAPTER_WEIGHTS)
     chain = _previous_merges(base)
@@ -195,21 +197,14 @@ def merge(
     )
     merged = attach_adapter(model, adapter_dir).merge_and_unload()
     _strip_quantization(merged)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with StagedFolder(out, overwrite) as staged:
+        merged.save_pretrained(staged.path)
+        tokenizer.save_pretrained(staged.path)
         record = {"base": base, "adapter": str(adapter_dir), "adapter_sha256": adapter_sha}
-        (tmp / MERGE_INFO).write_text(
+        (staged.path / MERGE_INFO).write_text(
             json.dumps({"merges": [*chain, record]}, indent=2) + "\n", encoding="utf-8"
         )
-        _check_saved(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above; rename() needs the name free
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_saved(staged.path)
     return out
 
 
@@ -227,7 +222,7 @@ def _check_saved(folder: Path) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     """``mxlora merge --base MODEL --adapter DIR --out DIR [--dtype]``."""
     try:
-        out = merge(args.base, args.adapter, args.out, dtype=args.dtype)
+        out = merge(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except (MergeError, ModelLoadError, ConfigError) as e:
         print(f"mxlora merge: error: {e}", file=sys.stderr)
         return 2

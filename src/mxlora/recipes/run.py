@@ -18,14 +18,15 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mxlora.config import ConfigError, RunConfig, load_run_config, run_entry_config
 from mxlora.report.writer import write_json
+from mxlora.staging import DestinationExists, StagedFolder
 
 log = logging.getLogger(__name__)
 
@@ -34,48 +35,60 @@ class RunError(RuntimeError):
     """A step of the flow failed (its own output, above, says why)."""
 
 
-def run(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+def run(
+    config_path: str | Path, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False
+) -> Path:
     """Run the flow of a run config.
+
+    The output folder is built beside its final place and takes it once the first training run
+    is complete (from then on the build path is a link to it), so a flow that fails early
+    leaves an earlier output of the same name as it was (:mod:`mxlora.staging`).
 
     Args:
         config_path: the run config YAML (e.g. ``configs/tiny/seed.yaml``).
         overrides: ``key=value`` overrides of the run config (e.g. ``chat.max_new_tokens=64``).
+        overwrite: replace an existing output folder (else it is refused).
 
     Returns:
         The comparison report (``compare/comparison.md``).
 
     Raises:
         ConfigError: the run config or one of its training configs is invalid.
-        RunError: a step failed.
+        RunError: a step failed, or the output folder exists.
     """
     cfg = load_run_config(config_path, overrides)
-    out = cfg.output.run_dir
-    if out.exists():
-        log.warning("replacing the earlier run in %s", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    final = cfg.output.run_dir
+    try:
+        staged = StagedFolder(final, overwrite)
+    except DestinationExists as e:
+        raise RunError(f"output {e}") from None
+    with staged:
+        out = staged.path
+        run_dirs = train_all(config_path, cfg, out, on_first=lambda: staged.publish(True))
+        merged = merge(config_path, cfg, run_dirs, out / "merged")
+        reply = chat(cfg, merged)
+        write_json(out / "chat.json", reply)
+        compare(list(run_dirs.values()), out / "compare")
+        write_json(
+            out / "run.json",
+            {
+                "config": str(config_path),
+                "runs": {name: str(final / name) for name in run_dirs},
+                "merged": str(final / "merged"),
+                "chat": str(final / "chat.json"),
+                "comparison": str(final / "compare" / "comparison.md"),
+            },
+        )
+    return final / "compare" / "comparison.md"
 
-    run_dirs = train_all(config_path, cfg, out)
-    merged = merge(config_path, cfg, run_dirs, out / "merged")
-    reply = chat(cfg, merged)
-    write_json(out / "chat.json", reply)
-    report = compare(list(run_dirs.values()), out / "compare")
 
-    write_json(
-        out / "run.json",
-        {
-            "config": str(config_path),
-            "runs": {name: str(path) for name, path in run_dirs.items()},
-            "merged": str(merged),
-            "chat": str(out / "chat.json"),
-            "comparison": str(report),
-        },
-    )
-    return report
+def train_all(
+    config_path: str | Path, cfg: RunConfig, out: Path, on_first: Callable[[], None]
+) -> dict[str, Path]:
+    """Train each run in a child process; returns run name -> run folder.
 
-
-def train_all(config_path: str | Path, cfg: RunConfig, out: Path) -> dict[str, Path]:
-    """Train each run in a child process; returns run name -> run folder."""
+    ``on_first`` is called once the first run is complete (something worth keeping).
+    """
     run_dirs: dict[str, Path] = {}
     for entry in cfg.runs:
         name = run_entry_config(config_path, entry).output.name
@@ -83,6 +96,8 @@ def train_all(config_path: str | Path, cfg: RunConfig, out: Path) -> dict[str, P
         print(f"== training {name} ({config}) in its own process", flush=True)
         _child(["train", str(config), *entry.overrides, f"output.root={out}"], f"training {name}")
         run_dirs[name] = out / name
+        if len(run_dirs) == 1:
+            on_first()
     return run_dirs
 
 
@@ -172,7 +187,7 @@ def cli_main(args: argparse.Namespace) -> int:
     """``mxlora run CONFIG [key=value ...]``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        report = run(args.config, args.overrides)
+        report = run(args.config, args.overrides, overwrite=args.overwrite)
     except (ConfigError, RunError) as e:
         print(f"mxlora run: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

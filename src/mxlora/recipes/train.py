@@ -5,40 +5,53 @@ build TRL's SFTTrainer -> train -> save the adapter atomically -> write the repo
 The run folder layout is the run-folder contract (config.yaml, environment.json, metrics.jsonl,
 report.json/.md, loss.png, adapter/, checkpoints/).
 
-Reliability: a checkpoint counts only once its completion marker is written (after every file
-of it), so ``--resume`` never loads a half-written one; the adapter folder appears by one
-rename of a finished temp folder; a NaN/Inf loss stops the run naming the step and batch; an
-out-of-memory error ends with the knobs that lower memory.
+Reliability: a new run is built in a staging folder and becomes the run folder at its first
+complete checkpoint, so a failed run never costs an earlier one of the same name (which is
+refused anyway unless ``--overwrite``); a checkpoint counts only once its completion marker is
+written (after every file of it), so ``--resume`` never loads a half-written one; Ctrl-C or
+SIGTERM ends the current step, saves a checkpoint and prints the resume command; the adapter
+folder appears by one rename of a finished temp folder; a NaN/Inf loss stops the run naming
+the step and batch; an out-of-memory error ends with the knobs that lower memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers import PrinterCallback, TrainerCallback, TrainerState, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from mxlora.config import (
+    RESUME_SAFE_FIELDS,
     ConfigError,
     TrainingConfig,
+    apply_overrides,
     dump_config,
     from_dict,
     load_config,
     read_yaml,
     to_dict,
+    with_absolute_paths,
 )
 from mxlora.data import PreparedData, prepare_data
+from mxlora.data.prepare import describe_data
+from mxlora.interrupt import Interrupted, StopRequests, exit_code
 from mxlora.model.load import (
     ModelLoadError,
     default_device,
@@ -48,19 +61,38 @@ from mxlora.model.load import (
 )
 from mxlora.model.lora import apply_lora, count_parameters
 from mxlora.report.metrics import (
+    GB,
     MetricsCallback,
     peak_device_gb,
     peak_rss_gb,
     truncate_metrics,
 )
 from mxlora.report.writer import environment, plot_loss, summarize_losses, write_json, write_report
+from mxlora.staging import (
+    DestinationExists,
+    StagedFolder,
+    fsync_tree,
+    is_occupied,
+    remove_stale_staging,
+    swap_in,
+)
 
 log = logging.getLogger(__name__)
 
 # Written into checkpoint-N/ after everything else of it: a checkpoint without it is partial.
 COMPLETE_MARKER = "mxlora-complete"
+# The run's summed times up to checkpoint-N (RunTotals), inside it.
+TOTALS_FILE = "mxlora-totals.json"
 # Resumable checkpoints kept (the newest complete ones); older ones are deleted.
 KEEP_CHECKPOINTS = 2
+# transformers 5.2x renamed the trainer's gradient_checkpointing(_kwargs) to
+# activation_checkpointing(_kwargs) and warns on every run given the old name; 5.17 (the GPU
+# machine's) knows only the old one. Passing the name this version has keeps both quiet.
+CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+    else "gradient_checkpointing"
+)
 
 
 class TrainingError(RuntimeError):
@@ -69,6 +101,29 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or Inf."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a complete checkpoint was written.
+
+    Attributes:
+        signum: the signal.
+        exit_code: what the command exits with (130 SIGINT, 143 SIGTERM).
+    """
+
+    def __init__(self, signum: int, folder: RunFolder, state: TrainerState):
+        where = f"stopped by {signal.Signals(signum).name} at step {state.global_step}"
+        checkpoints = complete_checkpoints(folder.dest / "checkpoints") if folder.kept else []
+        if checkpoints:
+            message = (
+                f"{where} of {state.max_steps}; saved {checkpoints[-1]}; resume with: "
+                f"mxlora train --resume {shlex.quote(str(folder.dest.resolve()))}"
+            )
+        else:  # a second signal before the first checkpoint was complete
+            message = f"{where}, before a complete checkpoint; nothing was saved"
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = exit_code(signum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,121 +139,197 @@ class TrainResult:
     data: PreparedData
 
 
-def train(cfg: TrainingConfig, resume: bool = False) -> Path:
+def train(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Fine-tune with LoRA as ``cfg`` says and write the run folder.
 
     Args:
         cfg: the full training config.
-        resume: continue from the newest complete checkpoint in the run folder.
+        resume: continue from the newest complete checkpoint in the run folder; a finished
+            run is left as it is.
+        overwrite: replace an existing run folder of the same name (only once the new run has
+            a complete checkpoint).
 
     Returns:
         The run folder.
 
     Raises:
         ConfigError, ModelLoadError: bad config or model path.
-        TrainingError: bad data, NaN/Inf loss, out of memory, nothing to resume.
+        TrainingError: bad data, NaN/Inf loss, out of memory, nothing to resume, run exists.
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved.
+        Interrupted: SIGINT/SIGTERM before anything was worth saving.
     """
-    return fit(cfg, resume).run_dir
-
-
-def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
-    """:func:`train`, also handing back the trained model in memory (for tests and notebooks)."""
-    wall_start = time.perf_counter()
-    # The tokenizer first: it checks the model path before an earlier run folder is replaced.
-    tokenizer = load_tokenizer(cfg.model)
     run_dir = cfg.output.run_dir
-    checkpoint = _setup_run_dir(cfg, resume)
-    device = default_device()
-    write_json(run_dir / "environment.json", environment(device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if resume and is_finished(run_dir):
+        log.info("%s finished already (report.json is written): nothing to resume", run_dir)
+        return run_dir
+    return fit(cfg, resume, overwrite).run_dir
 
-    # Data: rendered and validated before the (possibly huge) model is loaded.
-    try:
-        data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
-    except ValueError as e:  # the data module's errors name the field or the bad row
-        raise TrainingError(str(e)) from None
 
-    # Model: the LoRA initialisation draws from the global RNG, hence the seed first.
-    try:
-        model = load_weights(cfg.model, device)
-    except torch.OutOfMemoryError:
-        raise TrainingError(oom_message(cfg, device, "loading the model")) from None
-    model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    set_seed(cfg.train.seed)
-    model = apply_lora(model, cfg.lora)
-    trainable, total = count_parameters(model)
+def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """:func:`train`, also handing back the trained model in memory (for tests and notebooks).
 
-    # Trainer.
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    has_eval = data.eval is not None and len(data.eval) > 0
-    show_bar = sys.stderr.isatty()
-    metrics = MetricsCallback(run_dir / "metrics.jsonl", device, print_lines=not show_bar)
-    trainer = GuardedSFTTrainer(
-        model=model,
-        args=sft_config(cfg, run_dir, dtype, has_eval, show_bar),
-        train_dataset=data.train,
-        eval_dataset=data.eval if has_eval else None,
-        processing_class=tokenizer,
-        callbacks=[metrics, CheckpointCallback()],
-    )
-    if not show_bar:
-        trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
+    A new run is built in a staging folder beside the run folder and swapped in at its first
+    complete checkpoint (see :func:`open_run_folder`); a failure before that leaves an earlier
+    run of the same name untouched.
+    """
+    wall_start = time.perf_counter()
+    with StopRequests() as stops, open_run_folder(cfg, resume, overwrite) as folder:
+        run_dir = folder.path  # where this process writes (the staging folder, then a link)
+        log.info("%s", describe_config(cfg))
+        tokenizer = load_tokenizer(cfg.model)
+        device = default_device()
+        write_json(run_dir / "environment.json", environment(device))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    # Train.
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except torch.OutOfMemoryError:
-        raise TrainingError(
-            oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
-        ) from None
-    except RuntimeError as e:
-        if _is_host_oom(e):
+        # Data: rendered and validated before the (possibly huge) model is loaded.
+        try:
+            data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
+        except ValueError as e:  # the data module's errors name the field or the bad row
+            raise TrainingError(str(e)) from None
+        log.info("%s", describe_data(data.report))
+
+        # Model: the LoRA initialisation draws from the global RNG, hence the seed first.
+        load_start = time.perf_counter()
+        try:
+            model = load_weights(cfg.model, device)
+        except torch.OutOfMemoryError:
+            raise TrainingError(oom_message(cfg, device, "loading the model")) from None
+        model.config.use_cache = False  # the KV cache is useless in training and costs memory
+        declare_bos(model, tokenizer)
+        set_seed(cfg.train.seed)
+        model = apply_lora(model, cfg.lora)
+        trainable, total = count_parameters(model)
+        log.info("%s", describe_model(cfg, model, device, time.perf_counter() - load_start))
+
+        # Trainer.
+        dtype = resolve_dtype(cfg.model.dtype, device)
+        has_eval = data.eval is not None and len(data.eval) > 0
+        show_bar = sys.stderr.isatty()
+        metrics = MetricsCallback(run_dir / "metrics.jsonl", device, print_lines=not show_bar)
+        clock = RunClock(wall_start, metrics, _read_totals(folder.checkpoint))
+        trainer = GuardedSFTTrainer(
+            model=model,
+            args=sft_config(cfg, run_dir, dtype, has_eval, show_bar),
+            train_dataset=data.train,
+            eval_dataset=data.eval if has_eval else None,
+            processing_class=tokenizer,
+            callbacks=[
+                metrics,
+                CheckpointCallback(clock, on_complete=folder.publish),
+                StopCallback(stops),
+            ],
+        )
+        if not show_bar:
+            trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
+
+        # Train; Ctrl-C / SIGTERM from here on ends the current step and saves a checkpoint.
+        checkpoint = folder.checkpoint
+        try:
+            with stops.stoppable():
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Interrupted as e:  # a second signal: stop at once, mid-step
+            raise TrainingInterrupted(e.signum, folder, trainer.state) from None
+        except torch.OutOfMemoryError:
             raise TrainingError(
                 oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
             ) from None
-        raise
+        except RuntimeError as e:
+            if _is_host_oom(e):
+                raise TrainingError(
+                    oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
+                ) from None
+            raise
+        state = trainer.state
+        if stops.requested and state.global_step < state.max_steps:
+            raise TrainingInterrupted(stops.signum or signal.SIGINT, folder, state)
 
-    # Save.
-    save_adapter(trainer.model, run_dir / "adapter")
+        # Save.
+        save_adapter(trainer.model, run_dir / "adapter")
 
-    # Report.
-    peak_alloc, peak_reserved = peak_device_gb(device)
-    state = trainer.state
-    tokens_here = state.num_input_tokens_seen - (metrics.tokens_at_start or 0)
-    report: dict[str, Any] = {
-        "name": cfg.output.name,
-        "model": cfg.model.name_or_path,
-        "experts": cfg.model.experts,
-        "dtype": str(dtype).removeprefix("torch."),
-        "steps": state.global_step,
-        "epochs": state.epoch,
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval) if has_eval else 0,
-        "train_tokens": state.num_input_tokens_seen,
-        "tokens_per_s": tokens_here / metrics.step_time_total if metrics.step_time_total else None,
-        "wall_time_s": time.perf_counter() - wall_start,
-        "train_time_s": metrics.step_time_total,
-        "step_time_s_mean": (
-            metrics.step_time_total / metrics.steps_timed if metrics.steps_timed else None
-        ),
-        "peak_alloc_gb": peak_alloc,
-        "peak_reserved_gb": peak_reserved,
-        "peak_rss_gb": peak_rss_gb(),
-        **summarize_losses(run_dir / "metrics.jsonl"),
-        "trainable_params": trainable,
-        "total_params": total,
-        "resumed_from_step": _checkpoint_step(checkpoint) if checkpoint else None,
-        "data": data.report,
-        "device": environment(device)["device"],
-    }
-    write_report(run_dir, report)
-    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.output.name} loss")
-    return TrainResult(run_dir=run_dir, model=trainer.model, data=data)
+        # Report: times are summed over every process that trained this run (resumes).
+        totals = clock.totals()
+        peak_alloc, peak_reserved = peak_device_gb(device)
+        report: dict[str, Any] = {
+            "name": cfg.output.name,
+            "model": cfg.model.name_or_path,
+            "experts": cfg.model.experts,
+            "dtype": str(dtype).removeprefix("torch."),
+            "steps": state.global_step,
+            "epochs": state.epoch,
+            "train_rows": len(data.train),
+            "eval_rows": len(data.eval) if has_eval else 0,
+            "train_tokens": state.num_input_tokens_seen,
+            "tokens_per_s": (
+                state.num_input_tokens_seen / totals.train_time_s if totals.train_time_s else None
+            ),
+            "wall_time_s": totals.wall_time_s,
+            "train_time_s": totals.train_time_s,
+            "step_time_s_mean": (
+                totals.train_time_s / totals.steps_timed if totals.steps_timed else None
+            ),
+            "peak_alloc_gb": peak_alloc,
+            "peak_reserved_gb": peak_reserved,
+            "peak_rss_gb": peak_rss_gb(),
+            **summarize_losses(run_dir / "metrics.jsonl"),
+            "trainable_params": trainable,
+            "total_params": total,
+            "resumed_from_step": _checkpoint_step(checkpoint) if checkpoint else None,
+            "data": data.report,
+            "device": environment(device)["device"],
+        }
+        write_report(run_dir, report)
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.output.name} loss")
+    return TrainResult(run_dir=folder.dest, model=trainer.model, data=data)
 
 
 # --------------------------------------------------------------------------------------------
 # Pieces of the recipe.
+
+
+def declare_bos(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Copy the tokenizer's BOS id into a model config that declares none.
+
+    gpt-oss's config.json has no ``bos_token_id`` while its tokenizer has ``<|startoftext|>``
+    (never used in Harmony rendering). The Trainer copies it over itself, with a warning about
+    "new PAD/BOS/EOS tokens" on every run; doing the same copy first keeps the values and drops
+    the noise.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or model.config.bos_token_id is not None:
+        return
+    model.config.bos_token_id = bos
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.bos_token_id = bos
+
+
+def describe_config(cfg: TrainingConfig) -> str:
+    """The run folder and every config value that differs from the defaults (one per line)."""
+    default = to_dict(TrainingConfig())
+    mine = to_dict(cfg)
+    lines = [f"run {cfg.output.run_dir}; config (what differs from the defaults):"]
+    for key, (_, value) in sorted(_diff(default, mine, "").items()):
+        lines.append(f"  {key}: {value!r}")
+    return "\n".join(lines)
+
+
+def describe_model(
+    cfg: TrainingConfig, model: torch.nn.Module, device: torch.device, seconds: float
+) -> str:
+    """Model load time, where it lives and how much memory it takes, and the LoRA share."""
+    trainable, total = count_parameters(model)
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if device.type == "cuda":
+        memory = f"{torch.cuda.memory_allocated(device) / GB:.2f} GB allocated on {device}"
+    else:
+        memory = f"peak RSS {peak_rss_gb():.2f} GB"
+    return (
+        f"model {cfg.model.name_or_path} loaded in {seconds:.1f} s (experts {cfg.model.experts}, "
+        f"{str(resolve_dtype(cfg.model.dtype, device)).removeprefix('torch.')} on {device}; "
+        f"{weights / GB:.2f} GB of weights, "
+        f"{memory}); LoRA trains {trainable:,} of {total:,} parameters "
+        f"({100 * trainable / total:.3f} %)"
+    )
 
 
 def sft_config(
@@ -221,8 +352,10 @@ def sft_config(
         lr_scheduler_kwargs=(
             {"min_lr_rate": t.min_lr_rate} if t.scheduler == "cosine_with_min_lr" else {}
         ),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **{
+            CHECKPOINTING: t.gradient_checkpointing,
+            f"{CHECKPOINTING}_kwargs": {"use_reentrant": False},
+        },
         bf16=dtype == torch.bfloat16,
         fp16=False,
         logging_steps=t.logging_steps,
@@ -266,18 +399,82 @@ class GuardedSFTTrainer(SFTTrainer):
         return loss
 
 
+@dataclass
+class RunTotals:
+    """Time a run took, summed over every process that trained it (a resumed run has several).
+
+    Saved with each checkpoint (:data:`TOTALS_FILE`), so a resume continues from the totals of
+    the checkpoint it starts from (work after that checkpoint is redone and counted once).
+    """
+
+    wall_time_s: float = 0.0
+    train_time_s: float = 0.0
+    steps_timed: int = 0
+
+
+class RunClock:
+    """This process's times on top of the totals of the checkpoint it resumed from."""
+
+    def __init__(self, wall_start: float, metrics: MetricsCallback, before: RunTotals):
+        self.wall_start = wall_start
+        self.metrics = metrics
+        self.before = before
+
+    def totals(self) -> RunTotals:
+        return RunTotals(
+            wall_time_s=self.before.wall_time_s + time.perf_counter() - self.wall_start,
+            train_time_s=self.before.train_time_s + self.metrics.step_time_total,
+            steps_timed=self.before.steps_timed + self.metrics.steps_timed,
+        )
+
+
+def _read_totals(checkpoint: Path | None) -> RunTotals:
+    path = checkpoint / TOTALS_FILE if checkpoint else None
+    if path is None or not path.is_file():
+        return RunTotals()
+    return RunTotals(**json.loads(path.read_text(encoding="utf-8")))
+
+
 class CheckpointCallback(TrainerCallback):
-    """Mark each checkpoint complete once written, then keep only the newest complete ones."""
+    """Mark each checkpoint complete once written, then keep only the newest complete ones.
+
+    Args:
+        clock: the run's times, saved with each checkpoint.
+        on_complete: called after each complete checkpoint (publishes a new run folder).
+    """
+
+    def __init__(self, clock: RunClock, on_complete: Callable[[], None]):
+        self.clock = clock
+        self.on_complete = on_complete
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run's state comes from the checkpoint, cadences included; the ones given on
+        # resume (RESUME_SAFE_FIELDS) win, as the user asked for them.
+        state.compute_steps(args, state.max_steps)
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_json(folder / TOTALS_FILE, dataclasses.asdict(self.clock.totals()))
         marker = folder / COMPLETE_MARKER
         tmp = folder / f".{COMPLETE_MARKER}.tmp"
         tmp.write_text(f"{state.global_step}\n")
-        _fsync_tree(folder)
+        fsync_tree(folder)
         tmp.replace(marker)
         for old in complete_checkpoints(Path(args.output_dir))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
+        self.on_complete()
+
+
+class StopCallback(TrainerCallback):
+    """After the step during which Ctrl-C/SIGTERM arrived: save a checkpoint, stop training."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.should_stop():
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -292,17 +489,6 @@ def _checkpoint_step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush a folder's files to disk, so the marker never outlives their contents."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def save_adapter(model: torch.nn.Module, dest: Path) -> None:
     """Write the PEFT adapter so that ``dest`` is either absent or complete, never partial.
 
@@ -311,59 +497,140 @@ def save_adapter(model: torch.nn.Module, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    _fsync_tree(tmp)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)
+    fsync_tree(tmp)
+    swap_in(tmp, dest)
 
 
-def _setup_run_dir(cfg: TrainingConfig, resume: bool) -> Path | None:
-    """Create (or, resuming, check) the run folder; returns the checkpoint to resume from.
+class RunFolder:
+    """Where a run writes, and when the run folder appears.
 
-    A fresh run replaces an earlier run folder of the same name.
+    A new run writes into a staging folder beside the run folder (:mod:`mxlora.staging`) and
+    is swapped in at its first complete checkpoint (:meth:`publish`, called by
+    :class:`CheckpointCallback`), or at the end; from then on the staging path is a link to the
+    run folder, so the trainer keeps writing where it started. An earlier run of the same name
+    (allowed only with ``overwrite``) is deleted only at that swap, and a run that fails or is
+    stopped before it leaves the earlier one untouched. A resumed run writes in place.
+
+    Attributes:
+        dest: the run folder.
+        path: where this process writes.
+        checkpoint: the checkpoint a resumed run starts from.
+    """
+
+    def __init__(self, dest: Path, staged: StagedFolder | None, checkpoint: Path | None):
+        self.dest = dest
+        self.staged = staged
+        self.checkpoint = checkpoint
+        self.path = staged.path if staged else dest
+
+    @property
+    def kept(self) -> bool:
+        """The run folder holds this run (resumed, or published)."""
+        return self.staged is None or self.staged.published
+
+    def publish(self) -> None:
+        if self.staged is not None:
+            self.staged.publish(keep_link=True)
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.staged is not None:
+            self.staged.__exit__(exc_type, exc, tb)
+
+
+def open_run_folder(cfg: TrainingConfig, resume: bool, overwrite: bool) -> RunFolder:
+    """Check (resuming) or stage (new run) the run folder; see :class:`RunFolder`.
+
+    A new run's ``config.yaml`` holds absolute data and model paths, so that ``--resume``
+    works from any directory.
+
+    Raises:
+        TrainingError: the run folder exists (without ``overwrite``), or there is nothing to
+            resume, or the config changes what the run computes.
     """
     run_dir = cfg.output.run_dir
     if resume:
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise TrainingError(f"--resume: {run_dir} holds no run (no config.yaml)")
-        changed = _config_changes(from_dict(TrainingConfig, read_yaml(saved)), cfg)
-        if changed:
-            raise TrainingError(
-                f"--resume: the config differs from the one {run_dir} was started with "
-                f"({'; '.join(changed)}); resume with the same config and overrides"
-            )
-        checkpoints = complete_checkpoints(run_dir / "checkpoints")
-        if not checkpoints:
-            raise TrainingError(
-                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; run without "
-                "--resume to start over"
-            )
-        checkpoint = checkpoints[-1]
-        for partial in (run_dir / "checkpoints").glob("checkpoint-*"):
-            if not (partial / COMPLETE_MARKER).is_file():
-                shutil.rmtree(partial)  # killed mid-write: never loaded, redone by this run
-        truncate_metrics(run_dir / "metrics.jsonl", _checkpoint_step(checkpoint))
-        log.info("resuming %s from %s", run_dir, checkpoint)
-        return checkpoint
-    if run_dir.exists():
-        log.warning("replacing the earlier run in %s", run_dir)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    return None
+        return RunFolder(run_dir, None, _resume_checkpoint(cfg))
+    try:
+        staged = StagedFolder(run_dir, overwrite)
+    except DestinationExists as e:
+        hint = f" (or continue it: mxlora train --resume {run_dir})" if _resumable(run_dir) else ""
+        raise TrainingError(f"run folder {e}{hint}") from None
+    if is_occupied(run_dir):
+        log.info("%s stays as it is until this run has its first complete checkpoint", run_dir)
+    (staged.path / "config.yaml").write_text(
+        dump_config(with_absolute_paths(cfg)), encoding="utf-8"
+    )
+    return RunFolder(run_dir, staged, None)
 
 
-def _config_changes(before: TrainingConfig, after: TrainingConfig) -> list[str]:
-    """``field: old -> new`` for every leaf that differs."""
-    return [
-        f"{key}: {old!r} -> {new!r}"
-        for key, (old, new) in _diff(to_dict(before), to_dict(after), "").items()
-    ]
+def _resumable(run_dir: Path) -> bool:
+    return not is_finished(run_dir) and bool(complete_checkpoints(run_dir / "checkpoints"))
+
+
+def is_finished(run_dir: Path) -> bool:
+    """The run ended (its report is written last)."""
+    return (run_dir / "report.json").is_file()
+
+
+def _resume_checkpoint(cfg: TrainingConfig) -> Path:
+    """The newest complete checkpoint of ``cfg``'s run; partial ones and later metrics cleared."""
+    run_dir = cfg.output.run_dir
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise TrainingError(f"--resume: {run_dir} holds no run (no config.yaml)")
+    if is_finished(run_dir):
+        raise TrainingError(f"--resume: {run_dir} finished already; nothing to resume")
+    changed = config_changes(from_dict(TrainingConfig, read_yaml(saved)), cfg)
+    refused = [c for c in changed if c.split(":", 1)[0] not in RESUME_SAFE_FIELDS]
+    if refused:
+        raise TrainingError(
+            f"--resume: {'; '.join(refused)}: changes what {run_dir} computes; on resume only "
+            f"{', '.join(sorted(RESUME_SAFE_FIELDS))} may change"
+        )
+    checkpoints = complete_checkpoints(run_dir / "checkpoints")
+    if not checkpoints:
+        raise TrainingError(
+            f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; start it again "
+            "with --overwrite"
+        )
+    checkpoint = checkpoints[-1]
+    for partial in (run_dir / "checkpoints").glob("checkpoint-*"):
+        if not (partial / COMPLETE_MARKER).is_file():
+            shutil.rmtree(partial)  # killed mid-write: never loaded, redone by this run
+    truncate_metrics(run_dir / "metrics.jsonl", _checkpoint_step(checkpoint))
+    remove_stale_staging(run_dir)  # the link a killed run left behind
+    log.info("resuming %s from %s", run_dir, checkpoint)
+    return checkpoint
+
+
+def resume_config(run_dir: str | os.PathLike[str], overrides: Sequence[str] = ()) -> TrainingConfig:
+    """The config a run was started with (its ``config.yaml``), for ``--resume RUN_DIR``.
+
+    The run folder is ``run_dir`` wherever it now is; ``overrides`` may change only
+    :data:`~mxlora.config.RESUME_SAFE_FIELDS` (checked when the run resumes).
+
+    Raises:
+        ConfigError: a malformed override.
+        TrainingError: ``run_dir`` holds no run.
+    """
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise TrainingError(f"--resume: {run_dir} holds no run (no config.yaml)")
+    raw = apply_overrides(read_yaml(saved), list(overrides))
+    raw["output"] = {"root": str(run_dir.resolve().parent), "name": run_dir.resolve().name}
+    return from_dict(TrainingConfig, raw)
+
+
+def config_changes(before: TrainingConfig, after: TrainingConfig) -> list[str]:
+    """``field: old -> new`` for every leaf that differs (paths compared made absolute; the
+    ``output`` section is left out: a run folder may be moved)."""
+    a, b = to_dict(with_absolute_paths(before)), to_dict(with_absolute_paths(after))
+    a.pop("output"), b.pop("output")
+    return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(_diff(a, b, "").items())]
 
 
 def _diff(a: Any, b: Any, where: str) -> dict[str, tuple[Any, Any]]:
@@ -401,8 +668,9 @@ def oom_message(cfg: TrainingConfig, device: torch.device, when: str) -> str:
 def quiet_libraries(progress_bars: bool) -> None:
     """Keep the log readable: library warnings only, no per-map progress bars in plain logs.
 
-    transformers 5.2x deprecates ``gradient_checkpointing`` for ``activation_checkpointing``,
-    which 5.17 (the GPU machine's) does not know yet; we keep the old name and its warning quiet.
+    transformers 5.2x deprecates the model's ``is_gradient_checkpointing`` for
+    ``is_activation_checkpointing``; PEFT and TRL still read the old name (not our code, so it
+    cannot be fixed where it is called), hence the filter.
     """
     import datasets
 
@@ -415,16 +683,50 @@ def quiet_libraries(progress_bars: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The config path (the one positional without ``=``) and the ``key=value`` overrides, in
+    whatever order they were typed.
+
+    Raises:
+        ConfigError: more than one config path.
+    """
+    items = [a for a in (args.config, *args.overrides) if a is not None]
+    paths = [a for a in items if "=" not in a]
+    if len(paths) > 1:
+        raise ConfigError(f"one training config expected, got {', '.join(paths)}")
+    return (paths[0] if paths else None), [a for a in items if "=" in a]
+
+
 def cli_main(args: argparse.Namespace) -> int:
-    """``mxlora train CONFIG [key=value ...] [--resume]``."""
+    """``mxlora train CONFIG [key=value ...] [--overwrite]`` or
+    ``mxlora train --resume RUN_DIR [key=value ...]``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries(progress_bars=sys.stderr.isatty())
+    resume = args.resume is not None
     try:
-        cfg = load_config(args.config, args.overrides)
-        run_dir = train(cfg, resume=args.resume)
+        config, overrides = config_and_overrides(args)
+        if resume:
+            if config is not None:
+                raise ConfigError(
+                    f"--resume reads {args.resume}/config.yaml; drop {config} (only key=value "
+                    "overrides may follow)"
+                )
+            cfg = resume_config(args.resume, overrides)
+        elif config is None:
+            raise ConfigError("a training config is needed (or --resume RUN_DIR)")
+        else:
+            cfg = load_config(config, overrides)
+        run_dir = train(cfg, resume=resume, overwrite=args.overwrite)
     except (ConfigError, ModelLoadError, TrainingError) as e:
         print(f"mxlora train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except TrainingInterrupted as e:
+        print(f"mxlora train: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        unchanged = "the run is as it was" if resume else "nothing was saved"
+        print(f"mxlora train: stopped by {e} before training started; {unchanged}", file=sys.stderr)
+        return e.exit_code
     print(
         f"run folder: {run_dir} (adapter: {run_dir / 'adapter'}, report: {run_dir / 'report.md'})"
     )

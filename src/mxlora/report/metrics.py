@@ -79,10 +79,18 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         logs = logs or {}
         if "loss" in logs:
-            self._write(self._train_row(state, logs))
+            self._write(self._train_row(state, logs), self._progress(state))
         if "eval_loss" in logs:
             row = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
             self._write(row)
+
+    def _progress(self, state) -> str:
+        """``step 12/40 eta 1m05s``: the remaining steps at this process's mean step time."""
+        text = f"{state.global_step}/{state.max_steps}"
+        if self.steps_timed:
+            left = (state.max_steps - state.global_step) * self.step_time_total / self.steps_timed
+            text += f" eta {format_duration(left)}"
+        return text
 
     def _train_row(self, state, logs: dict[str, Any]) -> dict[str, Any]:
         tokens = state.num_input_tokens_seen
@@ -104,16 +112,31 @@ class MetricsCallback(TrainerCallback):
         self._window_tokens_start = tokens
         return row
 
-    def _write(self, row: dict[str, Any]) -> None:
+    def _write(self, row: dict[str, Any], progress: str = "") -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.print_lines:
-            print(format_line(row), file=sys.stderr, flush=True)
+            print(format_line(row, progress), file=sys.stderr, flush=True)
 
 
-def format_line(row: dict[str, Any]) -> str:
-    """One metrics row as a plain log line (``step 10 loss 2.3412 ...``)."""
-    parts = [f"step {row['step']}"]
+def format_duration(seconds: float) -> str:
+    """``45s``, ``12m05s``, ``3h07m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_line(row: dict[str, Any], progress: str = "") -> str:
+    """One metrics row as a plain log line (``step 10/40 eta 1m05s loss 2.3412 ...``).
+
+    Args:
+        row: a ``metrics.jsonl`` row.
+        progress: ``10/40 eta 1m05s`` in place of the bare step number, when known.
+    """
+    parts = [f"step {progress or row['step']}"]
     for key, fmt in (
         ("loss", "{:.4f}"),
         ("eval_loss", "{:.4f}"),
