@@ -42,6 +42,7 @@ from mxlora.data import PreparedData, prepare_data
 from mxlora.model.load import (
     ModelLoadError,
     default_device,
+    held_experts,
     load_tokenizer,
     load_weights,
     resolve_dtype,
@@ -53,14 +54,13 @@ from mxlora.report.metrics import (
     peak_rss_gb,
     truncate_metrics,
 )
+from mxlora.report.trackers import TrackerCallback, check_trackers, open_trackers
 from mxlora.report.writer import environment, plot_loss, summarize_losses, write_json, write_report
 
 log = logging.getLogger(__name__)
 
 # Written into checkpoint-N/ after everything else of it: a checkpoint without it is partial.
 COMPLETE_MARKER = "mxlora-complete"
-# Resumable checkpoints kept (the newest complete ones); older ones are deleted.
-KEEP_CHECKPOINTS = 2
 
 
 class TrainingError(RuntimeError):
@@ -113,6 +113,8 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    check_trackers(cfg.train.report_to)  # a missing package fails before the long model load
+
     # Data: rendered and validated before the (possibly huge) model is loaded.
     try:
         data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
@@ -125,6 +127,7 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
     except torch.OutOfMemoryError:
         raise TrainingError(oom_message(cfg, device, "loading the model")) from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    experts = held_experts(model)  # model.experts resolved (auto -> mxfp4 or dequantize-bf16)
     set_seed(cfg.train.seed)
     model = apply_lora(model, cfg.lora)
     trainable, total = count_parameters(model)
@@ -134,13 +137,21 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
     has_eval = data.eval is not None and len(data.eval) > 0
     show_bar = sys.stderr.isatty()
     metrics = MetricsCallback(run_dir / "metrics.jsonl", device, print_lines=not show_bar)
+    start_step = _checkpoint_step(checkpoint) if checkpoint else 0
+    trackers = open_trackers(
+        cfg.train.report_to, run_dir, cfg.output.name, to_dict(cfg), start_step
+    )
     trainer = GuardedSFTTrainer(
         model=model,
         args=sft_config(cfg, run_dir, dtype, has_eval, show_bar),
         train_dataset=data.train,
         eval_dataset=data.eval if has_eval else None,
         processing_class=tokenizer,
-        callbacks=[metrics, CheckpointCallback()],
+        callbacks=[
+            metrics,
+            CheckpointCallback(cfg.train.save_total_limit),
+            TrackerCallback(trackers),
+        ],
     )
     if not show_bar:
         trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
@@ -158,6 +169,8 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
                 oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
             ) from None
         raise
+    finally:
+        trackers.close()  # also on failure: what was logged stays readable
 
     # Save.
     save_adapter(trainer.model, run_dir / "adapter")
@@ -169,7 +182,7 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
     report: dict[str, Any] = {
         "name": cfg.output.name,
         "model": cfg.model.name_or_path,
-        "experts": cfg.model.experts,
+        "experts": experts,
         "dtype": str(dtype).removeprefix("torch."),
         "steps": state.global_step,
         "epochs": state.epoch,
@@ -225,8 +238,11 @@ def sft_config(
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=dtype == torch.bfloat16,
         fp16=False,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        eval_strategy="epoch" if has_eval and t.eval == "epoch" else "no",
+        eval_strategy=t.eval if has_eval else "no",
+        eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # CheckpointCallback rotates, counting only complete ones
@@ -267,7 +283,14 @@ class GuardedSFTTrainer(SFTTrainer):
 
 
 class CheckpointCallback(TrainerCallback):
-    """Mark each checkpoint complete once written, then keep only the newest complete ones."""
+    """Mark each checkpoint complete once written, then keep only the newest complete ones.
+
+    Args:
+        keep: complete checkpoints kept (``train.save_total_limit``); ``None`` keeps all.
+    """
+
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -276,8 +299,24 @@ class CheckpointCallback(TrainerCallback):
         tmp.write_text(f"{state.global_step}\n")
         _fsync_tree(folder)
         tmp.replace(marker)
-        for old in complete_checkpoints(Path(args.output_dir))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate_checkpoints(Path(args.output_dir), self.keep)
+
+
+def rotate_checkpoints(folder: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (``None``: keep all).
+
+    Only complete checkpoints count and only they are deleted: a partial one (being written,
+    or left by a kill) never pushes a complete one out.
+
+    Returns:
+        The deleted folders.
+    """
+    if keep is None:
+        return []
+    old = complete_checkpoints(folder)[:-keep]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
