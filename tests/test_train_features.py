@@ -261,3 +261,57 @@ def test_loss_on_all_puts_every_non_pad_token_under_loss(tokenizer):
     assert torch.equal(wide["labels"][real], wide["input_ids"][real])
     assert (wide["labels"][~real] == -100).all()
     assert (narrow["labels"][real] == -100).any()
+
+
+# --------------------------------------------------------------------------------------------
+# Trackers without a network: what each is asked to do (fakes stand in for wandb/trackio).
+
+
+class _FakeTrackerModule:
+    """Records calls made to a module-level tracker API (wandb's and trackio's)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def init(self, *args, **kwargs):
+        self.calls.append(("init", args, kwargs))
+        return self  # wandb returns a run with .log/.finish; trackio's module has them too
+
+    def log(self, *args, **kwargs):
+        self.calls.append(("log", args, kwargs))
+
+    def finish(self, *args, **kwargs):
+        self.calls.append(("finish", args, kwargs))
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "trackio"])
+def test_wandb_and_trackio_log_offline_with_tagged_names(tracker, tmp_path, monkeypatch):
+    import sys
+
+    from mxlora.report.trackers import open_trackers
+
+    fake = _FakeTrackerModule()
+    monkeypatch.setitem(sys.modules, tracker, fake)
+    trackers = open_trackers([tracker], tmp_path, "quotes", {"train": {"lr": 1e-3}})
+    trackers.log(3, {"loss": 2.5, "eval_loss": 2.75, "epoch": 0.5, "note": "text", "x": math.nan})
+    trackers.close()
+    (kind, _, init), (_, log_args, log_kwargs), (last, _, _) = fake.calls
+    assert (kind, last, len(fake.calls)) == ("init", "finish", 3)
+    assert init["project"] == "mxlora" and init["name"] == "quotes"
+    assert init["config"] == {"train": {"lr": 1e-3}}
+    if tracker == "wandb":
+        assert init["mode"] == "offline" and init["dir"] == str(tmp_path)
+    else:
+        assert "space_id" not in init or init["space_id"] is None  # local database only
+    assert log_args == ({"train/loss": 2.5, "eval/loss": 2.75, "train/epoch": 0.5},)
+    assert log_kwargs == {"step": 3}
+
+
+def test_a_missing_tracker_package_is_a_config_error(monkeypatch):
+    import sys
+
+    from mxlora.report.trackers import check_trackers
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ConfigError, match=r"^train\.report_to: 'wandb' needs the wandb package"):
+        check_trackers(["tensorboard", "wandb"])
