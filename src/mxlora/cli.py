@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from mxlora import __version__
+
 
 def _add(sub: argparse._SubParsersAction, name: str, target: str, help: str, description: str):
     p = sub.add_parser(name, help=help, description=description)
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA fine-tuning for gpt-oss (20b/120b) with MXFP4 experts. "
         "Takes Hugging Face Hub ids or local folders/files.",
     )
+    # The running code's version (a test keeps it equal to pyproject.toml's).
+    parser.add_argument("--version", action="version", version=f"mxlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _add(
@@ -154,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print each reply as one JSON line: analysis, final, raw, valid, reason, stop, "
         "new_tokens",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the raw Harmony completion token by token as it is generated, then the "
+        "parsed analysis/final",
     )
 
     p = _add(
