@@ -168,6 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(
         sub,
+        "eval",
+        "mxlora.recipes.evaluate:cli_main",
+        "held-out loss and final-answer exact match of a run or a model",
+        "Evaluate a run folder (its base model + adapter, and its data settings) or a model on "
+        "the rows of a data source, rendered as for training: the mean loss over the assistant "
+        "tokens (and perplexity) and, for data with a final answer (GSM8K's `#### 72`), the "
+        "exact match of the `final` channel of greedy generations against the reference "
+        "answers.",
+    )
+    p.add_argument("target", metavar="RUN_OR_MODEL", help="run folder, Hub id, folder or tiny")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="source spec, e.g. ../shared/data/gsm8k_test.jsonl",
+    )
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the run's)")
+    p.add_argument("--select", type=int, default=None, help="evaluate this many rows (seeded)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=1024,
+        help="generation limit per answer (default 1024)",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="rows per loss batch (default 4)")
+    p.add_argument("--json", action="store_true", help="print the result (with answers) as JSON")
+
+    p = _add(
+        sub,
         "train",
         "mxlora.recipes.train:cli_main",
         "LoRA fine-tune gpt-oss from a YAML config (TRL SFTTrainer + PEFT)",
