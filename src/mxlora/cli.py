@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run folder's newest complete checkpoint (same config and overrides)",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, data summary, parameter counts and a memory estimate "
+        "(model on the meta device); train nothing, write nothing",
+    )
 
     p = _add(
         sub,

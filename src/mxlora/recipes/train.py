@@ -460,8 +460,13 @@ def cli_main(args: argparse.Namespace) -> int:
     quiet_libraries(progress_bars=sys.stderr.isatty())
     try:
         cfg = load_config(args.config, args.overrides)
+        if getattr(args, "dry_run", False):
+            from mxlora.recipes.dryrun import dry_run, format_dry_run
+
+            print(format_dry_run(dry_run(cfg)))
+            return 0
         run_dir = train(cfg, resume=args.resume)
-    except (ConfigError, ModelLoadError, TrainingError) as e:
+    except (ConfigError, ModelLoadError, TrainingError, ValueError) as e:
         print(f"mxlora train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     print(
