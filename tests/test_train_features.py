@@ -315,3 +315,28 @@ def test_a_missing_tracker_package_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(ConfigError, match=r"^train\.report_to: 'wandb' needs the wandb package"):
         check_trackers(["tensorboard", "wandb"])
+
+
+def test_tensorboard_on_resume_drops_the_steps_trained_again(tmp_path):
+    """A resumed run (from checkpoint step 2) logs steps 3 and 4 again: TensorBoard's reader
+    shows the new values only, as a purge marker tells it to drop the interrupted ones."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mxlora.report.trackers import open_trackers
+
+    first = open_trackers(["tensorboard"], tmp_path, "quotes", {})
+    for step in (1, 2, 3, 4):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = open_trackers(["tensorboard"], tmp_path, "quotes", {}, start_step=2)
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 + step})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 13.0),
+        (4, 14.0),
+    ]
