@@ -180,3 +180,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"mxlora eval: error: run {tmp_path / 'run'}: no adapter/ (the run has not finished)"
     )
+
+
+def test_eval_rows_take_the_runs_rendering_but_never_cut_or_widen_the_loss():
+    from mxlora.recipes.evaluate import eval_data_config
+
+    run = from_dict(
+        TrainingConfig,
+        {
+            "data": {
+                "source": "example:quotes",
+                "date": "2024-01-02",
+                "reasoning_effort": "high",
+                "truncate": True,
+                "loss_on": "all",
+                "test_size": 0.3,
+            }
+        },
+    )
+    data = eval_data_config("example:gsm8k", run, select=5)
+    assert (data.source, data.adapter, data.select, data.test_size) == (
+        "example:gsm8k",
+        "fields",
+        5,
+        0.0,
+    )
+    assert (data.date, data.reasoning_effort) == ("2024-01-02", "high")  # the run's rendering
+    assert (data.truncate, data.loss_on) == (False, "assistant")
+    assert eval_data_config("example:gsm8k", None, None).date == DataConfig().date

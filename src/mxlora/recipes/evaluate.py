@@ -95,8 +95,15 @@ def eval_data_config(spec: str, run: TrainingConfig | None, select: int | None) 
     raw = read_rows(parse_source(spec))
     first = next((r.value for r in raw if r.error is None), None)
     adapter = guess_adapter(first) or base.adapter
+    # Rows over max_len are dropped, never cut: a cut reference has lost its final answer.
     return dataclasses.replace(
-        base, source=spec, adapter=adapter, select=select, test_size=0.0, loss_on="assistant"
+        base,
+        source=spec,
+        adapter=adapter,
+        select=select,
+        test_size=0.0,
+        loss_on="assistant",
+        truncate=False,
     )
 
 
