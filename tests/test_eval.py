@@ -208,3 +208,17 @@ def test_eval_rows_take_the_runs_rendering_but_never_cut_or_widen_the_loss():
     assert (data.date, data.reasoning_effort) == ("2024-01-02", "high")  # the run's rendering
     assert (data.truncate, data.loss_on) == (False, "assistant")
     assert eval_data_config("example:gsm8k", None, None).date == DataConfig().date
+
+
+def test_resolve_target(tmp_path):
+    from mxlora.recipes.evaluate import Target, resolve_target
+
+    assert resolve_target("openai/gpt-oss-20b") == Target("openai/gpt-oss-20b", None, None)
+    assert resolve_target("tiny", "a/adapter") == Target("tiny", "a/adapter", None)
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {name_or_path: 'tiny:layers=4'}\n")
+    target = resolve_target(str(run))
+    assert (target.model, target.adapter) == ("tiny:layers=4", str(run / "adapter"))
+    assert target.run is not None and target.run.model.name_or_path == "tiny:layers=4"
+    assert resolve_target(str(run), "other").adapter == "other"  # an explicit adapter wins
