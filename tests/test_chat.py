@@ -261,3 +261,61 @@ def test_bad_adapter_is_a_one_line_error(tiny_dir, tmp_path, capsys):
     assert err == f"mxlora chat: error: adapter {tmp_path / 'broken'}: no adapter_config.json " + (
         "(not a PEFT adapter folder)"
     )
+
+
+# --- --stream ---------------------------------------------------------------------------------
+
+
+def test_token_printer_prints_each_token_and_holds_back_split_characters():
+    """A character split over tokens prints only once complete; the whole equals decode()."""
+    from mxlora.recipes.chat import TokenPrinter
+
+    text = "<|channel|>final<|message|>🦜 ok🦩<|return|>"
+    tokens = _tokens(text)
+    out = io.StringIO()
+    printer = TokenPrinter(out)
+    printer.put(torch.tensor([[1, 2, 3]]))  # the prompt, which generate() hands over first
+    seen = []
+    for t in tokens:
+        printer.put(torch.tensor([t]))
+        seen.append(out.getvalue())
+    printer.end()
+    assert out.getvalue() == text + "\n"
+    assert all("\ufffd" not in s for s in seen)
+    assert len(set(seen)) < len(tokens)  # the emoji's partial tokens printed nothing new
+    assert seen[0] == "<|channel|>"  # the first token is printed before the rest exists
+
+
+def test_cli_stream_prints_the_completion_as_generated(session, tiny_dir, capsys, monkeypatch):
+    from mxlora.recipes import chat as chat_module
+
+    puts = []
+    original = chat_module.TokenPrinter.put
+
+    def counting_put(self, value):
+        puts.append(value.numel())
+        original(self, value)
+
+    monkeypatch.setattr(chat_module.TokenPrinter, "put", counting_put)
+    args = ["chat", "--model", tiny_dir, "--prompt", "What is 2+2?", "--max-new-tokens", "6"]
+    assert main([*args, "--temperature", "0", "--stream"]) == 0
+    out = capsys.readouterr().out
+    reply = session.ask("What is 2+2?", max_new_tokens=6, temperature=0, seed=0)
+    assert out.startswith(f"=== generating ===\n{reply['raw']}\n")
+    assert out.endswith(f"=== not a valid Harmony answer: {reply['reason']} ===\n")
+    assert puts[1:] == [1] * 6  # after the prompt, one token at a time
+    assert main([*args, "--stream", "--json"]) == 2
+
+
+def test_version_is_the_packages():
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    out = subprocess.run(
+        [sys.executable, "-m", "mxlora.cli", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout == f"mxlora {version}\n"

@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from mxlora import __version__
+
 
 class _Parser(argparse.ArgumentParser):
     """Options and positionals (``key=value`` overrides) parse in any order, as users expect.
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA fine-tuning for gpt-oss (20b/120b) with MXFP4 experts. "
         "Takes Hugging Face Hub ids or local folders/files.",
     )
+    # The running code's version (a test keeps it equal to pyproject.toml's).
+    parser.add_argument("--version", action="version", version=f"mxlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _add(
@@ -189,6 +193,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="print each reply as one JSON line: analysis, final, raw, valid, reason, stop, "
         "new_tokens",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the raw Harmony completion token by token as it is generated, then the "
+        "parsed analysis/final",
+    )
+
+    p = _add(
+        sub,
+        "eval",
+        "mxlora.recipes.evaluate:cli_main",
+        "held-out loss and final-answer exact match of a run or a model",
+        "Evaluate a run folder (its base model + adapter, and its data settings) or a model on "
+        "the rows of a data source, rendered as for training: the mean loss over the assistant "
+        "tokens (and perplexity) and, for data with a final answer (GSM8K's `#### 72`), the "
+        "exact match of the `final` channel of greedy generations against the reference "
+        "answers.",
+    )
+    p.add_argument("target", metavar="RUN_OR_MODEL", help="run folder, Hub id, folder or tiny")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="source spec, e.g. ../shared/data/gsm8k_test.jsonl",
+    )
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the run's)")
+    p.add_argument("--select", type=int, default=None, help="evaluate this many rows (seeded)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=1024,
+        help="generation limit per answer (default 1024)",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="rows per loss batch (default 4)")
+    p.add_argument("--json", action="store_true", help="print the result (with answers) as JSON")
 
     p = _add(
         sub,
@@ -222,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run is left as it is.",
     )
     _overwrite(p, "run folder of the same name")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, data summary, parameter counts and a memory estimate "
+        "(model on the meta device); train nothing, write nothing",
+    )
 
     p = _add(
         sub,

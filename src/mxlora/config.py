@@ -48,6 +48,10 @@ ExpertsMode = Literal["auto", "dequantize-bf16", "mxfp4"]
 DtypeName = Literal["auto", "bfloat16", "float32"]
 Scheduler = Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"]
 ExpertProjection = Literal["gate_up_proj", "down_proj"]
+# Experiment trackers a run can log to, besides metrics.jsonl (mxlora.report.trackers); each
+# writes locally (TensorBoard event files and wandb's offline run inside the run folder,
+# trackio's local database), none needs the network.
+Tracker = Literal["tensorboard", "trackio", "wandb"]
 
 
 @dataclass
@@ -139,8 +143,15 @@ class TrainConfig:
         min_lr_rate: floor of ``cosine_with_min_lr`` as a fraction of ``lr``.
         gradient_checkpointing: recompute activations in backward (always non-reentrant).
         logging_steps: log train metrics every N optimizer steps.
-        eval: evaluate on the held-out rows at each epoch end, or never.
+        eval: evaluate on the held-out rows at each epoch end (``epoch``), every
+            ``eval_steps`` optimizer steps (``steps``), or never (``no``).
+        eval_steps: with ``eval: steps``, the interval in optimizer steps (required there).
+        weight_decay: AdamW's decoupled weight decay on the LoRA weights (the seed's 0).
+        max_grad_norm: clip the global gradient norm to this before each optimizer step.
         save_steps: write a resumable checkpoint every N optimizer steps.
+        save_total_limit: complete checkpoints kept, the newest ones (``null``: all).
+        report_to: experiment trackers to log to besides ``metrics.jsonl`` (``tensorboard``,
+            ``trackio``, ``wandb``; all local/offline). Empty: none.
         seed: seed for LoRA init, shuffling and dropout.
     """
 
@@ -155,14 +166,31 @@ class TrainConfig:
     min_lr_rate: float = 0.1
     gradient_checkpointing: bool = True
     logging_steps: int = 10
-    eval: Literal["epoch", "no"] = "epoch"
+    eval: Literal["epoch", "steps", "no"] = "epoch"
+    eval_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     save_steps: int = 500
+    save_total_limit: int | None = 2
+    report_to: list[Tracker] = field(default_factory=list)
     seed: int = 42
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_len", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be >= 1 or null, got {value}")
+        if self.eval == "steps" and self.eval_steps is None:
+            raise ConfigError("eval_steps: required with eval: steps (evaluate every N steps)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError(f"report_to: names a tracker twice: {self.report_to}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if self.warmup < 0:

@@ -214,12 +214,19 @@ def last_span(mask: list[int]) -> list[int]:
 def render(
     convs: list[list[Message]], rows: list[int], tokenizer: Any, cfg: DataConfig
 ) -> list[Rendered]:
-    """Render with the renderer ``cfg.render`` names."""
+    """Render with the renderer ``cfg.render`` names; the loss mask as ``cfg.loss_on`` says."""
     if not convs:
         return []
     if cfg.render == "chat-template":
-        return render_chat_template(convs, rows, tokenizer, cfg)
-    return render_harmony(convs, rows, tokenizer, cfg)
+        rendered = render_chat_template(convs, rows, tokenizer, cfg)
+    else:
+        rendered = render_harmony(convs, rows, tokenizer, cfg)
+    if cfg.loss_on == "all":
+        # The seed notebook's loss: TRL's defaults on `messages` rows put every token of the
+        # row under loss, the system prompt (with its date) and the user turn included.
+        for r in rendered:
+            r.completion_mask = [1] * len(r.input_ids)
+    return rendered
 
 
 def to_harmony_conversation(conv: list[Message], cfg: DataConfig):

@@ -28,6 +28,9 @@ ADAPTERS = ("quotes", "messages", "fields", "chat")
 RENDERERS = ("harmony", "chat-template")
 REASONING_EFFORTS = ("low", "medium", "high")
 BAD_ROW_POLICIES = ("drop", "error")
+# Which tokens carry loss: the trained assistant turn (default), or every token of the row as
+# TRL's defaults gave the seed notebook (system prompt, user turn and assistant turn alike).
+LOSS_ON = ("assistant", "all")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 # The date OpenAI's own Harmony examples pin (openai/harmony README and its test suite:
@@ -116,6 +119,8 @@ class DataConfig:
         model_identity: first line of the system message.
         on_bad_row: ``drop`` (count by reason, with row numbers, in the report) or ``error``
             (stop at the first bad row).
+        loss_on: ``assistant`` (the last assistant turn, thinking included) or ``all`` (every
+            token of the row: what the seed notebook's TRL defaults trained on; see docs/DATA.md).
         truncate: cut rows longer than ``max_len`` instead of dropping them (a cut reasoning
             trace loses its final answer and ``<|return|>``, so dropping is the default).
         prompt_template: quotes: user message; fields ``{quote}``, ``{author}``, ``{tags}``.
@@ -137,6 +142,7 @@ class DataConfig:
     reasoning_effort: str = "medium"
     model_identity: str = DEFAULT_MODEL_IDENTITY
     on_bad_row: str = "drop"
+    loss_on: str = "assistant"
     truncate: bool = False
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     completion_template: str = DEFAULT_COMPLETION_TEMPLATE
@@ -160,6 +166,7 @@ class DataConfig:
         _one_of("render", self.render, RENDERERS)
         _one_of("reasoning_effort", self.reasoning_effort, REASONING_EFFORTS)
         _one_of("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        _one_of("loss_on", self.loss_on, LOSS_ON)
         parse_source(self.source)
         if self.select is not None and self.select < 1:
             raise ValueError(

@@ -198,6 +198,17 @@ def resolve_experts(mode: str, config: Any) -> str:
     return "mxfp4" if is_mxfp4(config) else "dequantize-bf16"
 
 
+def held_experts(model: torch.nn.Module) -> str:
+    """How a loaded model holds its experts, as ``model.experts`` would name it resolved:
+    ``mxfp4`` (packed :class:`~mxlora.mxfp4.experts.Mxfp4Experts`) or ``dequantize-bf16``
+    (plain float tensors, dequantized or stored so). Reports record this, never ``auto``."""
+    from mxlora.mxfp4.experts import Mxfp4Experts
+
+    return (
+        "mxfp4" if any(isinstance(m, Mxfp4Experts) for m in model.modules()) else "dequantize-bf16"
+    )
+
+
 def _load_mxfp4(
     cfg: ModelConfig, path: str, config: Any, dtype: torch.dtype, device: torch.device
 ) -> torch.nn.Module:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from mxlora.config import ConfigError, ModelConfig
 from mxlora.data.render import generation_prompt
@@ -131,6 +132,44 @@ def parse_completion(tokens: Sequence[int]) -> dict[str, Any]:
     return _reply(tokens, raw, reason, analysis, final)
 
 
+class TokenPrinter(BaseStreamer):
+    """Print a completion as ``generate`` makes it, token by token, in the raw Harmony text
+    (special tokens such as ``<|channel|>`` shown, as in the reply's ``raw``).
+
+    A character split over several tokens (an emoji, a rare CJK character) decodes to U+FFFD
+    until its last byte arrives, so text ending in U+FFFD is held back until it completes.
+
+    Args:
+        out: where to print (flushed after each piece).
+    """
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tokens: list[int] = []
+        self.printed = 0  # characters of the decoded completion already printed
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() hands over the prompt first
+            self._prompt_seen = True
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        text = harmony_encoding().decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def end(self) -> None:
+        self._write(harmony_encoding().decode(self.tokens))  # whatever is left, as decoded
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write(self, text: str) -> None:
+        if len(text) > self.printed:
+            self.out.write(text[self.printed :])
+            self.out.flush()
+            self.printed = len(text)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -139,11 +178,13 @@ def generate(
     temperature: float = DEFAULT_TEMPERATURE,
     seed: int = 0,
     stop_token_ids: Sequence[int] = STOP_TOKEN_IDS,
+    streamer: BaseStreamer | None = None,
 ) -> list[int]:
     """Generate after ``ids`` until a stop token or ``max_new_tokens``; return the new tokens.
 
     ``temperature`` 0 decodes greedily; above 0 it samples from the whole distribution (no
     top-k/top-p cut), reproducibly from ``seed`` without touching the caller's RNG state.
+    A ``streamer`` (e.g. :class:`TokenPrinter`) receives the tokens as they are made.
     """
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(ids)], device=device)
@@ -160,6 +201,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             eos_token_id=list(stop_token_ids),
             pad_token_id=ENDOFTEXT,
+            streamer=streamer,
             **sampling,
         )
     return out[0, input_ids.shape[1] :].tolist()
@@ -200,10 +242,16 @@ class ChatModel:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         temperature: float = DEFAULT_TEMPERATURE,
         seed: int = 0,
+        stream: TextIO | None = None,
     ) -> dict[str, Any]:
-        """One turn: render the prompt, generate, parse (see :func:`parse_completion`)."""
+        """One turn: render the prompt, generate, parse (see :func:`parse_completion`).
+
+        With ``stream``, the raw completion is also printed there as it is generated.
+        """
         ids = prompt_ids(self.tokenizer, prompt, reasoning_language, effort)
-        return parse_completion(generate(self.model, ids, max_new_tokens, temperature, seed))
+        streamer = TokenPrinter(stream) if stream is not None else None
+        tokens = generate(self.model, ids, max_new_tokens, temperature, seed, streamer=streamer)
+        return parse_completion(tokens)
 
 
 def chat(
@@ -227,22 +275,27 @@ def chat(
     return session.ask(prompt, reasoning_language, effort, max_new_tokens, temperature, seed)
 
 
-def format_reply(reply: dict[str, Any]) -> str:
-    """The reply as labelled sections: analysis, final, and the raw text when not valid."""
+def format_reply(reply: dict[str, Any], show_raw: bool = True) -> str:
+    """The reply as labelled sections: analysis, final, and the raw text when not valid
+    (only the reason with ``show_raw=False``, when the raw text was streamed already)."""
     parts = []
     if reply["analysis"] is not None:
         parts.append(f"=== analysis ===\n{reply['analysis']}")
     if reply["final"] is not None:
         parts.append(f"=== final ===\n{reply['final']}")
     if not reply["valid"]:
+        why = f"not a valid Harmony answer: {reply['reason']}"
         parts.append(
-            f"=== raw output (not a valid Harmony answer: {reply['reason']}) ===\n{reply['raw']}"
+            f"=== raw output ({why}) ===\n{reply['raw']}" if show_raw else f"=== {why} ==="
         )
     return "\n".join(parts)
 
 
-def _print_reply(reply: dict[str, Any], as_json: bool, out: TextIO) -> None:
-    text = json.dumps(reply, ensure_ascii=False) if as_json else format_reply(reply)
+def _print_reply(reply: dict[str, Any], as_json: bool, out: TextIO, streamed: bool = False) -> None:
+    if as_json:
+        text = json.dumps(reply, ensure_ascii=False)
+    else:
+        text = format_reply(reply, show_raw=not streamed)
     print(text, file=out, flush=True)
 
 
@@ -258,7 +311,19 @@ def _repl(session: ChatModel, args: argparse.Namespace, settings: dict[str, Any]
         if not line:
             break
         if line.strip():
-            _print_reply(session.ask(line.strip(), **settings), args.json, sys.stdout)
+            _ask_and_print(session, line.strip(), args, settings)
+
+
+def _ask_and_print(
+    session: ChatModel, prompt: str, args: argparse.Namespace, settings: dict[str, Any]
+) -> None:
+    """One turn on the console; with ``--stream`` the raw completion is printed as it comes,
+    then the parsed sections."""
+    stream = sys.stdout if args.stream else None
+    if stream is not None:
+        print("=== generating ===", file=stream, flush=True)
+    reply = session.ask(prompt, **settings, stream=stream)
+    _print_reply(reply, args.json, sys.stdout, streamed=args.stream)
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -267,6 +332,9 @@ def cli_main(args: argparse.Namespace) -> int:
         print(
             "mxlora chat: error: --max-new-tokens must be >= 1, --temperature >= 0", file=sys.stderr
         )
+        return 2
+    if args.stream and args.json:
+        print("mxlora chat: error: --stream prints text; leave out --json", file=sys.stderr)
         return 2
     try:
         session = ChatModel(args.model, args.adapter)
@@ -281,7 +349,7 @@ def cli_main(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     if args.prompt is not None:
-        _print_reply(session.ask(args.prompt, **settings), args.json, sys.stdout)
+        _ask_and_print(session, args.prompt, args, settings)
     else:
         _repl(session, args, settings)
     return 0

@@ -55,6 +55,7 @@ from mxlora.interrupt import Interrupted, StopRequests, exit_code
 from mxlora.model.load import (
     ModelLoadError,
     default_device,
+    held_experts,
     load_tokenizer,
     load_weights,
     resolve_dtype,
@@ -67,6 +68,7 @@ from mxlora.report.metrics import (
     peak_rss_gb,
     truncate_metrics,
 )
+from mxlora.report.trackers import TrackerCallback, check_trackers, open_trackers
 from mxlora.report.writer import environment, plot_loss, summarize_losses, write_json, write_report
 from mxlora.staging import (
     DestinationExists,
@@ -83,8 +85,6 @@ log = logging.getLogger(__name__)
 COMPLETE_MARKER = "mxlora-complete"
 # The run's summed times up to checkpoint-N (RunTotals), inside it.
 TOTALS_FILE = "mxlora-totals.json"
-# Resumable checkpoints kept (the newest complete ones); older ones are deleted.
-KEEP_CHECKPOINTS = 2
 # transformers 5.2x renamed the trainer's gradient_checkpointing(_kwargs) to
 # activation_checkpointing(_kwargs) and warns on every run given the old name; 5.17 (the GPU
 # machine's) knows only the old one. Passing the name this version has keeps both quiet.
@@ -181,6 +181,7 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
         write_json(run_dir / "environment.json", environment(device))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        check_trackers(cfg.train.report_to)  # a missing package fails before the long model load
 
         # Data: rendered and validated before the (possibly huge) model is loaded.
         try:
@@ -197,6 +198,7 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
             raise TrainingError(oom_message(cfg, device, "loading the model")) from None
         model.config.use_cache = False  # the KV cache is useless in training and costs memory
         declare_bos(model, tokenizer)
+        experts = held_experts(model)  # model.experts resolved (auto -> mxfp4 or dequantize-bf16)
         set_seed(cfg.train.seed)
         model = apply_lora(model, cfg.lora)
         trainable, total = count_parameters(model)
@@ -208,6 +210,11 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
         show_bar = sys.stderr.isatty()
         metrics = MetricsCallback(run_dir / "metrics.jsonl", device, print_lines=not show_bar)
         clock = RunClock(wall_start, metrics, _read_totals(folder.checkpoint))
+        checkpoint = folder.checkpoint
+        start_step = _checkpoint_step(checkpoint) if checkpoint else 0
+        trackers = open_trackers(
+            cfg.train.report_to, run_dir, cfg.output.name, to_dict(cfg), start_step
+        )
         trainer = GuardedSFTTrainer(
             model=model,
             args=sft_config(cfg, run_dir, dtype, has_eval, show_bar),
@@ -216,15 +223,15 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
             processing_class=tokenizer,
             callbacks=[
                 metrics,
-                CheckpointCallback(clock, on_complete=folder.publish),
+                CheckpointCallback(clock, folder.publish, cfg.train.save_total_limit),
                 StopCallback(stops),
+                TrackerCallback(trackers),
             ],
         )
         if not show_bar:
             trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
 
         # Train; Ctrl-C / SIGTERM from here on ends the current step and saves a checkpoint.
-        checkpoint = folder.checkpoint
         try:
             with stops.stoppable():
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -240,6 +247,8 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
                     oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
                 ) from None
             raise
+        finally:
+            trackers.close()  # also on failure: what was logged stays readable
         state = trainer.state
         if stops.requested and state.global_step < state.max_steps:
             raise TrainingInterrupted(stops.signum or signal.SIGINT, folder, state)
@@ -253,7 +262,7 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
         report: dict[str, Any] = {
             "name": cfg.output.name,
             "model": cfg.model.name_or_path,
-            "experts": cfg.model.experts,
+            "experts": experts,
             "dtype": str(dtype).removeprefix("torch."),
             "steps": state.global_step,
             "epochs": state.epoch,
@@ -358,8 +367,11 @@ def sft_config(
         },
         bf16=dtype == torch.bfloat16,
         fp16=False,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        eval_strategy="epoch" if has_eval and t.eval == "epoch" else "no",
+        eval_strategy=t.eval if has_eval else "no",
+        eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # CheckpointCallback rotates, counting only complete ones
@@ -441,11 +453,13 @@ class CheckpointCallback(TrainerCallback):
     Args:
         clock: the run's times, saved with each checkpoint.
         on_complete: called after each complete checkpoint (publishes a new run folder).
+        keep: complete checkpoints kept (``train.save_total_limit``); ``None`` keeps all.
     """
 
-    def __init__(self, clock: RunClock, on_complete: Callable[[], None]):
+    def __init__(self, clock: RunClock, on_complete: Callable[[], None], keep: int | None):
         self.clock = clock
         self.on_complete = on_complete
+        self.keep = keep
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A resumed run's state comes from the checkpoint, cadences included; the ones given on
@@ -460,9 +474,25 @@ class CheckpointCallback(TrainerCallback):
         tmp.write_text(f"{state.global_step}\n")
         fsync_tree(folder)
         tmp.replace(marker)
-        for old in complete_checkpoints(Path(args.output_dir))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate_checkpoints(Path(args.output_dir), self.keep)
         self.on_complete()
+
+
+def rotate_checkpoints(folder: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (``None``: keep all).
+
+    Only complete checkpoints count and only they are deleted: a partial one (being written,
+    or left by a kill) never pushes a complete one out.
+
+    Returns:
+        The deleted folders.
+    """
+    if keep is None:
+        return []
+    old = complete_checkpoints(folder)[:-keep]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 class StopCallback(TrainerCallback):
@@ -716,6 +746,11 @@ def cli_main(args: argparse.Namespace) -> int:
             raise ConfigError("a training config is needed (or --resume RUN_DIR)")
         else:
             cfg = load_config(config, overrides)
+        if getattr(args, "dry_run", False):
+            from mxlora.recipes.dryrun import dry_run, format_dry_run
+
+            print(format_dry_run(dry_run(cfg)))
+            return 0
         run_dir = train(cfg, resume=resume, overwrite=args.overwrite)
     except (ConfigError, ModelLoadError, TrainingError) as e:
         print(f"mxlora train: error: {e}", file=sys.stderr)

@@ -1,0 +1,182 @@
+"""``mxlora train CONFIG ... --dry-run``: what a run would do, without training or writing.
+
+Prints the resolved config (every field, after overrides), the data summary (rows kept and
+dropped by reason, token statistics: the data is read and rendered exactly as a run does), the
+parameter counts of the model with its LoRA adapter, and an estimate of the training memory.
+The model is built on the meta device from its ``config.json``: no weight is read or allocated,
+so a dry run of gpt-oss-120b takes seconds on any machine. Nothing is written.
+
+The memory estimate comes from sizes alone, for the device a run would use:
+
+* weights: every non-expert tensor in the run's dtype; the experts as held (``mxfp4``: 4.25 bits
+  a weight, 16 bytes of FP4 values plus one e8m0 scale per 32; ``dequantize-bf16``: the dtype);
+* adapter: LoRA weights and their gradients in the dtype, AdamW's two float32 moments;
+* activations of the largest batch (``batch_size`` rows padded to the longest kept row): the
+  logits in the compute dtype and one checkpointed hidden state per layer; attention scores,
+  the recomputed layer, the loss's float32 temporaries and allocator slack come on top. For
+  gpt-oss-20b at 4 x 2048 in bf16 this gives 46.4 GB (seed, dequantized experts) and 18.4 GB
+  (MXFP4 experts) against 52.4 GB (eager attention) and 18.2 GB (flex_attention) measured
+  allocated on the H100 (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mxlora.config import TrainingConfig, dump_config
+from mxlora.data import prepare_data
+from mxlora.model.load import (
+    _read_config,
+    default_device,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_experts,
+    resolve_model_path,
+)
+from mxlora.model.lora import apply_lora, count_parameters
+
+GB = 1e9
+# MXFP4: 32 FP4 values in 16 bytes plus one e8m0 scale byte.
+MXFP4_BYTES_PER_WEIGHT = 17 / 32
+# Expert weight tensors (3-D, [experts, ...]); their biases stay in the compute dtype.
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def meta_model(name_or_path: str) -> torch.nn.Module:
+    """The checkpoint's architecture on the meta device (shapes only, nothing allocated).
+
+    Raises:
+        ModelLoadError: unreadable or non-gpt-oss checkpoint.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _read_config(resolve_model_path(name_or_path))
+    raw = config.to_dict()
+    raw.pop("quantization_config", None)  # shapes of the dequantized model; nothing to load
+    config = type(config).from_dict(raw)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _is_expert_weight(name: str) -> bool:
+    # PEFT renames adapted ones (``mlp.experts.base_layer.base_layer.gate_up_proj``).
+    return ".mlp.experts." in name and name.rsplit(".", 1)[-1] in EXPERT_WEIGHTS
+
+
+def estimate_memory(
+    model: torch.nn.Module,
+    experts: str,
+    dtype: torch.dtype,
+    batch_tokens: int,
+    gradient_checkpointing: bool = True,
+) -> dict[str, float]:
+    """Training memory in GB (10^9 bytes) from sizes alone (module docstring).
+
+    Args:
+        model: the LoRA-wrapped model (meta device is fine).
+        experts: resolved expert holding, ``mxfp4`` or ``dequantize-bf16``.
+        dtype: the run's compute dtype.
+        batch_tokens: tokens of the largest batch (padded): batch size x longest row.
+        gradient_checkpointing: one hidden state per layer is kept for the backward pass.
+
+    Returns:
+        ``{"weights_gb", "adapter_gb", "activations_gb", "total_gb"}``.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = adapter = 0.0
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # LoRA: weight + gradient in dtype, AdamW's exp_avg and exp_avg_sq
+            adapter += p.numel() * (2 * size + 8)
+        elif _is_expert_weight(name) and experts == "mxfp4":
+            weights += p.numel() * MXFP4_BYTES_PER_WEIGHT
+        else:
+            weights += p.numel() * size
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    c = model.config
+    logits = batch_tokens * c.vocab_size * size
+    hidden = c.num_hidden_layers * batch_tokens * c.hidden_size * size
+    activations = logits + (hidden if gradient_checkpointing else 0)
+    return {
+        "weights_gb": weights / GB,
+        "adapter_gb": adapter / GB,
+        "activations_gb": activations / GB,
+        "total_gb": (weights + adapter + activations) / GB,
+    }
+
+
+def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str, Any]:
+    """Everything a run would start from, computed without training or writing anything.
+
+    Returns:
+        ``{"config", "device", "dtype", "experts", "data", "parameters", "memory"}``.
+
+    Raises:
+        ModelLoadError, ConfigError: bad model path or LoRA targets.
+        ValueError: bad data (naming the field or row).
+    """
+    device = device or default_device()
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
+    model = meta_model(cfg.model.name_or_path)
+    experts = resolve_experts(
+        cfg.model.experts, _read_config(resolve_model_path(cfg.model.name_or_path))
+    )
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = apply_lora(model, cfg.lora)
+    trainable, total = count_parameters(model)
+    # The largest batch a run meets: batch_size rows padded to the longest kept train row.
+    longest = data.report["splits"]["train"]["total_tokens"]["max"]
+    memory = estimate_memory(
+        model, experts, dtype, cfg.train.batch_size * longest, cfg.train.gradient_checkpointing
+    )
+    return {
+        "config": dump_config(cfg),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "experts": experts,
+        "data": data.report,
+        "parameters": {"trainable": trainable, "total": total},
+        "memory": memory,
+    }
+
+
+def format_dry_run(result: dict[str, Any]) -> str:
+    """The dry run for the console."""
+    data = result["data"]
+    lines = ["resolved config:", result["config"].rstrip(), "", "data:"]
+    lines.append(
+        f"  source {data['source']} ({data['adapter']}): {data['rows_read']} rows read, "
+        f"{data['rows_selected']} selected, {data['kept']} kept"
+    )
+    dropped = sum(entry["count"] for entry in data["dropped"].values())
+    lines.append(f"  dropped {dropped}: {_drops(data['dropped'])}")
+    for name, split in data["splits"].items():
+        total = split["total_tokens"]
+        lines.append(
+            f"  {name}: {split['kept']} rows, {split['tokens']} tokens ({split['loss_tokens']} under "
+            f"loss), length p50 {total['p50']} p95 {total['p95']} max {total['max']}"
+        )
+    p, m = result["parameters"], result["memory"]
+    lines += [
+        "",
+        f"model: experts {result['experts']}, dtype {result['dtype']} on {result['device']}",
+        f"  parameters: {p['trainable']:,} trainable of {p['total']:,} "
+        f"({100 * p['trainable'] / p['total']:.4f} %)",
+        f"  memory estimate: {m['total_gb']:.2f} GB = weights {m['weights_gb']:.2f} + "
+        f"adapter and AdamW {m['adapter_gb']:.2f} + logits and checkpointed activations "
+        f"{m['activations_gb']:.2f}",
+        "",
+        "dry run: nothing trained, nothing written",
+    ]
+    return "\n".join(lines)
+
+
+def _drops(dropped: dict[str, Any]) -> str:
+    """``too_long 3 (rows 4, 9, 12)`` per reason, from the report's ``dropped`` block."""
+    parts = [
+        f"{reason} {entry['count']} (rows {', '.join(map(str, entry['rows'][:10]))})"
+        for reason, entry in dropped.items()
+    ]
+    return ", ".join(parts) or "none"

@@ -1,0 +1,88 @@
+"""``mxlora train ... --dry-run``: the resolved config, data summary, parameter counts and a
+memory estimate, with the model on the meta device; nothing trained, nothing written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mxlora.cli import main
+from mxlora.config import TrainingConfig, from_dict, load_config
+from mxlora.model.load import load_weights
+from mxlora.model.lora import apply_lora, count_parameters
+from mxlora.recipes.dryrun import dry_run, estimate_memory, meta_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tiny:layers=4"
+
+
+def tiny_config(root: Path, experts: str = "auto") -> TrainingConfig:
+    return from_dict(
+        TrainingConfig,
+        {
+            "model": {"name_or_path": TINY, "experts": experts},
+            "lora": {"experts": {"layers": [1, 3]}},
+            "data": {"source": "example:quotes", "select": 16, "test_size": 0.25},
+            "train": {"max_len": 256, "batch_size": 4},
+            "output": {"root": str(root), "name": "quotes"},
+        },
+    )
+
+
+def test_cli_dry_run_prints_everything_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the YAML's data paths are relative to the project root
+    config = ROOT / "configs" / "tiny" / "quotes.yaml"
+    overrides = [f"output.root={tmp_path}", f"model.name_or_path={TINY}", "lora.experts.layers=[1]"]
+    overrides += ["data.source=example:quotes", "data.select=16"]
+    assert main(["train", str(config), *overrides, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # no run folder, nothing else
+    cfg = load_config(config, overrides)
+    # The resolved config, as YAML that loads back to the config that would run.
+    text = out.split("resolved config:\n", 1)[1].split("\n\ndata:\n", 1)[0]
+    assert from_dict(TrainingConfig, yaml.safe_load(text)) == cfg
+    # The data summary: 16 rows selected, a 12/4 split.
+    assert re.search(r"16 selected, 16 kept", out) and "\n  train: 12 rows," in out
+    assert "\n  eval: 4 rows," in out
+    # The parameter counts of the real model with its adapter.
+    model = apply_lora(load_weights(cfg.model, "cpu"), cfg.lora)
+    trainable, _ = count_parameters(model)
+    assert f"parameters: {trainable:,} trainable of " in out
+    assert "memory estimate: " in out and "experts mxfp4" in out  # resolved, not auto
+    assert out.rstrip().endswith("dry run: nothing trained, nothing written")
+
+
+@pytest.mark.parametrize("experts", ["mxfp4", "dequantize-bf16"])
+def test_weights_estimate_is_the_loaded_models_bytes(tmp_path, experts):
+    """The meta-device estimate of the frozen weights equals the bytes the loaded model holds
+    (parameters and buffers), for either way of holding the experts."""
+    cfg = tiny_config(tmp_path, experts)
+    real = apply_lora(load_weights(cfg.model, "cpu"), cfg.lora)
+    held = sum(p.numel() * p.element_size() for p in real.parameters() if not p.requires_grad)
+    held += sum(b.numel() * b.element_size() for b in real.buffers())
+    meta = apply_lora(meta_model(TINY), cfg.lora)
+    estimate = estimate_memory(meta, experts, torch.float32, batch_tokens=0)
+    assert estimate["weights_gb"] * 1e9 == pytest.approx(held, rel=1e-9)
+    # Same trainable and logical total parameter counts as the real (dequantized) model.
+    if experts == "dequantize-bf16":
+        assert count_parameters(meta) == count_parameters(real)
+    # Adapter: LoRA weight and gradient (float32) plus AdamW's two moments, 16 bytes each.
+    trainable, _ = count_parameters(real)
+    assert estimate["adapter_gb"] * 1e9 == pytest.approx(16 * trainable, rel=1e-9)
+
+
+def test_dry_run_activations_follow_the_longest_batch(tmp_path):
+    result = dry_run(tiny_config(tmp_path), torch.device("cpu"))
+    longest = result["data"]["splits"]["train"]["total_tokens"]["max"]
+    meta = apply_lora(meta_model(TINY), tiny_config(tmp_path).lora)
+    expected = estimate_memory(meta, "mxfp4", torch.float32, 4 * longest)
+    assert result["memory"] == pytest.approx(expected)
+    c = meta.config
+    per_token = (c.vocab_size + c.num_hidden_layers * c.hidden_size) * 4
+    assert result["memory"]["activations_gb"] * 1e9 == pytest.approx(4 * longest * per_token)
+    assert (result["experts"], result["dtype"]) == ("mxfp4", "float32")
+    assert not (tmp_path / "quotes").exists()
