@@ -39,9 +39,10 @@ from mxlora.mxfp4.kernels import REFERENCE, TORCH, TRITON
 from mxlora.mxfp4.reference import dequantize_mxfp4
 
 #: ``triton`` backend: below this many rows per expert (on average) the fused kernel runs,
-#: from it on the dequantize-then-``grouped_mm`` path (measured cut-over on an H100,
-#: bench/mxfp4_matmul.py).
-FUSED_MAX_ROWS_PER_EXPERT = 256
+#: from it on the dequantize-then-``grouped_mm`` path: the measured cut-over on an H100 at
+#: gpt-oss-20b shapes, between 128 rows (fused faster) and 256 (dense faster), summed over both
+#: projections and directions (bench/results/mxfp4_matmul-sweep.json).
+FUSED_MAX_ROWS_PER_EXPERT = 192
 
 
 def offsets_from_counts(counts: Sequence[int] | Tensor, device: torch.device | str) -> Tensor:
@@ -155,22 +156,30 @@ def dequantize_mxfp4_torch(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -
     as ``ldexp`` does, so those compute in place; other dtypes compute in fp32 and round.
     Vectorized, no data-dependent shapes: ``torch.compile`` fuses it into one kernel.
     """
-    compute = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-    pairs, pow2 = _tables(compute, blocks.device)
+    return _lookup(blocks, scales, *_tables(_compute_dtype(dtype), blocks.device), dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def _lookup(blocks: Tensor, scales: Tensor, pairs: Tensor, pow2: Tensor, dtype) -> Tensor:
     values = pairs[blocks.int()].flatten(-2)  # [..., groups, 32]
     w = values * pow2[scales.int()].unsqueeze(-1)
     return w.flatten(-2).to(dtype)
 
 
 @functools.cache
-def _compiled_dequantize():
+def _compiled_lookup():
     # One fused elementwise kernel instead of the eager lookups' several passes over memory.
-    return torch.compile(dequantize_mxfp4_torch, dynamic=False, fullgraph=True)
+    return torch.compile(_lookup, dynamic=False, fullgraph=True)
 
 
 def _dequantize_torch(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`dequantize_mxfp4_torch`, compiled on CUDA (not on ROCm: no Triton trusted there)."""
     if blocks.is_cuda and torch.version.hip is None:
-        return _compiled_dequantize()(blocks, scales, dtype)
+        tables = _tables(_compute_dtype(dtype), blocks.device)
+        return _compiled_lookup()(blocks, scales, *tables, dtype)
     return dequantize_mxfp4_torch(blocks, scales, dtype)
 
 
