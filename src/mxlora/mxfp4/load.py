@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import LoraLayer
 from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -40,9 +41,17 @@ from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# What a Hub snapshot needs for load_mxfp4_model: gpt-oss repos also hold original/ and metal/
-# copies of the weights, which these patterns (matched from the repo root) leave out.
-HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors*"]
+# What a Hub snapshot needs for load_mxfp4_model and `mxlora export` (the tokenizer and chat
+# template travel with an export): gpt-oss repos also hold original/ and metal/ copies of the
+# weights, which these patterns (matched from the repo root) leave out.
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors*",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+]
 
 
 def load_mxfp4_model(
@@ -75,15 +84,7 @@ def load_mxfp4_model(
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "gpt_oss" or not is_mxfp4(config):
         raise ValueError(f"{path}: not a gpt-oss checkpoint with MXFP4 experts")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=attn_implementation
-        )
-    for name, module in list(model.named_modules()):
-        if isinstance(module, GptOssExperts):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, _empty_mxfp4_experts(module, dtype))
-
+    model = mxfp4_skeleton(config, dtype, attn_implementation)
     expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()
     for name, tensor in _checkpoint_tensors(path):
@@ -116,6 +117,26 @@ def load_mxfp4_model(
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.requires_grad_(False)
     return model.eval()
+
+
+def mxfp4_skeleton(
+    config: PretrainedConfig, dtype: torch.dtype, attn_implementation: str = "eager"
+) -> PreTrainedModel:
+    """The gpt-oss model of ``config`` on the meta device, experts as empty :class:`Mxfp4Experts`.
+
+    Costs no memory: every tensor is on the meta device, with the checkpoint's names, shapes and
+    dtypes (uint8 blocks/scales, ``dtype`` elsewhere). :func:`load_mxfp4_model` fills it; an
+    adapter can be attached to it to learn its layout without loading any weight.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GptOssExperts):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, _empty_mxfp4_experts(module, dtype))
+    return model
 
 
 def local_checkpoint(name_or_path: str | Path) -> Path:
@@ -212,9 +233,12 @@ def load_mxfp4_adapter(
 
     The MXFP4 counterpart of ``PeftModel.from_pretrained``: same files, same keys. Every adapter
     tensor must land in the model and every LoRA tensor of the model must be in the file.
+    On a :func:`mxfp4_skeleton` (meta device) the LoRA tensors are loaded on the CPU (in the
+    dtype PEFT gives them, float32) while the base weights stay on meta: the adapter's layout and
+    values without any base weight in memory.
 
     Args:
-        model: the MXFP4-expert model.
+        model: the MXFP4-expert model (or its meta skeleton).
         adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         adapter_name: PEFT adapter name.
         is_trainable: keep the LoRA weights trainable (else inference mode, as PEFT's default).
@@ -226,7 +250,17 @@ def load_mxfp4_adapter(
     config = LoraConfig.from_pretrained(adapter_dir)
     config.inference_mode = not is_trainable
     peft_model = get_mxfp4_peft_model(model, config, adapter_name=adapter_name)
-    state = load_file(adapter_dir / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        # LoRA tensors are small: they go to the CPU, the base weights stay on meta.
+        device = torch.device("cpu")
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                for attr in module.adapter_layer_names:
+                    container = getattr(module, attr)
+                    if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                        container[adapter_name].to_empty(device=device)
+    state = load_file(adapter_dir / ADAPTER_WEIGHTS, device=str(device))
     result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or missing:
