@@ -624,10 +624,11 @@ def logit_agreement(
 
 
 def _agreement(logits: list[Tensor], reference: list[Tensor]) -> dict[str, float]:
-    cosines = [
-        float(torch.nn.functional.cosine_similarity(x.flatten(), r.flatten(), dim=0))
-        for x, r in zip(logits, reference, strict=True)
-    ]
+    def cosine(x: Tensor, r: Tensor) -> float:
+        x, r = x.flatten().double(), r.flatten().double()
+        return float(x @ r / (x.norm() * r.norm()))
+
+    cosines = [cosine(x, r) for x, r in zip(logits, reference, strict=True)]
     same = sum(
         int((x.argmax(-1) == r.argmax(-1)).sum()) for x, r in zip(logits, reference, strict=True)
     )
