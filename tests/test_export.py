@@ -4,6 +4,7 @@ loading through transformers and mxlora, logits against the bf16 merge, refusals
 from __future__ import annotations
 
 import filecmp
+import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mxlora.model.load import load_model, load_weights
 from mxlora.model.random import make_random, make_random_adapter
 from mxlora.model.tiny import TinySpec, ensure_tiny, tiny_config
 from mxlora.mxfp4 import dequantize_mxfp4_experts, quantize_mxfp4_experts
+from mxlora.mxfp4.experts import PROJECTIONS
 from mxlora.mxfp4.load import INDEX_FILE, load_mxfp4_adapter, load_mxfp4_model
 from mxlora.recipes import export as export_module
 from mxlora.recipes.export import EXPERT_ADAPTER, EXPORT_REPORT, export
@@ -287,3 +289,26 @@ def test_sharded_base_keeps_its_shards_and_gives_the_same_tensors(exported, tmp_
     for shard in shards:
         with safe_open(str(out / shard), "pt") as f:
             assert all(index[k] == shard for k in f.keys()), shard  # noqa: SIM118
+
+
+def test_bench_script_runs_on_tiny(exported, tmp_path, capsys):
+    """bench/export_20b.py's own code path (seed-shaped random adapter, figures, CLI) on tiny."""
+    path = Path(__file__).parents[1] / "bench" / "export_20b.py"
+    spec = importlib.util.spec_from_file_location("export_20b", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run(exported["base"], tmp_path / "out", expert_layers=(1, 2))
+    names = {w["name"] for w in result["weights"]}
+    assert names == {f"model.layers.{i}.mlp.experts.{p}" for i in (1, 2) for p in PROJECTIONS}
+    assert all(w["delta_norm"] > 0 for w in result["weights"])
+    assert result["output_bytes"] > result["tensor_bytes"] > 0 and result["peak_rss_bytes"] > 0
+    assert (tmp_path / "out-adapter" / "adapter_config.json").is_file()
+
+    json_path = tmp_path / "figures.json"
+    code = bench.main(
+        ["--base", str(exported["base"]), "--out", str(tmp_path / "again")]
+        + ["--adapter", str(exported["adapter"]), "--json", str(json_path)]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "host peak RSS" in printed and "layers.2.mlp.experts.down_proj" in printed
+    assert len(json.loads(json_path.read_text())["weights"]) == 3
