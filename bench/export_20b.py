@@ -11,7 +11,8 @@ torch, transformers, peft and safetensors, with this repository's ``src/`` on ``
         [--experts merge|keep-adapter] [--json bench/results/export-20b.json]
 
 Without ``--adapter`` a random adapter shaped like the seed's (r=8, alpha=16, attention
-``all-linear``, the experts of layers 7, 15 and 23; ``lora_B ~ N(0, --b-std)``) is written to
+``all-linear``, the experts of ``--expert-layers``, by default 7, 15 and 23;
+``lora_B ~ N(0, --b-std)``) is written to
 ``<out>-adapter`` first (reused when it is there). ``--logit-check`` also compares logits with the
 bf16 merge (holds the bf16 merge, 42 GB for 20b, on the GPU). Run it in a fresh process: the
 peak RSS is the process's.
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--adapter", default=None, help="PEFT adapter (default: seed-shaped random)"
     )
+    parser.add_argument(
+        "--expert-layers",
+        default=",".join(map(str, SEED_EXPERT_LAYERS)),
+        help="expert layers of the random adapter (default 7,15,23, the seed's)",
+    )
     parser.add_argument("--experts", choices=("merge", "keep-adapter"), default="merge")
     parser.add_argument("--logit-check", action="store_true", help="logits vs the bf16 merge")
     parser.add_argument("--b-std", type=float, default=0.01, help="random adapter's lora_B std")
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base,
         args.out,
         adapter=args.adapter,
+        expert_layers=tuple(int(x) for x in args.expert_layers.split(",")),
         experts=args.experts,
         logit_check=args.logit_check,
         b_std=args.b_std,

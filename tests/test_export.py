@@ -255,10 +255,20 @@ def test_keep_adapter_keeps_the_experts_and_writes_their_lora(exported, tmp_path
     assert _cos(ours_logits, reference) > 0.999
 
 
-def test_refuses_a_non_empty_out_and_leaves_nothing_on_failure(exported, tmp_path, monkeypatch):
+def test_refuses_a_non_empty_out_and_leaves_nothing_on_failure(
+    exported, tmp_path, monkeypatch, capsys
+):
     base, adapter = str(exported["base"]), exported["adapter"]
     with pytest.raises(MergeError, match="already exists; export never overwrites"):
         export(base, adapter, exported["out"], logit_check=False)
+    code = main(
+        ["export", "--base", base, "--adapter", str(adapter), "--out", str(exported["out"])]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (
+        f"mxlora export: error: output {exported['out']} already exists; export never "
+        "overwrites (remove it or pick another --out)"
+    )
 
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure")
@@ -297,18 +307,48 @@ def test_bench_script_runs_on_tiny(exported, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("export_20b", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.run(exported["base"], tmp_path / "out", expert_layers=(1, 2))
-    names = {w["name"] for w in result["weights"]}
-    assert names == {f"model.layers.{i}.mlp.experts.{p}" for i in (1, 2) for p in PROJECTIONS}
+    result = bench.run(exported["base"], tmp_path / "out", adapter=exported["adapter"])
+    assert {w["name"] for w in result["weights"]} == ADAPTED_EXPERTS
     assert all(w["delta_norm"] > 0 for w in result["weights"])
     assert result["output_bytes"] > result["tensor_bytes"] > 0 and result["peak_rss_bytes"] > 0
-    assert (tmp_path / "out-adapter" / "adapter_config.json").is_file()
 
+    # The CLI with its seed-shaped random adapter, on expert layers the tiny model has.
     json_path = tmp_path / "figures.json"
     code = bench.main(
         ["--base", str(exported["base"]), "--out", str(tmp_path / "again")]
-        + ["--adapter", str(exported["adapter"]), "--json", str(json_path)]
+        + ["--expert-layers", "0,3", "--json", str(json_path)]
     )
     printed = capsys.readouterr().out
-    assert code == 0 and "host peak RSS" in printed and "layers.2.mlp.experts.down_proj" in printed
-    assert len(json.loads(json_path.read_text())["weights"]) == 3
+    assert code == 0 and "host peak RSS" in printed and "layers.3.mlp.experts.down_proj" in printed
+    assert (tmp_path / "again-adapter" / "adapter_config.json").is_file()
+    names = {w["name"] for w in json.loads(json_path.read_text())["weights"]}
+    assert names == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 3) for p in PROJECTIONS}
+
+
+def _config_only(folder: Path, spec: TinySpec) -> Path:
+    """A folder holding only a tiny spec's config.json (all an adapter or the checks read)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(tiny_config(spec)))
+    return folder
+
+
+def test_wrong_adapter_or_base_is_a_one_line_error(exported, tmp_path, capsys):
+    other = _config_only(tmp_path / "six", TinySpec(layers=6))
+    foreign = make_random_adapter(other, tmp_path / "foreign", _lora())
+    bf16 = _config_only(tmp_path / "bf16", TinySpec(mxfp4=False))
+    cases = [
+        (
+            exported["base"],
+            foreign,
+            "does not fit this model: 16 adapter tensor(s) have no place in it",
+        ),
+        (bf16, exported["adapter"], "its experts are not MXFP4"),
+    ]
+    for base, adapter, message in cases:
+        code = main(
+            ["export", "--base", str(base), "--adapter", str(adapter)]
+            + ["--out", str(tmp_path / "out")]
+        )
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and err.startswith("mxlora export: error: ") and message in err, err
+        assert not (tmp_path / "out").exists()

@@ -263,9 +263,14 @@ def load_mxfp4_adapter(
     state = load_file(adapter_dir / ADAPTER_WEIGHTS, device=str(device))
     result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if ".lora_" in k]
-    if result.unexpected_keys or missing:
+    if result.unexpected_keys:
         raise ValueError(
-            f"{adapter_dir}: adapter does not fit the model: unexpected {result.unexpected_keys[:8]}, "
-            f"missing {missing[:8]}"
+            f"{adapter_dir}: adapter does not fit the model: {len(result.unexpected_keys)} adapter "
+            f"tensor(s) have no place in it (e.g. {result.unexpected_keys[0]})"
+        )
+    if missing:
+        raise ValueError(
+            f"{adapter_dir}: adapter does not fit the model: {len(missing)} LoRA tensor(s) of the "
+            f"model are not in the adapter (e.g. {missing[0]})"
         )
     return peft_model

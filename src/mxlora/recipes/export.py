@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from mxlora.config import ConfigError
-from mxlora.model.load import ModelLoadError, read_config, resolve_model_path
+from mxlora.model.load import ModelLoadError, default_device, read_config, resolve_model_path
 from mxlora.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, quantize_mxfp4
 from mxlora.mxfp4.load import INDEX_FILE, SINGLE_FILE, is_mxfp4, local_checkpoint
 from mxlora.recipes.merge import (
@@ -205,8 +205,6 @@ def export(
     check_out(out, "export")
     base_dir = _mxfp4_checkpoint(base)
     adapter_dir, adapter_sha, chain = adapter_provenance(str(base_dir), adapter)
-    from mxlora.model.load import default_device
-
     device = torch.device(device) if device is not None else default_device()
     peft_model, plan = _plan(base_dir, adapter_dir)
     shards = _shards(base_dir)
@@ -316,6 +314,7 @@ def _plan(base_dir: Path, adapter_dir: Path) -> tuple[Any, _Plan]:
     except (ValueError, RuntimeError, KeyError) as e:
         text = str(e).strip()
         reason = text.splitlines()[0] if text else type(e).__name__
+        reason = reason.rpartition("adapter does not fit the model: ")[2]
         if "size mismatch" in text:
             reason = next(line.strip() for line in text.splitlines() if "size mismatch" in line)
         raise MergeError(f"adapter {adapter_dir} does not fit this model: {reason}") from None
