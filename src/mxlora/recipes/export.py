@@ -64,7 +64,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -250,7 +250,7 @@ def export(
         )
         del peft_model, plan
         if logit_check is None:
-            logit_check = sum(s[3] - s[2] for s in located.values()) <= LOGIT_CHECK_AUTO_BYTES
+            logit_check = sum(s.end - s.begin for s in located.values()) <= LOGIT_CHECK_AUTO_BYTES
         if logit_check:
             report.logits = logit_agreement(str(base_dir), adapter_dir, tmp, experts, device)
         (tmp / EXPORT_REPORT).write_text(
@@ -361,39 +361,48 @@ def _shards(base_dir: Path) -> list[str]:
     raise ModelLoadError(f"model {base_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _locate(base_dir: Path, shards: list[str]) -> dict[str, tuple[str, int, int, int, str, tuple]]:
+class _Span(NamedTuple):
+    """Where a tensor's bytes are: its shard file and absolute byte range, dtype and shape."""
+
+    shard: str
+    begin: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _locate(base_dir: Path, shards: list[str]) -> dict[str, _Span]:
     """Every tensor's shard and byte range, from the safetensors headers.
 
     A safetensors file is an 8-byte little-endian header length, a JSON header naming each
     tensor's ``dtype``, ``shape`` and ``data_offsets`` (relative to the end of the header), then
-    the data. Returns ``name -> (shard, data start, begin, end, dtype, shape)`` with absolute
-    ``begin``/``end`` (``[2]``/``[3]``).
+    the data.
     """
-    located: dict[str, tuple[str, int, int, int, str, tuple]] = {}
+    located: dict[str, _Span] = {}
     for shard in shards:
         with (base_dir / shard).open("rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
         start = 8 + length
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            located[name] = (shard, start, start + begin, start + end, info["dtype"],
-                             tuple(info["shape"]))  # fmt: skip
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                located[name] = _Span(
+                    shard, start + begin, start + end, info["dtype"], tuple(info["shape"])
+                )
     return located
 
 
-def _read(base_dir: Path, located: dict, name: str) -> Tensor:
+def _read(base_dir: Path, located: dict[str, _Span], name: str) -> Tensor:
     from safetensors import safe_open
 
-    with safe_open(str(base_dir / located[name][0]), framework="pt", device="cpu") as f:
+    with safe_open(str(base_dir / located[name].shard), framework="pt", device="cpu") as f:
         return f.get_tensor(name)
 
 
-def _write(folder: Path, located: dict, name: str, tensor: Tensor) -> None:
+def _write(folder: Path, located: dict[str, _Span], name: str, tensor: Tensor) -> None:
     """Overwrite ``name``'s bytes in its shard under ``folder`` (same dtype and shape)."""
-    shard, _, begin, end, dtype, shape = located[name]
+    shard, begin, end, dtype, shape = located[name]
     if _SAFETENSORS_DTYPES.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
         raise MergeError(
             f"internal: {name} would change from {dtype} {list(shape)} to {tensor.dtype} "
@@ -458,7 +467,7 @@ class _Fidelity:
 
 
 def _merge_linear(
-    base_dir: Path, folder: Path, located: dict, name: str, layer: Any
+    base_dir: Path, folder: Path, located: dict[str, _Span], name: str, layer: Any
 ) -> WeightFidelity:
     """``W += ΔW`` as PEFT's ``Linear.merge`` does (ΔW float32, one rounding to W's dtype)."""
     weight = _read(base_dir, located, name)
@@ -497,7 +506,7 @@ def expert_delta(wrapper: Any, expert: int, adapter_name: str = _ADAPTER_NAME) -
 def _merge_expert(
     base_dir: Path,
     folder: Path,
-    located: dict,
+    located: dict[str, _Span],
     stem: str,
     wrapper: Any,
     device: torch.device,
