@@ -117,7 +117,8 @@ def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike[str]):
     return peft_model
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -136,11 +137,42 @@ def _previous_merges(base: str) -> list[dict[str, Any]]:
         raise MergeError(f"model {base}: unreadable {MERGE_INFO} ({e})") from None
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an occupied output folder unless ``overwrite`` (one-line MergeError)."""
     try:
         check_destination(out, overwrite)
     except DestinationExists as e:
         raise MergeError(f"output {e}") from None
+
+
+def adapter_provenance(
+    base: str, adapter: str | os.PathLike[str]
+) -> tuple[Path, str, list[dict[str, Any]]]:
+    """Check the adapter folder and that it is not merged into ``base`` already.
+
+    Returns:
+        ``(adapter folder, sha256 of its weights, the base's merge chain)``.
+
+    Raises:
+        MergeError: not a LoRA adapter folder, or its weights (by sha256) are already recorded in
+            the base's :data:`MERGE_INFO` (merging again would apply the update twice).
+    """
+    adapter_dir = check_adapter_dir(adapter)
+    adapter_sha = sha256_file(adapter_dir / ADAPTER_WEIGHTS)
+    chain = _previous_merges(base)
+    if any(m.get("adapter_sha256") == adapter_sha for m in chain):
+        raise MergeError(
+            f"adapter {adapter} is already merged into {base} (same weights, see {MERGE_INFO}); "
+            "merging it again would apply it twice"
+        )
+    return adapter_dir, adapter_sha, chain
+
+
+def write_merge_info(folder: Path, chain: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    """Write :data:`MERGE_INFO` into ``folder``: the base's chain plus this merge's ``record``."""
+    (folder / MERGE_INFO).write_text(
+        json.dumps({"merges": [*chain, record]}, indent=2) + "\n", encoding="utf-8"
+    )
 
 
 def _strip_quantization(model: torch.nn.Module) -> None:
@@ -181,15 +213,8 @@ def merge(
         ModelLoadError: the base cannot be read or is not gpt-oss.
     """
     out = Path(out)
-    _check_out(out, overwrite)
-    adapter_dir = check_adapter_dir(adapter)
-    adapter_sha = _sha256(adapter_dir / ADAPTER_WEIGHTS)
-    chain = _previous_merges(base)
-    if any(m.get("adapter_sha256") == adapter_sha for m in chain):
-        raise MergeError(
-            f"adapter {adapter} is already merged into {base} (same weights, see {MERGE_INFO}); "
-            "merging it again would apply it twice"
-        )
+    check_out(out, overwrite)
+    adapter_dir, adapter_sha, chain = adapter_provenance(base, adapter)
     model, tokenizer = load_model(
         # Merging folds ΔW into dense weights: the seed's dequantized model.
         ModelConfig(name_or_path=base, dtype=dtype, experts="dequantize-bf16"),
@@ -201,9 +226,7 @@ def merge(
         merged.save_pretrained(staged.path)
         tokenizer.save_pretrained(staged.path)
         record = {"base": base, "adapter": str(adapter_dir), "adapter_sha256": adapter_sha}
-        (staged.path / MERGE_INFO).write_text(
-            json.dumps({"merges": [*chain, record]}, indent=2) + "\n", encoding="utf-8"
-        )
+        write_merge_info(staged.path, chain, record)
         _check_saved(staged.path)
     return out
 
