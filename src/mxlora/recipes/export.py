@@ -14,7 +14,8 @@ How, tensor by tensor:
 - Attention (and any other float ``nn.Linear``) LoRA merges as PEFT's ``merge_and_unload`` does:
   ``ΔW = scaling · B @ A`` by PEFT's own ``get_delta_weight`` (float32, the dtype PEFT autocasts
   adapter weights to), then ``W += ΔW`` in the weight's dtype, the float32 sum rounded once. A
-  bf16 export's attention weights are therefore bit for bit those of a bf16 ``mxlora merge``.
+  bf16 export's attention weights are therefore bit for bit those of a bf16 ``mxlora merge`` on
+  the CPU (ΔW is computed on the CPU here; a GPU matmul may round it differently).
 - Adapted expert weights (``target_parameters``), one expert at a time: dequantize the Hub's
   ``[out, in]`` MXFP4 weight to float32 (exact), add ``ΔW_eᵀ`` (PEFT's ``ParamWrapper`` delta
   ``scaling · A_e @ B_e`` is ``[in, out]``, ``GptOssExperts``' orientation), and re-quantize with
