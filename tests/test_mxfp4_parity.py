@@ -233,7 +233,8 @@ def test_no_dequantized_expert_tensor_in_the_model(tiny):
             float_in_experts += t.numel()
     packed_params = [p for e in experts for p in e.parameters() if p.dtype == torch.uint8]
     # Frozen uint8 parameters (FSDP2 shards parameters), not buffers; never trainable.
-    assert len(packed_params) == 4 * len(experts) and not any(e.buffers() for e in experts)
+    assert len(packed_params) == 4 * len(experts)
+    assert not [b for e in experts for b in e.buffers()]
     assert not any(p.requires_grad for p in packed_params)
     packed = sum(p.numel() for p in packed_params)
     dequantized = cfg.num_hidden_layers * n * 3 * hidden * inter

@@ -41,7 +41,11 @@ from torch import Tensor, nn
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from mxlora.mxfp4.kernels import resolve_backend
-from mxlora.mxfp4.ops import grouped_mm, grouped_mxfp4_matmul_reference, mxfp4_grouped_mm
+from mxlora.mxfp4.ops import (
+    frozen_mxfp4_matmul,
+    grouped_mxfp4_matmul_reference,
+    lora_grouped_mm,
+)
 
 __all__ = [
     "PROJECTIONS",
@@ -74,7 +78,7 @@ def grouped_lora(x: Tensor, factors: LoraFactors, offsets: Tensor) -> Tensor:
     pad = -lhs.shape[-1] % 8
     lhs = F.pad(lhs.to(x.dtype), (0, pad)).contiguous()  # [E, in, r + pad]
     rhs = F.pad(rhs.to(x.dtype), (0, 0, 0, pad)).contiguous()  # [E, r + pad, out]
-    return grouped_mm(grouped_mm(x, lhs, offsets), rhs, offsets) * scaling
+    return lora_grouped_mm(lora_grouped_mm(x, lhs, offsets), rhs, offsets) * scaling
 
 
 class Mxfp4Experts(nn.Module):
@@ -213,7 +217,7 @@ class Mxfp4Experts(nn.Module):
         lora: Mapping[str, Sequence[LoraFactors]],
     ) -> Tensor:
         blocks, scales = getattr(self, f"{proj}_blocks"), getattr(self, f"{proj}_scales")
-        y = mxfp4_grouped_mm(x, blocks, scales, offsets, False, self.backend)
+        y = frozen_mxfp4_matmul(x, blocks, scales, offsets, False, self.backend)
         y = y + getattr(self, f"{proj}_bias")[expert_ids]
         for factors in lora.get(proj, ()):
             y = y + grouped_lora(x, factors, offsets)

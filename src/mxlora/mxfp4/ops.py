@@ -164,8 +164,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _lookup(blocks: Tensor, scales: Tensor, pairs: Tensor, pow2: Tensor, dtype) -> Tensor:
-    values = pairs[blocks.int()].flatten(-2)  # [..., groups, 32]
-    w = values * pow2[scales.int()].unsqueeze(-1)
+    # index_select, not advanced indexing: several times faster in eager on the CPU.
+    values = pairs.index_select(0, blocks.reshape(-1).int()).view(*scales.shape, 32)
+    w = values * pow2.index_select(0, scales.reshape(-1).int()).view(*scales.shape, 1)
     return w.flatten(-2).to(dtype)
 
 
@@ -247,6 +248,10 @@ def mxfp4_grouped_mm(
     Returns:
         ``[rows, out]`` (``[rows, in]`` with ``transpose``), ``x``'s dtype.
     """
+    return _run(x, blocks, scales, offsets, transpose, backend)
+
+
+def _run(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool, backend: str) -> Tensor:
     if backend not in _IMPLS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(_IMPLS)}")
     if x.shape[0] == 0:
@@ -276,3 +281,44 @@ def _backward(ctx, grad: Tensor):
 
 
 mxfp4_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFrozenMatmul(torch.autograd.Function):
+    """The op's forward and registered backward, as a plain autograd function.
+
+    Eager calls take this: the custom op's Python dispatch and autograd wrappers cost more than
+    the whole computation on small layers (the CPU, tiny models). Same implementations, same
+    gradient; :func:`frozen_mxfp4_matmul` picks the op when tracing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, blocks, scales, offsets, transpose, backend):
+        ctx.save_for_backward(blocks, scales, offsets)
+        ctx.transpose, ctx.backend = transpose, backend
+        return _run(x, blocks, scales, offsets, transpose, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        blocks, scales, offsets = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad = grad.contiguous()
+            grad_x = _run(grad, blocks, scales, offsets, not ctx.transpose, ctx.backend)
+        return grad_x, None, None, None, None, None
+
+
+def frozen_mxfp4_matmul(
+    x: Tensor, blocks: Tensor, scales: Tensor, offsets: Tensor, transpose: bool, backend: str
+) -> Tensor:
+    """:func:`mxfp4_grouped_mm` as training calls it: the registered op under ``torch.compile``
+    (one node in the graph), its autograd-function twin in eager mode (less overhead)."""
+    if torch.compiler.is_compiling():
+        return mxfp4_grouped_mm(x, blocks, scales, offsets, transpose, backend)
+    return _EagerFrozenMatmul.apply(x, blocks, scales, offsets, transpose, backend)
+
+
+def lora_grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """:func:`grouped_mm` under ``torch.compile``; torch's own (differentiable) in eager mode."""
+    if torch.compiler.is_compiling():
+        return grouped_mm(a, b, offsets)
+    return _aten_grouped_mm(a, b, offsets)
