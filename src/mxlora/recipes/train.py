@@ -1,7 +1,9 @@
 """``mxlora train CONFIG``: one LoRA fine-tune of gpt-oss, the seed notebook's recipe, measured.
 
 Top to bottom: set up the run folder -> render the data -> load the model and attach LoRA ->
-build TRL's SFTTrainer -> train -> save the adapter atomically -> write the report.
+train with the engine ``train.engine`` names (``mxlora``: :mod:`mxlora.engine`'s own loop;
+``trl``: TRL's SFTTrainer, the seed's, kept as the reference) -> save the adapter atomically ->
+write the report.
 The run folder layout is the run-folder contract (config.yaml, environment.json, metrics.jsonl,
 report.json/.md, loss.png, adapter/, checkpoints/).
 
@@ -15,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,20 @@ from mxlora.config import (
     to_dict,
 )
 from mxlora.data import PreparedData, prepare_data
+from mxlora.engine.memory import use_gradient_checkpointing
+from mxlora.engine.run_folder import (
+    COMPLETE_MARKER,
+    KEEP_CHECKPOINTS,
+    NonFiniteLossError,
+    TrainingError,
+    checkpoint_step,
+    complete_checkpoints,
+    is_host_oom,
+    mark_complete,
+    nonfinite_message,
+    oom_message,
+    save_adapter,
+)
 from mxlora.model.load import (
     ModelLoadError,
     default_device,
@@ -49,6 +65,7 @@ from mxlora.model.load import (
 from mxlora.model.lora import apply_lora, count_parameters
 from mxlora.report.metrics import (
     MetricsCallback,
+    MetricsLog,
     peak_device_gb,
     peak_rss_gb,
     truncate_metrics,
@@ -57,18 +74,18 @@ from mxlora.report.writer import environment, plot_loss, summarize_losses, write
 
 log = logging.getLogger(__name__)
 
-# Written into checkpoint-N/ after everything else of it: a checkpoint without it is partial.
-COMPLETE_MARKER = "mxlora-complete"
-# Resumable checkpoints kept (the newest complete ones); older ones are deleted.
-KEEP_CHECKPOINTS = 2
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user can act on (one-line message)."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss became NaN or Inf."""
+__all__ = [
+    "COMPLETE_MARKER",
+    "KEEP_CHECKPOINTS",
+    "NonFiniteLossError",
+    "TrainResult",
+    "TrainingError",
+    "complete_checkpoints",
+    "fit",
+    "oom_message",
+    "save_adapter",
+    "train",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,11 +94,28 @@ class NonFiniteLossError(TrainingError):
 
 @dataclass
 class TrainResult:
-    """What :func:`fit` leaves: the run folder, the trained PEFT model and the data it saw."""
+    """What :func:`fit` leaves: the run folder, the trained PEFT model and the data it saw.
+
+    ``stopped``: the ``should_stop`` hook ended the run early; its newest checkpoint holds
+    where it stopped (``--resume`` continues), and no adapter or report was written.
+    """
 
     run_dir: Path
     model: torch.nn.Module
     data: PreparedData
+    stopped: bool = False
+
+
+@dataclass
+class EngineStats:
+    """What an engine reports back to the recipe (for ``report.json``)."""
+
+    steps: int
+    epoch: float
+    tokens: int
+    stopped: bool
+    gradient_checkpointing: bool
+    compiled: bool
 
 
 def train(cfg: TrainingConfig, resume: bool = False) -> Path:
@@ -101,8 +135,17 @@ def train(cfg: TrainingConfig, resume: bool = False) -> Path:
     return fit(cfg, resume).run_dir
 
 
-def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
-    """:func:`train`, also handing back the trained model in memory (for tests and notebooks)."""
+def fit(
+    cfg: TrainingConfig, resume: bool = False, should_stop: Callable[[], bool] | None = None
+) -> TrainResult:
+    """:func:`train`, also handing back the trained model in memory (for tests and notebooks).
+
+    Args:
+        cfg: the full training config.
+        resume: continue from the newest complete checkpoint in the run folder.
+        should_stop: checked after every optimizer step; when it returns True a complete
+            checkpoint is written and training stops (``TrainResult.stopped``).
+    """
     wall_start = time.perf_counter()
     # The tokenizer first: it checks the model path before an earlier run folder is replaced.
     tokenizer = load_tokenizer(cfg.model)
@@ -129,53 +172,36 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
     model = apply_lora(model, cfg.lora)
     trainable, total = count_parameters(model)
 
-    # Trainer.
+    # Train.
     dtype = resolve_dtype(cfg.model.dtype, device)
     has_eval = data.eval is not None and len(data.eval) > 0
     show_bar = sys.stderr.isatty()
-    metrics = MetricsCallback(run_dir / "metrics.jsonl", device, print_lines=not show_bar)
-    trainer = GuardedSFTTrainer(
-        model=model,
-        args=sft_config(cfg, run_dir, dtype, has_eval, show_bar),
-        train_dataset=data.train,
-        eval_dataset=data.eval if has_eval else None,
-        processing_class=tokenizer,
-        callbacks=[metrics, CheckpointCallback()],
-    )
-    if not show_bar:
-        trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
-
-    # Train.
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except torch.OutOfMemoryError:
-        raise TrainingError(
-            oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
-        ) from None
-    except RuntimeError as e:
-        if _is_host_oom(e):
-            raise TrainingError(
-                oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
-            ) from None
-        raise
+    metrics = MetricsLog(run_dir / "metrics.jsonl", device, print_lines=not show_bar)
+    engine = _train_trl if cfg.train.engine == "trl" else _train_mxlora
+    stats = engine(cfg, model, tokenizer, data, device, dtype, metrics, checkpoint, should_stop)
+    if stats.stopped:
+        log.info("stopped after step %d; continue with --resume", stats.steps)
+        return TrainResult(run_dir=run_dir, model=model, data=data, stopped=True)
 
     # Save.
-    save_adapter(trainer.model, run_dir / "adapter")
+    save_adapter(model, run_dir / "adapter")
 
     # Report.
     peak_alloc, peak_reserved = peak_device_gb(device)
-    state = trainer.state
-    tokens_here = state.num_input_tokens_seen - (metrics.tokens_at_start or 0)
+    tokens_here = stats.tokens - (metrics.tokens_at_start or 0)
     report: dict[str, Any] = {
         "name": cfg.output.name,
         "model": cfg.model.name_or_path,
+        "engine": cfg.train.engine,
         "experts": cfg.model.experts,
         "dtype": str(dtype).removeprefix("torch."),
-        "steps": state.global_step,
-        "epochs": state.epoch,
+        "gradient_checkpointing": stats.gradient_checkpointing,
+        "compiled": stats.compiled,
+        "steps": stats.steps,
+        "epochs": stats.epoch,
         "train_rows": len(data.train),
         "eval_rows": len(data.eval) if has_eval else 0,
-        "train_tokens": state.num_input_tokens_seen,
+        "train_tokens": stats.tokens,
         "tokens_per_s": tokens_here / metrics.step_time_total if metrics.step_time_total else None,
         "wall_time_s": time.perf_counter() - wall_start,
         "train_time_s": metrics.step_time_total,
@@ -188,13 +214,99 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
         **summarize_losses(run_dir / "metrics.jsonl"),
         "trainable_params": trainable,
         "total_params": total,
-        "resumed_from_step": _checkpoint_step(checkpoint) if checkpoint else None,
+        "resumed_from_step": checkpoint_step(checkpoint) if checkpoint else None,
         "data": data.report,
         "device": environment(device)["device"],
     }
     write_report(run_dir, report)
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.output.name} loss")
-    return TrainResult(run_dir=run_dir, model=trainer.model, data=data)
+    return TrainResult(run_dir=run_dir, model=model, data=data)
+
+
+# --------------------------------------------------------------------------------------------
+# The two engines: same rows, order, loss, optimizer, schedule and run folder.
+
+
+def _train_mxlora(
+    cfg, model, tokenizer, data, device, dtype, metrics, checkpoint, should_stop
+) -> EngineStats:
+    """mxlora's own loop (:class:`mxlora.engine.loop.Loop`)."""
+    from mxlora.engine.loop import Loop
+
+    has_eval = data.eval is not None and len(data.eval) > 0
+    loop = Loop(
+        cfg,
+        model,
+        train_rows=data.train.to_dict(),
+        eval_rows=data.eval.to_dict() if has_eval else None,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+        dtype=dtype,
+        metrics=metrics,
+        run_dir=cfg.output.run_dir,
+    )
+    result = loop.run(resume_from=checkpoint, should_stop=should_stop)
+    return EngineStats(
+        steps=result.steps,
+        epoch=result.epoch,
+        tokens=result.tokens,
+        stopped=result.stopped,
+        gradient_checkpointing=result.gradient_checkpointing,
+        compiled=result.compiled,
+    )
+
+
+def _train_trl(
+    cfg, model, tokenizer, data, device, dtype, metrics, checkpoint, should_stop
+) -> EngineStats:
+    """TRL's SFTTrainer (the seed's step), with our metrics, checkpoint markers and NaN guard."""
+    has_eval = data.eval is not None and len(data.eval) > 0
+    show_bar = not metrics.print_lines
+    # Rows are padded to the batch's longest: the worst micro-batch is batch_size x longest row.
+    longest = cfg.train.batch_size * max(len(ids) for ids in data.train["input_ids"])
+    checkpointing = use_gradient_checkpointing(
+        cfg.train.gradient_checkpointing,
+        model.get_base_model().config,
+        longest,
+        dtype,
+        device,
+        cfg.train.memory_budget_gb,
+    )
+    callbacks: list[TrainerCallback] = [MetricsCallback(metrics), CheckpointCallback()]
+    if should_stop is not None:
+        callbacks.append(StopCallback(should_stop))
+    trainer = GuardedSFTTrainer(
+        model=model,
+        args=sft_config(cfg, cfg.output.run_dir, dtype, has_eval, show_bar, checkpointing),
+        train_dataset=data.train,
+        eval_dataset=data.eval if has_eval else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if not show_bar:
+        trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError:
+        raise TrainingError(
+            oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
+        ) from None
+    except RuntimeError as e:
+        if is_host_oom(e):
+            raise TrainingError(
+                oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
+            ) from None
+        raise
+    state = trainer.state
+    stopped = should_stop is not None and state.global_step < state.max_steps
+    return EngineStats(
+        steps=state.global_step,
+        epoch=state.epoch,
+        tokens=state.num_input_tokens_seen,
+        stopped=stopped,
+        gradient_checkpointing=checkpointing,
+        compiled=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,11 +314,29 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
 
 
 def sft_config(
-    cfg: TrainingConfig, run_dir: Path, dtype: torch.dtype, has_eval: bool, show_bar: bool
+    cfg: TrainingConfig,
+    run_dir: Path,
+    dtype: torch.dtype,
+    has_eval: bool,
+    show_bar: bool,
+    gradient_checkpointing: bool,
 ) -> SFTConfig:
-    """TRL's ``SFTConfig`` from our training section (the seed's hyperparameters)."""
+    """TRL's ``SFTConfig`` from our training section (the seed's hyperparameters).
+
+    ``gradient_checkpointing`` is the resolved ``train.gradient_checkpointing`` (its ``auto``
+    depends on the data and device: :func:`mxlora.engine.memory.use_gradient_checkpointing`).
+    """
     t = cfg.train
+    # TRL 1.x adds gpt-oss's router load-balancing loss (coefficient 0.9 from the model config)
+    # unless told not to; the seed (TRL of its day, output_router_logits false) trained on the
+    # cross-entropy alone, and so does the mxlora engine.
+    no_aux_loss = (
+        {"router_aux_loss_coef": 0.0}
+        if "router_aux_loss_coef" in SFTConfig.__dataclass_fields__
+        else {}
+    )
     return SFTConfig(
+        **no_aux_loss,
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=t.lr,
         num_train_epochs=t.epochs,
@@ -221,7 +351,7 @@ def sft_config(
         lr_scheduler_kwargs=(
             {"min_lr_rate": t.min_lr_rate} if t.scheduler == "cosine_with_min_lr" else {}
         ),
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=dtype == torch.bfloat16,
         fp16=False,
@@ -256,12 +386,7 @@ class GuardedSFTTrainer(SFTTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
             accum = self.args.gradient_accumulation_steps
-            batch = (step - 1) * accum + self._micro_index
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {step}, batch {batch} (0-based, counted from the "
-                f"start of training; micro-batch {self._micro_index} of {accum} in that step). "
-                "Lower train.lr, check the data rows of that batch, or use model.dtype=float32."
-            )
+            raise NonFiniteLossError(nonfinite_message(loss.item(), step, self._micro_index, accum))
         self._micro_index += 1
         return loss
 
@@ -270,55 +395,21 @@ class CheckpointCallback(TrainerCallback):
     """Mark each checkpoint complete once written, then keep only the newest complete ones."""
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        marker = folder / COMPLETE_MARKER
-        tmp = folder / f".{COMPLETE_MARKER}.tmp"
-        tmp.write_text(f"{state.global_step}\n")
-        _fsync_tree(folder)
-        tmp.replace(marker)
-        for old in complete_checkpoints(Path(args.output_dir))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Complete ``checkpoint-N`` folders, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=_checkpoint_step)
+class StopCallback(TrainerCallback):
+    """The ``should_stop`` hook for the TRL engine: checked after every optimizer step; when
+    it returns True the step's checkpoint is written and training ends."""
 
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
 
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush a folder's files to disk, so the marker never outlives their contents."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def save_adapter(model: torch.nn.Module, dest: Path) -> None:
-    """Write the PEFT adapter so that ``dest`` is either absent or complete, never partial.
-
-    It is written into a temp folder beside ``dest`` and renamed into place in one step.
-    """
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    _fsync_tree(tmp)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.should_stop():
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 def _setup_run_dir(cfg: TrainingConfig, resume: bool) -> Path | None:
@@ -347,7 +438,7 @@ def _setup_run_dir(cfg: TrainingConfig, resume: bool) -> Path | None:
         for partial in (run_dir / "checkpoints").glob("checkpoint-*"):
             if not (partial / COMPLETE_MARKER).is_file():
                 shutil.rmtree(partial)  # killed mid-write: never loaded, redone by this run
-        truncate_metrics(run_dir / "metrics.jsonl", _checkpoint_step(checkpoint))
+        truncate_metrics(run_dir / "metrics.jsonl", checkpoint_step(checkpoint))
         log.info("resuming %s from %s", run_dir, checkpoint)
         return checkpoint
     if run_dir.exists():
@@ -373,25 +464,6 @@ def _diff(a: Any, b: Any, where: str) -> dict[str, tuple[Any, Any]]:
             out.update(_diff(a.get(key), b.get(key), f"{where}.{key}" if where else key))
         return out
     return {} if a == b else {where: (a, b)}
-
-
-def _is_host_oom(error: RuntimeError) -> bool:
-    text = str(error)
-    return "DefaultCPUAllocator" in text and "memory" in text
-
-
-def oom_message(cfg: TrainingConfig, device: torch.device, when: str) -> str:
-    """What ran out, and the knobs that lower memory, with their current values."""
-    peak, _ = peak_device_gb(device)
-    where = f"{device}" + (f", peak {peak:.1f} GB allocated" if peak is not None else "")
-    t, lora = cfg.train, cfg.lora
-    return (
-        f"out of memory while {when} ({where}). To lower memory: train.batch_size "
-        f"(now {t.batch_size}; raise train.grad_accum, now {t.grad_accum}, to keep the effective "
-        f"batch), train.max_len (now {t.max_len}), fewer LoRA targets (lora.target_modules, "
-        f"now {lora.target_modules}; lora.experts.layers, now {lora.experts.layers}), or hold "
-        f"the experts more compactly (model.experts, now {cfg.model.experts!r})."
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""Run-folder pieces both training engines share: errors, checkpoints, the adapter folder.
+
+A checkpoint counts only once its completion marker is written (after every file of it), so
+``--resume`` never loads a half-written one; the adapter folder appears by one rename of a
+finished temp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mxlora.report.metrics import peak_device_gb
+
+if TYPE_CHECKING:
+    from mxlora.config import TrainingConfig
+
+# Written into checkpoint-N/ after everything else of it: a checkpoint without it is partial.
+COMPLETE_MARKER = "mxlora-complete"
+# Resumable checkpoints kept (the newest complete ones); older ones are deleted.
+KEEP_CHECKPOINTS = 2
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user can act on (one-line message)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or Inf."""
+
+
+def nonfinite_message(loss: float, step: int, micro_index: int, accum: int) -> str:
+    """The NaN/Inf stop message, naming the optimizer step and the micro-batch."""
+    batch = (step - 1) * accum + micro_index
+    return (
+        f"loss is {loss} at step {step}, batch {batch} (0-based, counted from the "
+        f"start of training; micro-batch {micro_index} of {accum} in that step). "
+        "Lower train.lr, check the data rows of that batch, or use model.dtype=float32."
+    )
+
+
+def oom_message(cfg: TrainingConfig, device: torch.device, when: str) -> str:
+    """What ran out, and the knobs that lower memory, with their current values."""
+    peak, _ = peak_device_gb(device)
+    where = f"{device}" + (f", peak {peak:.1f} GB allocated" if peak is not None else "")
+    t, lora = cfg.train, cfg.lora
+    return (
+        f"out of memory while {when} ({where}). To lower memory: train.batch_size "
+        f"(now {t.batch_size}; raise train.grad_accum, now {t.grad_accum}, to keep the effective "
+        f"batch), train.max_len (now {t.max_len}), fewer LoRA targets (lora.target_modules, "
+        f"now {lora.target_modules}; lora.experts.layers, now {lora.experts.layers}), or hold "
+        f"the experts more compactly (model.experts, now {cfg.model.experts!r})."
+    )
+
+
+def is_host_oom(error: RuntimeError) -> bool:
+    """A CPU allocation failure (PyTorch raises a plain RuntimeError for it)."""
+    text = str(error)
+    return "DefaultCPUAllocator" in text and "memory" in text
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete ``checkpoint-N`` folders, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """N of ``checkpoint-N``."""
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def mark_complete(folder: Path, step: int) -> None:
+    """Flush a written checkpoint, write its marker, then drop all but the newest complete ones."""
+    marker = folder / COMPLETE_MARKER
+    tmp = folder / f".{COMPLETE_MARKER}.tmp"
+    tmp.write_text(f"{step}\n")
+    fsync_tree(folder)
+    tmp.replace(marker)
+    for old in complete_checkpoints(folder.parent)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush a folder's files to disk, so the marker never outlives their contents."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def save_adapter(model: torch.nn.Module, dest: Path) -> None:
+    """Write the PEFT adapter so that ``dest`` is either absent or complete, never partial.
+
+    It is written into a temp folder beside ``dest`` and renamed into place in one step.
+    """
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    fsync_tree(tmp)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
