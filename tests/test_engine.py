@@ -408,9 +408,9 @@ def test_compile_failure_stops_the_run_with_a_message():
         return x + 1
 
     compiled = torch.compile(breaks, fullgraph=True, backend="eager")
-    with pytest.raises(TrainingError, match=r"^train.compile: torch.compile .* train.compile=false"):
-        with loud_compile(True):
-            compiled(torch.ones(2))
+    message = r"^train.compile: torch.compile .* train.compile=false"
+    with pytest.raises(TrainingError, match=message), loud_compile(True):
+        compiled(torch.ones(2))
 
 
 def test_gradient_checkpointing_auto_follows_the_longest_batch_and_the_budget():
