@@ -24,7 +24,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,15 @@ class LoopResult:
     compiled: bool
     gradient_checkpointing: bool
     longest_tokens: int
+
+
+@dataclass
+class History:
+    """Per optimizer step of this process: loss, non-pad tokens, packed (bucketed) tokens."""
+
+    losses: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    packed: list[int] = field(default_factory=list)
 
 
 def use_compile(setting: bool | str, device: torch.device) -> bool:
@@ -182,6 +191,7 @@ class Loop:
         self.tokens = 0
         self.grad_norm: float | None = None
         self.learning_rate: float | None = None
+        self.history = History()
 
     # ----------------------------------------------------------------------------------------
 
@@ -308,6 +318,9 @@ class Loop:
         self.grad_norm = float(grad_norm)
         self.step = step.number
         self.tokens += sum(b.tokens for b in batches)
+        self.history.losses.append(sum(values))
+        self.history.tokens.append(sum(b.tokens for b in batches))
+        self.history.packed.append(sum(b.length for b in batches))
         return sum(values)
 
     @torch.no_grad()
