@@ -385,6 +385,20 @@ def test_should_stop_checkpoints_and_resume_continues_exactly(both_engines, tmp_
         torch.testing.assert_close(lora_state(resumed.model)[name], want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_should_stop_on_the_trl_engine_checkpoints_and_stops(tmp_path):
+    calls = []
+    result = fit(
+        quotes_config(tmp_path, "trl", epochs=1),
+        should_stop=lambda: calls.append(1) or len(calls) == 1,
+    )
+    run = result.run_dir
+    assert result.stopped and len(calls) == 1
+    assert (run / "checkpoints" / "checkpoint-1" / COMPLETE_MARKER).is_file()
+    assert not (run / "adapter").exists() and not (run / "report.json").exists()
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1]
+
+
 def test_out_of_memory_in_a_step_names_the_knobs(tmp_path, monkeypatch):
     import mxlora.engine.loop as loop
 
@@ -452,3 +466,20 @@ def test_engine_fields_parse_and_validate():
         train(compile="sometimes")
     with pytest.raises(ConfigError, match="train.memory_budget_gb: must be > 0"):
         train(memory_budget_gb=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_mxlora_engine_matches_trl_on_cuda_in_bf16(tmp_path, compile_blocks):
+    """On CUDA the engine runs flex_attention (block mask, sinks through the LSE) and, with
+    train.compile=true, compiled decoder blocks: same losses as TRL within bf16 noise. With
+    compile on, a block that cannot compile fails this test loudly (never a silent eager run)."""
+    runs = {}
+    for engine in ("trl", "mxlora"):
+        cfg = quotes_config(tmp_path / engine, engine, compile=compile_blocks)
+        cfg.model.dtype = "bfloat16"
+        runs[engine] = [r["loss"] for r in metrics(fit(cfg).run_dir) if "loss" in r]
+    assert len(runs["mxlora"]) == 6
+    assert runs["mxlora"] == pytest.approx(runs["trl"], rel=2e-2)
+    report = json.loads((tmp_path / "mxlora" / "mxlora" / "report.json").read_text())
+    assert report["compiled"] is compile_blocks

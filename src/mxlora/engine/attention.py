@@ -120,10 +120,13 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> to
 
 @functools.cache
 def _compiled_flex():
-    """flex_attention compiled once (eager flex materializes the scores; it is a fallback only)."""
+    """flex_attention compiled once (eager flex materializes the scores). Shapes are left to
+    dynamo's automatic dynamic shapes: the second bucketed length compiles a length-generic
+    kernel instead of one per length (a recompile per length is what made transformers' own
+    flex path slow on real rows)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def flex_sink_attention(
