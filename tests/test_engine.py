@@ -464,6 +464,8 @@ def test_engine_fields_parse_and_validate():
         train(engine="fast")
     with pytest.raises(ConfigError, match="train.compile"):
         train(compile="sometimes")
+    with pytest.raises(ConfigError, match="train.compile: true needs engine mxlora"):
+        train(engine="trl", compile=True)
     with pytest.raises(ConfigError, match="train.memory_budget_gb: must be > 0"):
         train(memory_budget_gb=0)
 
@@ -476,7 +478,8 @@ def test_mxlora_engine_matches_trl_on_cuda_in_bf16(tmp_path, compile_blocks):
     compile on, a block that cannot compile fails this test loudly (never a silent eager run)."""
     runs = {}
     for engine in ("trl", "mxlora"):
-        cfg = quotes_config(tmp_path / engine, engine, compile=compile_blocks)
+        extra = {"compile": compile_blocks} if engine == "mxlora" else {}
+        cfg = quotes_config(tmp_path / engine, engine, **extra)
         cfg.model.dtype = "bfloat16"
         runs[engine] = [r["loss"] for r in metrics(fit(cfg).run_dir) if "loss" in r]
     assert len(runs["mxlora"]) == 6

@@ -183,6 +183,8 @@ class TrainConfig:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if self.warmup < 0:
             raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
+        if self.compile is True and self.engine != "mxlora":
+            raise ConfigError(f"compile: true needs engine mxlora (engine is {self.engine!r})")
         if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
             raise ConfigError(f"memory_budget_gb: must be > 0, got {self.memory_budget_gb}")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -233,7 +233,8 @@ class Loop:
                 saved = step.number % t.save_steps == 0
                 if saved:
                     self.save_checkpoint()
-                if should_stop is not None and should_stop():
+                more = step.number < len(self.plan)  # after the last step the run is done
+                if more and should_stop is not None and should_stop():
                     if not saved:
                         self.save_checkpoint()
                     stopped = True
