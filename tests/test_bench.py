@@ -1,7 +1,8 @@
 """``mxlora bench``: the whole flow on a tiny checkpoint built by make-random, on the CPU.
 
-One bench run, with three variants that compute the same function (transformers' default experts
-implementation, the per-expert loop, and the MXFP4 experts mode) on a random-token and a real-data
+One bench run, with four variants that compute the same function (the seed on TRL with
+transformers' default experts implementation, mxlora train's default on mxlora's own engine, the
+per-expert loop, and the MXFP4 experts mode) on a random-token, a real-data and an epoch
 workload, checked
 against itself and against what its figures must be. It is one test, not a module fixture shared
 by several: under pytest 9 + xdist 3.8 ``xdist_group`` no longer keeps a module on one worker,
@@ -39,6 +40,12 @@ def run_tiny_bench(tmp: Path, shared_data: Path):
             "batch": 2,
             "data": {"source": str(shared_data / "english_quotes.jsonl"), "select": 12},
         },
+        {
+            "name": "quotes-epoch",
+            "batch": 2,
+            "epoch": True,
+            "data": {"source": str(shared_data / "english_quotes.jsonl"), "select": 4},
+        },
     ]
     config = tmp / "bench.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -73,13 +80,16 @@ def check_every_variant_and_workload_measured(bench_run):
     code, result, tmp = bench_run
     assert code == 0
     rows = rows_by(result)
-    variants = ("seed", "seed-eager-experts", "mxfp4")
-    assert set(rows) == {(v, w) for v in variants for w in ("1x24", "quotes")}
-    for row in rows.values():
+    variants = ("seed", "default", "seed-eager-experts", "mxfp4")
+    assert set(rows) == {(v, w) for v in variants for w in ("1x24", "quotes", "quotes-epoch")}
+    for (_, workload), row in rows.items():
         assert "error" not in row, row
-        assert row["steps"] == 1 and row["warmup_steps"] == 0
-        # tokens/s is tokens over time, step by step.
+        # The epoch workload: 4 rows at batch 2 is 2 steps, all timed.
+        assert row["steps"] == (2 if workload == "quotes-epoch" else 1)
+        assert row["warmup_steps"] == 0
+        # tokens/s is tokens over time, step by step; train time is every step's time.
         assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(row["tokens_per_step"])
+        assert row["train_time_s"] == pytest.approx(row["step_time_s"] * row["steps"])
         assert row["load_s"] > 0 and math.isfinite(row["train_loss"])
         assert row["peak_alloc_gb"] is None  # no device memory on the CPU
         assert row["attn_implementation"] == "eager"
@@ -93,6 +103,13 @@ def check_every_variant_and_workload_measured(bench_run):
     quotes = rows[("seed", "quotes")]
     assert 0 < quotes["tokens_per_step"] <= quotes["padded_tokens_per_step"]
     assert quotes["padded_tokens_per_step"] % 2 == 0
+    # mxlora's engine packs a step's rows into one sequence bucketed to a multiple of 128.
+    packed = rows[("default", "quotes")]
+    assert packed["tokens_per_step"] == quotes["tokens_per_step"]
+    assert packed["padded_tokens_per_step"] % 128 == 0
+    assert packed["padded_tokens_per_step"] - packed["tokens_per_step"] < 128
+    assert (packed["compiled"], packed["gradient_checkpointing"]) == (False, False)  # CPU
+    assert (quotes["compiled"], quotes["gradient_checkpointing"]) == (False, True)
 
 
 def check_variants_train_the_same_model(bench_run):
@@ -100,9 +117,9 @@ def check_variants_train_the_same_model(bench_run):
     init, same loss."""
     _, result, _ = bench_run
     rows = rows_by(result)
-    for workload in ("1x24", "quotes"):
+    for workload in ("1x24", "quotes", "quotes-epoch"):
         seed = rows[("seed", workload)]
-        for variant in ("seed-eager-experts", "mxfp4"):
+        for variant in ("default", "seed-eager-experts", "mxfp4"):
             other = rows[(variant, workload)]
             assert other["train_loss"] == pytest.approx(seed["train_loss"], rel=1e-4), variant
             assert other["tokens_per_step"] == seed["tokens_per_step"]
@@ -133,22 +150,43 @@ def check_derived_figures(bench_run):
 
 def test_shipped_configs_load():
     tiny = load_bench_config(TINY)
-    assert [v.name for v in tiny.variants] == ["seed", "seed-eager-experts", "mxfp4"]
+    assert [v.name for v in tiny.variants] == ["seed", "default", "seed-eager-experts", "mxfp4"]
+    assert tiny.variants[1].overrides == []  # exactly what mxlora train runs by default
+    assert [w.name for w in tiny.workloads if w.epoch] == ["quotes-epoch", "gsm8k-epoch"]
     big = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-20b.yaml", ["steps=1"])
     assert [v.name for v in big.variants] == [
         "seed",
+        "default",
         "hf-best",
         "seed-eager-experts",
         "mxfp4",
         "mxfp4-flex",
     ]
-    assert [w.name for w in big.workloads] == ["4x512", "4x1024", "4x2048", "quotes", "gsm8k"]
+    assert [w.name for w in big.workloads] == [
+        "4x512",
+        "4x1024",
+        "4x2048",
+        "quotes",
+        "gsm8k",
+        "quotes-epoch",
+        "gsm8k-epoch",
+    ]
+    epochs = {w.name: w for w in big.workloads if w.epoch}
+    assert {name: (w.batch, w.data.select, w.data.test_size) for name, w in epochs.items()} == {
+        "quotes-epoch": (4, 1000, 0.2),  # 800 train rows, as the notebook's quotes run
+        "gsm8k-epoch": (4, 1000, 0.0),
+    }
+    from mxlora.recipes.bench import variant_config
+
+    seed, default = (variant_config(big, v) for v in big.variants[:2])
+    assert (seed.train.engine, default.train.engine) == ("trl", "mxlora")
+    assert default == variant_config(big, type(big.variants[0])(name="plain"))
     assert big.make_random == "20b" and big.steps == 1
 
 
 def test_bad_configs(tmp_path):
     raw = yaml.safe_load(TINY.read_text())
-    raw["variants"][1]["overrides"] = ["model.attn = sdpa"]
+    raw["variants"][2]["overrides"] = ["model.attn = sdpa"]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="variants.seed-eager-experts"):
         load_bench_config(tmp_path / "bad.yaml")
@@ -157,4 +195,9 @@ def test_bad_configs(tmp_path):
     (tmp_path / "both.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="exactly one of length and data"):
         load_bench_config(tmp_path / "both.yaml")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["workloads"][0]["epoch"] = True  # random tokens: no rows to make an epoch of
+    (tmp_path / "epoch.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="2x64: epoch needs data"):
+        load_bench_config(tmp_path / "epoch.yaml")
     assert main(["bench", str(TINY), "--only", "nope"]) == 1

@@ -120,7 +120,11 @@ def test_overrides_are_parsed_by_field_type(tmp_path):
         ("model.dtype=fp8", "model.dtype: expected one of"),
         ("lora.experts.layers=7,x", "lora.experts.layers[1]: expected int, got 'x'"),
         ("lora.experts.projections=up_proj", "lora.experts.projections[0]: expected one of"),
-        ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing: expected bool"),
+        (
+            "train.gradient_checkpointing=maybe",
+            "train.gradient_checkpointing: expected one of 'auto', got 'maybe' / expected bool",
+        ),
+        ("train.engine=unsloth", "train.engine: expected one of 'mxlora', 'trl'"),
         ("train=3", "train: expected a mapping"),
         ("train.lr", "override 'train.lr': expected key=value"),
         ("data.select=0", "data.select: must be a positive row count"),  # the data module's check

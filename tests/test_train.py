@@ -234,7 +234,7 @@ def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(GuardedSFTTrainer, "training_step", step_out_of_memory)
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, train={"engine": "trl"})
     with pytest.raises(TrainingError) as info:
         fit(cfg)
     message = str(info.value)
@@ -270,7 +270,14 @@ def test_sft_config_carries_the_seed_hyperparameters(tmp_path):
 
     cfg = tiny_config(tmp_path, train={"lr": 2e-4, "max_len": 2048, "logging_steps": 10})
     # fp32: transformers refuses bf16=True on a machine without bf16 support (this CPU).
-    args = sft_config(cfg, tmp_path / "run", torch.float32, has_eval=True, show_bar=False)
+    args = sft_config(
+        cfg,
+        tmp_path / "run",
+        torch.float32,
+        has_eval=True,
+        show_bar=False,
+        gradient_checkpointing=True,
+    )
     assert args.learning_rate == 2e-4 and args.num_train_epochs == 1.0
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 1)
     assert args.max_length == 2048 and args.logging_steps == 10
@@ -283,10 +290,20 @@ def test_sft_config_carries_the_seed_hyperparameters(tmp_path):
     }
     assert not args.bf16 and not args.fp16 and args.eval_strategy == "epoch"
     assert args.completion_only_loss and args.include_num_input_tokens_seen == "non_padding"
-    no_eval_rows = sft_config(cfg, tmp_path / "run", torch.float32, has_eval=False, show_bar=False)
-    assert no_eval_rows.eval_strategy == "no"
+    assert args.router_aux_loss_coef == 0.0  # the seed's loss: cross-entropy alone
+    no_eval_rows = sft_config(
+        cfg,
+        tmp_path / "run",
+        torch.float32,
+        has_eval=False,
+        show_bar=False,
+        gradient_checkpointing=False,
+    )
+    assert no_eval_rows.eval_strategy == "no" and not no_eval_rows.gradient_checkpointing
     constant = tiny_config(tmp_path, train={"scheduler": "constant", "eval": "no"})
-    args = sft_config(constant, tmp_path / "run", torch.float32, has_eval=True, show_bar=False)
+    args = sft_config(
+        constant, tmp_path / "run", torch.float32, True, False, gradient_checkpointing=True
+    )
     assert args.lr_scheduler_kwargs == {} and args.eval_strategy == "no"
 
 

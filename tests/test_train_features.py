@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from mxlora.config import ConfigError, TrainingConfig, from_dict
-from mxlora.data import DataConfig
 from mxlora.recipes.train import COMPLETE_MARKER, fit, rotate_checkpoints, sft_config
 
 TINY = "tiny:layers=4"
@@ -83,11 +81,25 @@ def test_sft_config_carries_the_new_knobs(tmp_path):
         tmp_path,
         train={"eval": "steps", "eval_steps": 3, "weight_decay": 0.01, "max_grad_norm": 0.5},
     )
-    args = sft_config(cfg, tmp_path / "run", torch.float32, has_eval=True, show_bar=False)
+    args = sft_config(
+        cfg,
+        tmp_path / "run",
+        torch.float32,
+        has_eval=True,
+        show_bar=False,
+        gradient_checkpointing=True,
+    )
     assert (args.eval_strategy, args.eval_steps) == ("steps", 3)
     assert (args.weight_decay, args.max_grad_norm) == (0.01, 0.5)
     assert args.report_to == [] or args.report_to == "none"  # our trackers, not transformers'
-    no_rows = sft_config(cfg, tmp_path / "run", torch.float32, has_eval=False, show_bar=False)
+    no_rows = sft_config(
+        cfg,
+        tmp_path / "run",
+        torch.float32,
+        has_eval=False,
+        show_bar=False,
+        gradient_checkpointing=True,
+    )
     assert no_rows.eval_strategy == "no"
 
 
@@ -121,34 +133,22 @@ def test_rotation_keeps_the_newest_complete_and_never_counts_partial_ones(tmp_pa
 # One short run with every new training knob set.
 
 
-class _Spy(TrainerCallback):
-    """Records the optimizer's weight decay per parameter and the clipped gradient norms."""
+@pytest.fixture(scope="module", params=["mxlora", "trl"])
+def run(request, tmp_path_factory):
+    """A 4-step run with every knob of this module set, on each engine.
 
-    def __init__(self):
-        self.decay: dict[str, float] = {}
-        self.clipped: list[float] = []
+    ``clip_grad_norm_`` (which both engines call, TRL's through accelerate) is wrapped to record
+    the gradient norm right after clipping.
+    """
+    clipped: list[float] = []
+    original = torch.nn.utils.clip_grad_norm_
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        names = {id(p): n for n, p in model.named_parameters()}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                self.decay[names[id(p)]] = group["weight_decay"]
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        self.clipped.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from mxlora.recipes import train as train_module
-
-    spy = _Spy()
-    original = train_module.GuardedSFTTrainer.__init__
-
-    def with_spy(self, *args, **kwargs):
-        kwargs["callbacks"] = [*kwargs["callbacks"], spy]
-        original(self, *args, **kwargs)
+    def recording(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = original(parameters, max_norm, *args, **kwargs)
+        grads = [p.grad.norm() for p in parameters if p.grad is not None]
+        clipped.append(torch.linalg.vector_norm(torch.stack(grads)).item())
+        return total
 
     cfg = tiny_config(
         tmp_path_factory.mktemp("runs"),
@@ -161,16 +161,17 @@ def run(tmp_path_factory):
             "weight_decay": WEIGHT_DECAY,
             "max_grad_norm": MAX_GRAD_NORM,
             "report_to": ["tensorboard"],
+            "engine": request.param,
         },
     )
     mp = pytest.MonkeyPatch()
-    mp.setattr(train_module.GuardedSFTTrainer, "__init__", with_spy)
+    mp.setattr(torch.nn.utils, "clip_grad_norm_", recording)
     try:
         result = fit(cfg)
     finally:
         mp.undo()
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return result, rows, spy
+    return result, rows, clipped
 
 
 def test_tensorboard_event_file_holds_the_logged_losses(run):
@@ -205,138 +206,13 @@ def test_save_total_limit_keeps_the_newest_complete_checkpoints(run):
 
 
 def test_weight_decay_and_max_grad_norm_reach_the_optimizer(run):
-    _, rows, spy = run
-    lora = {n: d for n, d in spy.decay.items() if "lora_" in n}
-    assert lora and set(lora.values()) == {WEIGHT_DECAY}
+    result, rows, clipped = run
+    # The optimizer state saved with the last checkpoint: every group that holds parameters
+    # (LoRA weights only) decays with train.weight_decay.
+    saved = torch.load(result.run_dir / "checkpoints" / "checkpoint-4" / "optimizer.pt")
+    decays = {g["weight_decay"] for g in saved["param_groups"] if g["params"]}
+    assert decays == {WEIGHT_DECAY}
     # Every step's gradient was clipped to max_grad_norm (the logged norm is the pre-clip one).
     pre_clip = [r["grad_norm"] for r in rows if "loss" in r]
-    assert len(spy.clipped) == 4 and all(g > 2 * MAX_GRAD_NORM for g in pre_clip)
-    assert spy.clipped == pytest.approx([MAX_GRAD_NORM] * 4, rel=1e-3)
-
-
-def test_report_records_resolved_values(run):
-    result, _, _ = run
-    report = json.loads((result.run_dir / "report.json").read_text())
-    assert report["experts"] == "mxfp4"  # model.experts: auto on an MXFP4 checkpoint
-    assert report["dtype"] == "float32"
-
-
-# --------------------------------------------------------------------------------------------
-# data.loss_on
-
-
-def test_loss_on_all_puts_every_non_pad_token_under_loss(tokenizer):
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from mxlora.data import prepare_data
-
-    base = {"source": "example:gsm8k", "adapter": "fields", "select": 6, "test_size": 0.0}
-    assistant = prepare_data(DataConfig(**base), tokenizer, 1024).train
-    every = prepare_data(DataConfig(**base, loss_on="all"), tokenizer, 1024).train
-    assert every["input_ids"] == assistant["input_ids"]  # the same tokens, another mask
-    for ids, mask, narrow in zip(
-        every["input_ids"], every["completion_mask"], assistant["completion_mask"], strict=True
-    ):
-        assert mask == [1] * len(ids)
-        assert 0 < sum(narrow) < len(ids)  # the default leaves system and user out
-    # As the trainer batches them: SFTTrainer turns completion_mask into labels (-100 where 0;
-    # tests/test_data_trl.py), TRL's collator pads rows of unequal length. Labels are then the
-    # token ids on every non-pad position and -100 on padding only.
-    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-
-    def batch(data):
-        return collate(
-            [
-                {
-                    "input_ids": ids,
-                    "labels": [t if m else -100 for t, m in zip(ids, mask, strict=True)],
-                }
-                for ids, mask in zip(data["input_ids"], data["completion_mask"], strict=True)
-            ]
-        )
-
-    wide, narrow = batch(every), batch(assistant)
-    real = wide["attention_mask"].bool()
-    assert (~real).any()  # there is padding to leave out
-    assert torch.equal(wide["labels"][real], wide["input_ids"][real])
-    assert (wide["labels"][~real] == -100).all()
-    assert (narrow["labels"][real] == -100).any()
-
-
-# --------------------------------------------------------------------------------------------
-# Trackers without a network: what each is asked to do (fakes stand in for wandb/trackio).
-
-
-class _FakeTrackerModule:
-    """Records calls made to a module-level tracker API (wandb's and trackio's)."""
-
-    def __init__(self):
-        self.calls: list[tuple[str, tuple, dict]] = []
-
-    def init(self, *args, **kwargs):
-        self.calls.append(("init", args, kwargs))
-        return self  # wandb returns a run with .log/.finish; trackio's module has them too
-
-    def log(self, *args, **kwargs):
-        self.calls.append(("log", args, kwargs))
-
-    def finish(self, *args, **kwargs):
-        self.calls.append(("finish", args, kwargs))
-
-
-@pytest.mark.parametrize("tracker", ["wandb", "trackio"])
-def test_wandb_and_trackio_log_offline_with_tagged_names(tracker, tmp_path, monkeypatch):
-    import sys
-
-    from mxlora.report.trackers import open_trackers
-
-    fake = _FakeTrackerModule()
-    monkeypatch.setitem(sys.modules, tracker, fake)
-    trackers = open_trackers([tracker], tmp_path, "quotes", {"train": {"lr": 1e-3}})
-    trackers.log(3, {"loss": 2.5, "eval_loss": 2.75, "epoch": 0.5, "note": "text", "x": math.nan})
-    trackers.close()
-    (kind, _, init), (_, log_args, log_kwargs), (last, _, _) = fake.calls
-    assert (kind, last, len(fake.calls)) == ("init", "finish", 3)
-    assert init["project"] == "mxlora" and init["name"] == "quotes"
-    assert init["config"] == {"train": {"lr": 1e-3}}
-    if tracker == "wandb":
-        assert init["mode"] == "offline" and init["dir"] == str(tmp_path)
-    else:
-        assert "space_id" not in init or init["space_id"] is None  # local database only
-    assert log_args == ({"train/loss": 2.5, "eval/loss": 2.75, "train/epoch": 0.5},)
-    assert log_kwargs == {"step": 3}
-
-
-def test_a_missing_tracker_package_is_a_config_error(monkeypatch):
-    import sys
-
-    from mxlora.report.trackers import check_trackers
-
-    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    with pytest.raises(ConfigError, match=r"^train\.report_to: 'wandb' needs the wandb package"):
-        check_trackers(["tensorboard", "wandb"])
-
-
-def test_tensorboard_on_resume_drops_the_steps_trained_again(tmp_path):
-    """A resumed run (from checkpoint step 2) logs steps 3 and 4 again: TensorBoard's reader
-    shows the new values only, as a purge marker tells it to drop the interrupted ones."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from mxlora.report.trackers import open_trackers
-
-    first = open_trackers(["tensorboard"], tmp_path, "quotes", {})
-    for step in (1, 2, 3, 4):
-        first.log(step, {"loss": float(step)})
-    first.close()
-    resumed = open_trackers(["tensorboard"], tmp_path, "quotes", {}, start_step=2)
-    for step in (3, 4):
-        resumed.log(step, {"loss": 10.0 + step})
-    resumed.close()
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
-        (1, 1.0),
-        (2, 2.0),
-        (3, 13.0),
-        (4, 14.0),
-    ]
+    assert len(clipped) == 4 and all(g > 2 * MAX_GRAD_NORM for g in pre_clip)
+    assert clipped == pytest.approx([MAX_GRAD_NORM] * 4, rel=1e-3)

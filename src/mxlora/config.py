@@ -9,7 +9,8 @@ raises :class:`ConfigError` naming the field (``train.lr: expected float, got 'a
 The defaults are the seed notebook's (OpenAI cookbook, "Fine-tuning gpt-oss with Hugging Face
 Transformers"): LoRA r=8, alpha=16 on all linear layers plus the experts of layers 7/15/23, lr 2e-4,
 1 epoch, batch 4, max length 2048, 3 % warmup, cosine schedule down to 10 % of the peak lr,
-non-reentrant gradient checkpointing, bf16 where the device has it.
+non-reentrant gradient checkpointing when the activations would not fit (`auto`), bf16 where the
+device has it. `train.engine` picks who runs the step: mxlora's own (default) or TRL's SFTTrainer.
 
 A run config (``mxlora run``) lists training configs to run one after another, which run's
 adapter to merge and the chat check to do on the merged model.
@@ -52,6 +53,10 @@ ExpertProjection = Literal["gate_up_proj", "down_proj"]
 # writes locally (TensorBoard event files and wandb's offline run inside the run folder,
 # trackio's local database), none needs the network.
 Tracker = Literal["tensorboard", "trackio", "wandb"]
+# "mxlora": mxlora's own training step (mxlora.engine: packed rows, document-masked attention
+# with sinks, chunked loss, compiled blocks); "trl": TRL's SFTTrainer, the seed's, the reference.
+Engine = Literal["mxlora", "trl"]
+Auto = Literal["auto"]
 
 
 @dataclass
@@ -141,7 +146,15 @@ class TrainConfig:
             ``warmup_steps``; the seed's ``warmup_ratio=0.03`` is ``0.03`` here).
         scheduler: learning-rate schedule.
         min_lr_rate: floor of ``cosine_with_min_lr`` as a fraction of ``lr``.
-        gradient_checkpointing: recompute activations in backward (always non-reentrant).
+        engine: who runs the training step (see ``Engine``); same data, order, loss, optimizer
+            and schedule either way.
+        gradient_checkpointing: recompute activations in backward (always non-reentrant);
+            ``auto`` decides per run from the longest micro-batch and ``memory_budget_gb``
+            (:mod:`mxlora.engine.memory`).
+        memory_budget_gb: device memory ``auto`` checkpointing plans for; ``None``: the whole
+            device (on the CPU: checkpointing off).
+        compile: ``torch.compile`` each decoder block (mxlora engine); ``auto``: on CUDA only.
+            A block that fails to compile stops the run with a message, never a silent eager run.
         logging_steps: log train metrics every N optimizer steps.
         eval: evaluate on the held-out rows at each epoch end (``epoch``), every
             ``eval_steps`` optimizer steps (``steps``), or never (``no``).
@@ -164,7 +177,10 @@ class TrainConfig:
     warmup: float = 0.03
     scheduler: Scheduler = "cosine_with_min_lr"
     min_lr_rate: float = 0.1
-    gradient_checkpointing: bool = True
+    engine: Engine = "mxlora"
+    gradient_checkpointing: Auto | bool = "auto"
+    memory_budget_gb: float | None = None
+    compile: Auto | bool = "auto"
     logging_steps: int = 10
     eval: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int | None = None
@@ -195,6 +211,10 @@ class TrainConfig:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if self.warmup < 0:
             raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
+        if self.compile is True and self.engine != "mxlora":
+            raise ConfigError(f"compile: true needs engine mxlora (engine is {self.engine!r})")
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise ConfigError(f"memory_budget_gb: must be > 0, got {self.memory_budget_gb}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps: must be -1 or >= 1, got {self.max_steps}")
 

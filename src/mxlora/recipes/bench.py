@@ -4,17 +4,19 @@ Each variant is the training config ``mxlora train`` would run (the seed's defau
 variant's ``key=value`` overrides). In a fresh child process per variant (its own device memory,
 nothing cached from another variant) the bench loads the checkpoint with
 :func:`mxlora.model.load.load_model`, attaches LoRA with :func:`mxlora.model.lora.apply_lora`, and
-for each workload runs the trainer ``mxlora train`` runs (TRL ``SFTTrainer`` built from the same
-:func:`mxlora.recipes.train.sft_config`: gradient checkpointing, bf16, AdamW) for warm-up steps,
-then timed steps. A step is timed from the trainer's ``on_step_begin`` to ``on_step_end`` (batch
-already collated: forward, backward, clipping, optimizer, zero_grad) with the device synchronized,
-as :class:`mxlora.report.metrics.MetricsCallback` times training runs.
+for each workload runs the engine ``mxlora train`` runs for that config (``train.engine``:
+mxlora's own loop, :class:`mxlora.engine.loop.Loop`, or TRL's ``SFTTrainer`` built from the same
+:func:`mxlora.recipes.train.sft_config`) for warm-up steps, then timed steps. A step is timed as
+training runs time it (batch already collated or packed: forward, backward, clipping, optimizer,
+zero_grad, with the device synchronized). An ``epoch`` workload trains one epoch over its rows end
+to end, every step timed (compilation included): its ``train_time_s`` is what a user waits.
 
 Workloads: ``length`` rows of random ordinary tokens (every token trained), or ``data`` rows
-rendered by :func:`mxlora.data.prepare_data` exactly as for training and batched and padded by
-the trainer's own collator (right padding to the batch's longest row).
+rendered by :func:`mxlora.data.prepare_data` exactly as for training, batched as the engine
+batches them (TRL: right padding to the batch's longest row; mxlora: packed, bucketed).
 
-Figures per variant and workload: trained (non-pad) tokens/s, step time, peak allocated and
+Figures per variant and workload: trained (non-pad) tokens/s, step time, ``train_time_s`` (the
+sum of every step's time, warm-up included), peak allocated and
 reserved device memory (since the workload started, warm-up included), load time, MFU and the
 ratio of tokens/s to the baseline (the first variant). MFU counts ``6 x active parameters x
 tokens``: 2 for the forward, 2 for its recomputation under gradient checkpointing, 2 for the
@@ -57,6 +59,7 @@ from mxlora.config import (
     to_dict,
 )
 from mxlora.data import DataConfig
+from mxlora.report.metrics import MetricsLog
 
 # Random-token workloads draw from the o200k ranks below the Harmony specials (199998 and up):
 # ordinary text tokens, and never the pad id, so every token counts as trained.
@@ -87,6 +90,8 @@ class Workload:
             split; rows over the training ``max_len`` are dropped as in training).
         warmup_steps: steps before timing (default: the bench's).
         steps: timed steps (default: the bench's).
+        epoch: train one epoch over the ``data`` rows instead (every step timed, none warm-up;
+            ``warmup_steps`` and ``steps`` do not apply).
     """
 
     name: str
@@ -95,10 +100,13 @@ class Workload:
     data: DataConfig | None = None
     warmup_steps: int | None = None
     steps: int | None = None
+    epoch: bool = False
 
     def __post_init__(self) -> None:
         if (self.length is None) == (self.data is None):
             raise ConfigError(f"{self.name}: give exactly one of length and data")
+        if self.epoch and (self.data is None or self.warmup_steps or self.steps):
+            raise ConfigError(f"{self.name}: epoch needs data and no warmup_steps / steps")
         if self.batch < 1 or (self.length is not None and self.length < 1):
             raise ConfigError(f"{self.name}: batch and length must be >= 1")
 
@@ -284,9 +292,9 @@ def table(result: dict[str, Any]) -> str:
     """The results as a markdown table, one row per variant and workload."""
     baseline = result.get("baseline", "the first variant")
     lines = [
-        f"| variant | workload | tokens/s | x {baseline} | step s | tokens/step | pad % "
+        f"| variant | workload | tokens/s | x {baseline} | step s | train s | tokens/step | pad % "
         "| peak alloc GB | peak reserved GB | load s | MFU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         if row.get("error"):
@@ -297,6 +305,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {row['variant']} | {row['workload']} | {row['tokens_per_s']:,.0f} "
             f"| {_fmt(row.get('ratio'), '.2f')} | {row['step_time_s']:.3f} "
+            f"| {_fmt(row.get('train_time_s'), '.1f')} "
             f"| {row['tokens_per_step']:,.0f} | {_fmt(pad, '.0f')} "
             f"| {_fmt(row.get('peak_alloc_gb'), '.1f')} | {_fmt(row.get('peak_reserved_gb'), '.1f')} "
             f"| {_fmt(row.get('load_s'), '.0f')} | {_fmt(row.get('mfu'), '.1%')} |"
@@ -474,6 +483,7 @@ def _row_line(row: dict[str, Any]) -> str:
         return f"{row['workload']}: failed: {row['error']}"
     return (
         f"{row['workload']}: {row['tokens_per_s']:,.0f} tokens/s, step {row['step_time_s']:.3f} s, "
+        f"train {row['train_time_s']:.1f} s, "
         f"peak {_fmt(row['peak_alloc_gb'], '.1f')} / {_fmt(row['peak_reserved_gb'], '.1f')} GB"
     )
 
@@ -497,77 +507,147 @@ def workload_dataset(workload: Workload, tokenizer: Any, max_len: int, rows: int
 def time_workload(
     model, tokenizer, cfg: TrainingConfig, bench: BenchConfig, workload: Workload, device
 ) -> dict[str, Any]:
-    """Train ``warmup + steps`` steps of ``workload`` with mxlora train's trainer; the figures."""
+    """Train ``workload`` with mxlora train's engine for ``cfg``; the figures."""
     import torch
-    from transformers import PrinterCallback
 
-    from mxlora.model.load import resolve_dtype
-    from mxlora.recipes.train import sft_config
     from mxlora.report.metrics import peak_device_gb
 
-    warmup = bench.warmup_steps if workload.warmup_steps is None else workload.warmup_steps
-    steps = bench.steps if workload.steps is None else workload.steps
-    total = warmup + steps
-    run = dataclasses.replace(
-        cfg.train,
-        batch_size=workload.batch,
-        max_steps=total,
-        save_steps=total + 1,  # no checkpoint inside the measured steps
-        eval="no",
-    )
-    cfg = dataclasses.replace(cfg, train=run)
-    dataset = workload_dataset(
-        workload, tokenizer, cfg.train.max_len, workload.batch * total, bench.seed
-    )
-    timer = StepTimer(device)
-    with tempfile.TemporaryDirectory(prefix="mxlora-bench-run-") as run_dir:
-        args = sft_config(cfg, Path(run_dir), resolve_dtype(cfg.model.dtype, device), False, False)
-        trainer = _bench_trainer()(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[timer],
+    if workload.epoch:
+        warmup, steps = 0, None
+        run = dataclasses.replace(
+            cfg.train, batch_size=workload.batch, epochs=1.0, max_steps=-1, eval="no"
         )
-        trainer.remove_callback(PrinterCallback)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        output = trainer.train()
-        padded = trainer.padded_tokens[warmup:]
-        del trainer
+    else:
+        warmup = bench.warmup_steps if workload.warmup_steps is None else workload.warmup_steps
+        steps = bench.steps if workload.steps is None else workload.steps
+        run = dataclasses.replace(
+            cfg.train, batch_size=workload.batch, max_steps=warmup + steps, eval="no"
+        )
+    # No checkpoint and no metrics line inside the measured steps.
+    run = dataclasses.replace(run, save_steps=10**9, logging_steps=10**9)
+    cfg = dataclasses.replace(cfg, train=run)
+    rows = workload.batch * (warmup + (steps or 0))
+    dataset = workload_dataset(workload, tokenizer, cfg.train.max_len, rows, bench.seed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = _time_mxlora if cfg.train.engine == "mxlora" else _time_trl
+    with tempfile.TemporaryDirectory(prefix="mxlora-bench-run-") as run_dir:
+        times, tokens, padded, loss, extra = timed(model, tokenizer, cfg, dataset, device, run_dir)
     peak_alloc, peak_reserved = peak_device_gb(device)
-    times, tokens = timer.times[warmup:], timer.tokens[warmup:]
-    if len(times) != steps:
-        raise BenchError(f"{workload.name}: timed {len(times)} steps, expected {steps}")
+    steps = len(times) if steps is None else steps
+    if len(times) != warmup + steps:
+        raise BenchError(f"{workload.name}: timed {len(times)} steps, expected {warmup + steps}")
+    timed_times, timed_tokens = times[warmup:], tokens[warmup:]
     return {
         "steps": steps,
         "warmup_steps": warmup,
-        "tokens_per_s": sum(tokens) / sum(times),
-        "step_time_s": sum(times) / steps,
-        "step_time_s_median": statistics.median(times),
-        "tokens_per_step": sum(tokens) / steps,
-        "padded_tokens_per_step": sum(padded) / steps,
+        "tokens_per_s": sum(timed_tokens) / sum(timed_times),
+        "step_time_s": sum(timed_times) / steps,
+        "step_time_s_median": statistics.median(timed_times),
+        "tokens_per_step": sum(timed_tokens) / steps,
+        "padded_tokens_per_step": sum(padded[warmup:]) / steps,
+        "train_time_s": sum(times),
         "peak_alloc_gb": peak_alloc,
         "peak_reserved_gb": peak_reserved,
-        "train_loss": output.training_loss,
+        "train_loss": loss,
+        **extra,
     }
 
 
+def _time_mxlora(model, tokenizer, cfg, dataset, device, run_dir):
+    """mxlora's loop, each step's time and tokens recorded as it reports them."""
+    from mxlora.engine.loop import Loop
+    from mxlora.model.load import resolve_dtype
+
+    recorder = StepRecorder(Path(run_dir) / "metrics.jsonl", device, print_lines=False)
+    loop = Loop(
+        cfg,
+        model,
+        train_rows=dataset.to_dict(),
+        eval_rows=None,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+        dtype=resolve_dtype(cfg.model.dtype, device),
+        metrics=recorder,
+        run_dir=Path(run_dir),
+    )
+    result = loop.run()
+    extra = {
+        "compiled": result.compiled,
+        "gradient_checkpointing": result.gradient_checkpointing,
+    }
+    loss = statistics.fmean(loop.history.losses)
+    return recorder.times, loop.history.tokens, loop.history.packed, loss, extra
+
+
+def _time_trl(model, tokenizer, cfg, dataset, device, run_dir):
+    """TRL's SFTTrainer as mxlora train builds it, timed by a callback."""
+    from transformers import PrinterCallback
+
+    from mxlora.engine.memory import use_gradient_checkpointing
+    from mxlora.model.load import resolve_dtype
+    from mxlora.recipes.train import sft_config
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    longest = cfg.train.batch_size * max(len(ids) for ids in dataset["input_ids"])
+    checkpointing = use_gradient_checkpointing(
+        cfg.train.gradient_checkpointing,
+        model.get_base_model().config,
+        longest,
+        dtype,
+        device,
+        cfg.train.memory_budget_gb,
+    )
+    timer = StepTimer(device)
+    args = sft_config(cfg, Path(run_dir), dtype, False, False, checkpointing)
+    trainer = _bench_trainer()(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    trainer.remove_callback(PrinterCallback)
+    output = trainer.train()
+    padded = trainer.padded_tokens_per_step()
+    extra = {"compiled": False, "gradient_checkpointing": checkpointing}
+    return timer.times, timer.tokens, padded, output.training_loss, extra
+
+
 def _bench_trainer():
-    """mxlora train's trainer, also counting the padded tokens of each step's batch."""
+    """mxlora train's trainer, also counting the padded tokens of each step's batches."""
     from mxlora.recipes.train import GuardedSFTTrainer
 
     class BenchTrainer(GuardedSFTTrainer):
-        padded_tokens: list[int]
+        padded_tokens: list[tuple[int, int]]
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if not hasattr(self, "padded_tokens"):
                 self.padded_tokens = []
-            self.padded_tokens.append(int(inputs["input_ids"].numel()))
+            step = self.state.global_step
+            self.padded_tokens.append((step, int(inputs["input_ids"].numel())))
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def padded_tokens_per_step(self) -> list[int]:
+            per_step: dict[int, int] = {}
+            for step, count in self.padded_tokens:
+                per_step[step] = per_step.get(step, 0) + count
+            return [per_step[k] for k in sorted(per_step)]
+
     return BenchTrainer
+
+
+class StepRecorder(MetricsLog):
+    """A :class:`mxlora.report.metrics.MetricsLog` that also keeps every step's time."""
+
+    def __init__(self, path: Path, device, print_lines: bool) -> None:
+        super().__init__(path, device, print_lines)
+        self.times: list[float] = []
+
+    def step_done(self, elapsed: float) -> None:
+        super().step_done(elapsed)
+        self.times.append(elapsed)
 
 
 class StepTimer(TrainerCallback):

@@ -28,7 +28,7 @@ import torch
 from mxlora.config import TrainingConfig, dump_config
 from mxlora.data import prepare_data
 from mxlora.model.load import (
-    _read_config,
+    read_config,
     default_device,
     load_tokenizer,
     resolve_dtype,
@@ -52,7 +52,7 @@ def meta_model(name_or_path: str) -> torch.nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    config = _read_config(resolve_model_path(name_or_path))
+    config = read_config(resolve_model_path(name_or_path))
     raw = config.to_dict()
     raw.pop("quantization_config", None)  # shapes of the dequantized model; nothing to load
     config = type(config).from_dict(raw)
@@ -121,7 +121,7 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
     data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
     model = meta_model(cfg.model.name_or_path)
     experts = resolve_experts(
-        cfg.model.experts, _read_config(resolve_model_path(cfg.model.name_or_path))
+        cfg.model.experts, read_config(resolve_model_path(cfg.model.name_or_path))
     )
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = apply_lora(model, cfg.lora)

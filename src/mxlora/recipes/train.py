@@ -1,7 +1,9 @@
 """``mxlora train CONFIG``: one LoRA fine-tune of gpt-oss, the seed notebook's recipe, measured.
 
 Top to bottom: set up the run folder -> render the data -> load the model and attach LoRA ->
-build TRL's SFTTrainer -> train -> save the adapter atomically -> write the report.
+train with the engine ``train.engine`` names (``mxlora``: :mod:`mxlora.engine`'s own loop;
+``trl``: TRL's SFTTrainer, the seed's, kept as the reference) -> save the adapter atomically ->
+write the report.
 The run folder layout is the run-folder contract (config.yaml, environment.json, metrics.jsonl,
 report.json/.md, loss.png, adapter/, checkpoints/).
 
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import PrinterCallback, TrainerCallback, TrainerState, set_seed
+from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from mxlora.config import (
@@ -51,6 +53,20 @@ from mxlora.config import (
 )
 from mxlora.data import PreparedData, prepare_data
 from mxlora.data.prepare import describe_data
+from mxlora.engine.memory import use_gradient_checkpointing
+from mxlora.engine.run_folder import (
+    COMPLETE_MARKER,
+    NonFiniteLossError,
+    TrainingError,
+    checkpoint_step,
+    complete_checkpoints,
+    is_host_oom,
+    mark_complete,
+    nonfinite_message,
+    oom_message,
+    rotate_checkpoints,
+    save_adapter,
+)
 from mxlora.interrupt import Interrupted, StopRequests, exit_code
 from mxlora.model.load import (
     ModelLoadError,
@@ -64,25 +80,30 @@ from mxlora.model.lora import apply_lora, count_parameters
 from mxlora.report.metrics import (
     GB,
     MetricsCallback,
+    MetricsLog,
     peak_device_gb,
     peak_rss_gb,
     truncate_metrics,
 )
-from mxlora.report.trackers import TrackerCallback, check_trackers, open_trackers
+from mxlora.report.trackers import check_trackers, open_trackers
 from mxlora.report.writer import environment, plot_loss, summarize_losses, write_json, write_report
-from mxlora.staging import (
-    DestinationExists,
-    StagedFolder,
-    fsync_tree,
-    is_occupied,
-    remove_stale_staging,
-    swap_in,
-)
+from mxlora.staging import DestinationExists, StagedFolder, is_occupied, remove_stale_staging
 
 log = logging.getLogger(__name__)
 
-# Written into checkpoint-N/ after everything else of it: a checkpoint without it is partial.
-COMPLETE_MARKER = "mxlora-complete"
+__all__ = [
+    "COMPLETE_MARKER",
+    "NonFiniteLossError",
+    "TrainResult",
+    "TrainingError",
+    "complete_checkpoints",
+    "fit",
+    "oom_message",
+    "rotate_checkpoints",
+    "save_adapter",
+    "train",
+]
+
 # The run's summed times up to checkpoint-N (RunTotals), inside it.
 TOTALS_FILE = "mxlora-totals.json"
 # transformers 5.2x renamed the trainer's gradient_checkpointing(_kwargs) to
@@ -95,14 +116,6 @@ CHECKPOINTING = (
 )
 
 
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user can act on (one-line message)."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss became NaN or Inf."""
-
-
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM stopped training after a complete checkpoint was written.
 
@@ -111,12 +124,12 @@ class TrainingInterrupted(Exception):
         exit_code: what the command exits with (130 SIGINT, 143 SIGTERM).
     """
 
-    def __init__(self, signum: int, folder: RunFolder, state: TrainerState):
-        where = f"stopped by {signal.Signals(signum).name} at step {state.global_step}"
+    def __init__(self, signum: int, folder: RunFolder, step: int, max_steps: int):
+        where = f"stopped by {signal.Signals(signum).name} at step {step}"
         checkpoints = complete_checkpoints(folder.dest / "checkpoints") if folder.kept else []
         if checkpoints:
             message = (
-                f"{where} of {state.max_steps}; saved {checkpoints[-1]}; resume with: "
+                f"{where} of {max_steps}; saved {checkpoints[-1]}; resume with: "
                 f"mxlora train --resume {shlex.quote(str(folder.dest.resolve()))}"
             )
         else:  # a second signal before the first checkpoint was complete
@@ -132,11 +145,29 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class TrainResult:
-    """What :func:`fit` leaves: the run folder, the trained PEFT model and the data it saw."""
+    """What :func:`fit` leaves: the run folder, the trained PEFT model and the data it saw.
+
+    ``stopped``: the ``should_stop`` hook ended the run early; its newest checkpoint holds
+    where it stopped (``--resume`` continues), and no adapter or report was written.
+    """
 
     run_dir: Path
     model: torch.nn.Module
     data: PreparedData
+    stopped: bool = False
+
+
+@dataclass
+class EngineStats:
+    """What an engine reports back to the recipe (for ``report.json``)."""
+
+    steps: int
+    max_steps: int
+    epoch: float
+    tokens: int
+    stopped: bool
+    gradient_checkpointing: bool
+    compiled: bool
 
 
 def train(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -165,12 +196,24 @@ def train(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) ->
     return fit(cfg, resume, overwrite).run_dir
 
 
-def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def fit(
+    cfg: TrainingConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
     """:func:`train`, also handing back the trained model in memory (for tests and notebooks).
 
     A new run is built in a staging folder beside the run folder and swapped in at its first
     complete checkpoint (see :func:`open_run_folder`); a failure before that leaves an earlier
     run of the same name untouched.
+
+    Args:
+        cfg: the full training config.
+        resume: continue from the newest complete checkpoint in the run folder.
+        overwrite: replace an existing run folder of the same name.
+        should_stop: checked after every optimizer step; when it returns True a complete
+            checkpoint is written and training stops (``TrainResult.stopped``).
     """
     wall_start = time.perf_counter()
     with StopRequests() as stops, open_run_folder(cfg, resume, overwrite) as folder:
@@ -204,57 +247,44 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
         trainable, total = count_parameters(model)
         log.info("%s", describe_model(cfg, model, device, time.perf_counter() - load_start))
 
-        # Trainer.
+        # Train; Ctrl-C / SIGTERM from here on ends the current step and saves a checkpoint.
         dtype = resolve_dtype(cfg.model.dtype, device)
         has_eval = data.eval is not None and len(data.eval) > 0
-        show_bar = sys.stderr.isatty()
-        metrics = MetricsCallback(run_dir / "metrics.jsonl", device, print_lines=not show_bar)
-        clock = RunClock(wall_start, metrics, _read_totals(folder.checkpoint))
         checkpoint = folder.checkpoint
-        start_step = _checkpoint_step(checkpoint) if checkpoint else 0
+        start_step = checkpoint_step(checkpoint) if checkpoint else 0
         trackers = open_trackers(
             cfg.train.report_to, run_dir, cfg.output.name, to_dict(cfg), start_step
         )
-        trainer = GuardedSFTTrainer(
-            model=model,
-            args=sft_config(cfg, run_dir, dtype, has_eval, show_bar),
-            train_dataset=data.train,
-            eval_dataset=data.eval if has_eval else None,
-            processing_class=tokenizer,
-            callbacks=[
-                metrics,
-                CheckpointCallback(clock, folder.publish, cfg.train.save_total_limit),
-                StopCallback(stops),
-                TrackerCallback(trackers),
-            ],
+        metrics = MetricsLog(
+            run_dir / "metrics.jsonl",
+            device,
+            print_lines=not sys.stderr.isatty(),
+            trackers=trackers,
         )
-        if not show_bar:
-            trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
+        clock = RunClock(wall_start, metrics, _read_totals(checkpoint))
+        run = Engine(cfg, model, tokenizer, data, device, dtype, metrics, run_dir, clock, folder)
+        engine = run.trl if cfg.train.engine == "trl" else run.mxlora
 
-        # Train; Ctrl-C / SIGTERM from here on ends the current step and saves a checkpoint.
+        def stop() -> bool:
+            return stops.requested or (should_stop is not None and should_stop())
+
         try:
             with stops.stoppable():
-                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                stats = engine(checkpoint, stop)
         except Interrupted as e:  # a second signal: stop at once, mid-step
-            raise TrainingInterrupted(e.signum, folder, trainer.state) from None
-        except torch.OutOfMemoryError:
-            raise TrainingError(
-                oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
-            ) from None
-        except RuntimeError as e:
-            if _is_host_oom(e):
-                raise TrainingError(
-                    oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
-                ) from None
-            raise
+            raise TrainingInterrupted(e.signum, folder, *run.progress()) from None
         finally:
             trackers.close()  # also on failure: what was logged stays readable
-        state = trainer.state
-        if stops.requested and state.global_step < state.max_steps:
-            raise TrainingInterrupted(stops.signum or signal.SIGINT, folder, state)
+        if stats.stopped:
+            if stops.requested:
+                raise TrainingInterrupted(
+                    stops.signum or signal.SIGINT, folder, stats.steps, stats.max_steps
+                )
+            log.info("stopped after step %d; continue with --resume", stats.steps)
+            return TrainResult(run_dir=folder.dest, model=model, data=data, stopped=True)
 
         # Save.
-        save_adapter(trainer.model, run_dir / "adapter")
+        save_adapter(model, run_dir / "adapter")
 
         # Report: times are summed over every process that trained this run (resumes).
         totals = clock.totals()
@@ -262,16 +292,17 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
         report: dict[str, Any] = {
             "name": cfg.output.name,
             "model": cfg.model.name_or_path,
+            "engine": cfg.train.engine,
             "experts": experts,
             "dtype": str(dtype).removeprefix("torch."),
-            "steps": state.global_step,
-            "epochs": state.epoch,
+            "gradient_checkpointing": stats.gradient_checkpointing,
+            "compiled": stats.compiled,
+            "steps": stats.steps,
+            "epochs": stats.epoch,
             "train_rows": len(data.train),
             "eval_rows": len(data.eval) if has_eval else 0,
-            "train_tokens": state.num_input_tokens_seen,
-            "tokens_per_s": (
-                state.num_input_tokens_seen / totals.train_time_s if totals.train_time_s else None
-            ),
+            "train_tokens": stats.tokens,
+            "tokens_per_s": stats.tokens / totals.train_time_s if totals.train_time_s else None,
             "wall_time_s": totals.wall_time_s,
             "train_time_s": totals.train_time_s,
             "step_time_s_mean": (
@@ -283,13 +314,127 @@ def fit(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> T
             **summarize_losses(run_dir / "metrics.jsonl"),
             "trainable_params": trainable,
             "total_params": total,
-            "resumed_from_step": _checkpoint_step(checkpoint) if checkpoint else None,
+            "resumed_from_step": start_step or None,
             "data": data.report,
             "device": environment(device)["device"],
         }
         write_report(run_dir, report)
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.output.name} loss")
-    return TrainResult(run_dir=folder.dest, model=trainer.model, data=data)
+    return TrainResult(run_dir=folder.dest, model=model, data=data)
+
+
+# --------------------------------------------------------------------------------------------
+# The two engines: same rows, order, loss, optimizer, schedule and run folder.
+
+
+class Engine:
+    """Runs the training of :func:`fit` with ``train.engine``'s step; both write checkpoints
+    with the run's times in them and publish a new run folder at the first one."""
+
+    def __init__(
+        self, cfg, model, tokenizer, data, device, dtype, metrics, run_dir, clock, folder
+    ) -> None:
+        self.cfg, self.model, self.tokenizer, self.data = cfg, model, tokenizer, data
+        self.device, self.dtype, self.metrics, self.run_dir = device, dtype, metrics, run_dir
+        self.clock, self.folder = clock, folder
+        self.has_eval = data.eval is not None and len(data.eval) > 0
+        self.step, self.max_steps = 0, 0  # where training is, for an interrupt's message
+
+    def progress(self) -> tuple[int, int]:
+        """The last optimizer step done and the run's number of steps."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.state.global_step, trainer.state.max_steps
+        return self.step, self.max_steps
+
+    def write_totals(self, checkpoint: Path) -> None:
+        write_json(checkpoint / TOTALS_FILE, dataclasses.asdict(self.clock.totals()))
+
+    def mxlora(self, checkpoint: Path | None, should_stop: Callable[[], bool]) -> EngineStats:
+        """mxlora's own loop (:class:`mxlora.engine.loop.Loop`)."""
+        from mxlora.engine.loop import Loop
+
+        loop = Loop(
+            self.cfg,
+            self.model,
+            train_rows=self.data.train.to_dict(),
+            eval_rows=self.data.eval.to_dict() if self.has_eval else None,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            dtype=self.dtype,
+            metrics=self.metrics,
+            run_dir=self.run_dir,
+            before_marker=self.write_totals,
+            on_checkpoint=self.folder.publish,
+        )
+        self.max_steps = len(loop.plan)
+
+        def stop() -> bool:
+            self.step = loop.step
+            return should_stop()
+
+        result = loop.run(resume_from=checkpoint, should_stop=stop)
+        return EngineStats(
+            steps=result.steps,
+            max_steps=len(loop.plan),
+            epoch=result.epoch,
+            tokens=result.tokens,
+            stopped=result.stopped,
+            gradient_checkpointing=result.gradient_checkpointing,
+            compiled=result.compiled,
+        )
+
+    def trl(self, checkpoint: Path | None, should_stop: Callable[[], bool]) -> EngineStats:
+        """TRL's SFTTrainer (the seed's step), with our metrics, checkpoints and NaN guard."""
+        cfg, model, device, dtype = self.cfg, self.model, self.device, self.dtype
+        show_bar = not self.metrics.print_lines
+        # Rows are padded to the batch's longest: the worst micro-batch is batch_size x longest.
+        longest = cfg.train.batch_size * max(len(ids) for ids in self.data.train["input_ids"])
+        checkpointing = use_gradient_checkpointing(
+            cfg.train.gradient_checkpointing,
+            model.get_base_model().config,
+            longest,
+            dtype,
+            device,
+            cfg.train.memory_budget_gb,
+        )
+        trainer = GuardedSFTTrainer(
+            model=model,
+            args=sft_config(cfg, self.run_dir, dtype, self.has_eval, show_bar, checkpointing),
+            train_dataset=self.data.train,
+            eval_dataset=self.data.eval if self.has_eval else None,
+            processing_class=self.tokenizer,
+            callbacks=[
+                MetricsCallback(self.metrics),
+                CheckpointCallback(self, cfg.train.save_total_limit),
+                StopCallback(should_stop),
+            ],
+        )
+        if not show_bar:
+            trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
+        self.trainer = trainer
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
+            ) from None
+        except RuntimeError as e:
+            if is_host_oom(e):
+                raise TrainingError(
+                    oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
+                ) from None
+            raise
+        state = trainer.state
+        return EngineStats(
+            steps=state.global_step,
+            max_steps=state.max_steps,
+            epoch=state.epoch,
+            tokens=state.num_input_tokens_seen,
+            stopped=state.global_step < state.max_steps,
+            gradient_checkpointing=checkpointing,
+            compiled=False,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,11 +487,29 @@ def describe_model(
 
 
 def sft_config(
-    cfg: TrainingConfig, run_dir: Path, dtype: torch.dtype, has_eval: bool, show_bar: bool
+    cfg: TrainingConfig,
+    run_dir: Path,
+    dtype: torch.dtype,
+    has_eval: bool,
+    show_bar: bool,
+    gradient_checkpointing: bool,
 ) -> SFTConfig:
-    """TRL's ``SFTConfig`` from our training section (the seed's hyperparameters)."""
+    """TRL's ``SFTConfig`` from our training section (the seed's hyperparameters).
+
+    ``gradient_checkpointing`` is the resolved ``train.gradient_checkpointing`` (its ``auto``
+    depends on the data and device: :func:`mxlora.engine.memory.use_gradient_checkpointing`).
+    """
     t = cfg.train
+    # TRL 1.x adds gpt-oss's router load-balancing loss (coefficient 0.9 from the model config)
+    # unless told not to; the seed (TRL of its day, output_router_logits false) trained on the
+    # cross-entropy alone, and so does the mxlora engine.
+    no_aux_loss = (
+        {"router_aux_loss_coef": 0.0}
+        if "router_aux_loss_coef" in SFTConfig.__dataclass_fields__
+        else {}
+    )
     return SFTConfig(
+        **no_aux_loss,
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=t.lr,
         num_train_epochs=t.epochs,
@@ -362,7 +525,7 @@ def sft_config(
             {"min_lr_rate": t.min_lr_rate} if t.scheduler == "cosine_with_min_lr" else {}
         ),
         **{
-            CHECKPOINTING: t.gradient_checkpointing,
+            CHECKPOINTING: gradient_checkpointing,
             f"{CHECKPOINTING}_kwargs": {"use_reentrant": False},
         },
         bf16=dtype == torch.bfloat16,
@@ -401,12 +564,7 @@ class GuardedSFTTrainer(SFTTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
             accum = self.args.gradient_accumulation_steps
-            batch = (step - 1) * accum + self._micro_index
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {step}, batch {batch} (0-based, counted from the "
-                f"start of training; micro-batch {self._micro_index} of {accum} in that step). "
-                "Lower train.lr, check the data rows of that batch, or use model.dtype=float32."
-            )
+            raise NonFiniteLossError(nonfinite_message(loss.item(), step, self._micro_index, accum))
         self._micro_index += 1
         return loss
 
@@ -427,7 +585,7 @@ class RunTotals:
 class RunClock:
     """This process's times on top of the totals of the checkpoint it resumed from."""
 
-    def __init__(self, wall_start: float, metrics: MetricsCallback, before: RunTotals):
+    def __init__(self, wall_start: float, metrics: MetricsLog, before: RunTotals):
         self.wall_start = wall_start
         self.metrics = metrics
         self.before = before
@@ -448,17 +606,16 @@ def _read_totals(checkpoint: Path | None) -> RunTotals:
 
 
 class CheckpointCallback(TrainerCallback):
-    """Mark each checkpoint complete once written, then keep only the newest complete ones.
+    """Mark each checkpoint complete once written (with the run's times in it), keep the newest
+    ``keep`` complete ones, and publish a new run folder at the first.
 
     Args:
-        clock: the run's times, saved with each checkpoint.
-        on_complete: called after each complete checkpoint (publishes a new run folder).
+        engine: the run's :class:`Engine` (times, run folder).
         keep: complete checkpoints kept (``train.save_total_limit``); ``None`` keeps all.
     """
 
-    def __init__(self, clock: RunClock, on_complete: Callable[[], None], keep: int | None):
-        self.clock = clock
-        self.on_complete = on_complete
+    def __init__(self, engine: Engine, keep: int | None):
+        self.engine = engine
         self.keep = keep
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -468,31 +625,8 @@ class CheckpointCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        write_json(folder / TOTALS_FILE, dataclasses.asdict(self.clock.totals()))
-        marker = folder / COMPLETE_MARKER
-        tmp = folder / f".{COMPLETE_MARKER}.tmp"
-        tmp.write_text(f"{state.global_step}\n")
-        fsync_tree(folder)
-        tmp.replace(marker)
-        rotate_checkpoints(Path(args.output_dir), self.keep)
-        self.on_complete()
-
-
-def rotate_checkpoints(folder: Path, keep: int | None) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (``None``: keep all).
-
-    Only complete checkpoints count and only they are deleted: a partial one (being written,
-    or left by a kill) never pushes a complete one out.
-
-    Returns:
-        The deleted folders.
-    """
-    if keep is None:
-        return []
-    old = complete_checkpoints(folder)[:-keep]
-    for path in old:
-        shutil.rmtree(path, ignore_errors=True)
-    return old
+        mark_complete(folder, state.global_step, self.keep, self.engine.write_totals)
+        self.engine.folder.publish()
 
 
 class StopCallback(TrainerCallback):
@@ -505,30 +639,6 @@ class StopCallback(TrainerCallback):
         if self.should_stop():
             control.should_save = True
             control.should_training_stop = True
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Complete ``checkpoint-N`` folders, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=_checkpoint_step)
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
-
-
-def save_adapter(model: torch.nn.Module, dest: Path) -> None:
-    """Write the PEFT adapter so that ``dest`` is either absent or complete, never partial.
-
-    It is written into a temp folder beside ``dest`` and renamed into place in one step.
-    """
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    fsync_tree(tmp)
-    swap_in(tmp, dest)
 
 
 class RunFolder:
@@ -630,7 +740,7 @@ def _resume_checkpoint(cfg: TrainingConfig) -> Path:
     for partial in (run_dir / "checkpoints").glob("checkpoint-*"):
         if not (partial / COMPLETE_MARKER).is_file():
             shutil.rmtree(partial)  # killed mid-write: never loaded, redone by this run
-    truncate_metrics(run_dir / "metrics.jsonl", _checkpoint_step(checkpoint))
+    truncate_metrics(run_dir / "metrics.jsonl", checkpoint_step(checkpoint))
     remove_stale_staging(run_dir)  # the link a killed run left behind
     log.info("resuming %s from %s", run_dir, checkpoint)
     return checkpoint
@@ -670,25 +780,6 @@ def _diff(a: Any, b: Any, where: str) -> dict[str, tuple[Any, Any]]:
             out.update(_diff(a.get(key), b.get(key), f"{where}.{key}" if where else key))
         return out
     return {} if a == b else {where: (a, b)}
-
-
-def _is_host_oom(error: RuntimeError) -> bool:
-    text = str(error)
-    return "DefaultCPUAllocator" in text and "memory" in text
-
-
-def oom_message(cfg: TrainingConfig, device: torch.device, when: str) -> str:
-    """What ran out, and the knobs that lower memory, with their current values."""
-    peak, _ = peak_device_gb(device)
-    where = f"{device}" + (f", peak {peak:.1f} GB allocated" if peak is not None else "")
-    t, lora = cfg.train, cfg.lora
-    return (
-        f"out of memory while {when} ({where}). To lower memory: train.batch_size "
-        f"(now {t.batch_size}; raise train.grad_accum, now {t.grad_accum}, to keep the effective "
-        f"batch), train.max_len (now {t.max_len}), fewer LoRA targets (lora.target_modules, "
-        f"now {lora.target_modules}; lora.experts.layers, now {lora.experts.layers}), or hold "
-        f"the experts more compactly (model.experts, now {cfg.model.experts!r})."
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from transformers import TrainerCallback
-
 from mxlora.config import ConfigError
 
 #: The project name runs are filed under in wandb and trackio.
@@ -203,16 +201,3 @@ def open_trackers(
         Trackers(opened).close()
         raise
     return Trackers(opened)
-
-
-class TrackerCallback(TrainerCallback):
-    """Forward the Trainer's logs (train and eval) to :class:`Trackers`; close them at the end."""
-
-    def __init__(self, trackers: Trackers) -> None:
-        self.trackers = trackers
-
-    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
-        self.trackers.log(state.global_step, logs or {})
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trackers.close()

@@ -1,0 +1,488 @@
+"""mxlora's own training step (``train.engine: mxlora``) against its oracles and the TRL path.
+
+- the whole step: on a tiny gpt-oss in fp32 and real english_quotes rows, both engines log the
+  same per-step losses, gradient norms, learning rates, token counts and eval losses, and end
+  with the same adapter (rows over two micro-batches per step, a short last accumulation group,
+  three epochs);
+- the row order is the Trainer's own dataloader order;
+- packed attention (one sequence, document mask, sinks) equals the padded batch through
+  transformers' eager attention, outputs and LoRA/sink gradients, sliding and full layers;
+- the sink formulation through the log-sum-exp equals the dense softmax with sinks, gradients
+  included (and a detached LSE would not);
+- chunked cross-entropy equals the full-logits one, forward and backward;
+- ``should_stop``, ``--resume``, OOM, compile and gradient-checkpointing decisions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mxlora.config import ConfigError, ModelConfig, TrainingConfig, from_dict
+from mxlora.engine.attention import (
+    apply_sinks,
+    block_mask,
+    dense_mask,
+    flex_sink_attention,
+    reference_attention,
+    register,
+)
+from mxlora.engine.loss import chunked_loss, reference_loss
+from mxlora.engine.memory import use_gradient_checkpointing
+from mxlora.engine.packing import epoch_order, pack, plan_steps
+from mxlora.engine.run_folder import COMPLETE_MARKER, TrainingError
+from mxlora.recipes.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+QUOTES = [str(ROOT.parent / "shared" / "data" / "english_quotes.jsonl"), "example:quotes"]
+TINY = "tiny:layers=2"  # layer 0 sliding, layer 1 full attention
+
+
+def quotes_config(root: Path, engine: str, **train) -> TrainingConfig:
+    """8 real quotes rows (6 train, 2 eval), batch 2 x 2 accumulation: steps of 2 + 1
+    micro-batches, 2 steps an epoch, 3 epochs = 6 steps, eval at each epoch end."""
+    from mxlora.config import first_existing_source
+
+    raw = {
+        "model": {"name_or_path": TINY, "dtype": "float32"},
+        "lora": {"experts": {"layers": [1]}},
+        "data": {
+            "source": first_existing_source(QUOTES),
+            "adapter": "quotes",
+            "select": 8,
+            "test_size": 0.25,
+            "seed": 42,
+        },
+        "train": {
+            "engine": engine,
+            "lr": 1e-3,
+            "epochs": 3,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "max_len": 256,
+            "logging_steps": 1,
+            "save_steps": 100,
+            **train,
+        },
+        "output": {"root": str(root), "name": engine},
+    }
+    return from_dict(TrainingConfig, raw)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def both_engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for engine in ("trl", "mxlora"):
+        result = fit(quotes_config(root, engine))
+        out[engine] = (result.run_dir, lora_state(result.model))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The whole step against TRL's.
+
+
+def test_mxlora_engine_trains_what_trl_trains(both_engines):
+    (trl_run, trl_lora), (our_run, our_lora) = both_engines["trl"], both_engines["mxlora"]
+    theirs, ours = metrics(trl_run), metrics(our_run)
+    train_theirs = [r for r in theirs if "loss" in r]
+    train_ours = [r for r in ours if "loss" in r]
+    assert [r["step"] for r in train_ours] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in train_theirs] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(train_theirs, train_ours, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
+        assert b["learning_rate"] == pytest.approx(a["learning_rate"], rel=1e-6, abs=1e-12)
+        assert (b["tokens"], b["epoch"]) == (a["tokens"], pytest.approx(a["epoch"]))
+    eval_theirs = [(r["step"], r["eval_loss"]) for r in theirs if "eval_loss" in r]
+    eval_ours = [(r["step"], r["eval_loss"]) for r in ours if "eval_loss" in r]
+    assert [s for s, _ in eval_ours] == [s for s, _ in eval_theirs] == [2, 4, 6]
+    assert [v for _, v in eval_ours] == pytest.approx([v for _, v in eval_theirs], rel=1e-4)
+    # The learning rate moved the adapter (lr 1e-3), and both engines moved it alike.
+    assert trl_lora.keys() == our_lora.keys()
+    for name, theirs_t in trl_lora.items():
+        torch.testing.assert_close(our_lora[name], theirs_t, rtol=0, atol=1e-4, msg=name)
+    report = json.loads((our_run / "report.json").read_text())
+    assert report["engine"] == "mxlora" and report["steps"] == 6
+    assert report["compiled"] is False and report["gradient_checkpointing"] is False
+    assert report["train_time_s"] > 0 and report["tokens_per_s"] > 0
+    assert report["train_tokens"] == train_ours[-1]["tokens"]
+    assert (our_run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (our_run / "loss.png").is_file()
+
+
+def test_row_order_is_the_trainers(tmp_path):
+    """The plan's micro-batches are what transformers' Trainer dataloader yields, epoch by
+    epoch (accelerate's seeded sampler), including the short last batch."""
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    rows, batch, accum, epochs, seed = 11, 2, 2, 3, 42
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+    )
+    dataset = datasets.Dataset.from_dict({"index": list(range(rows))})
+    trainer = Trainer(
+        model=torch.nn.Linear(1, 1),
+        args=args,
+        train_dataset=dataset,
+        data_collator=lambda items: [item["index"] for item in items],
+    )
+    loader = trainer.get_train_dataloader()
+    theirs = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)  # as the Trainer's epoch loop does
+        theirs.extend(list(loader))
+    plan = plan_steps(rows, batch, accum, epochs, -1, seed)
+    ours = [mb for step in plan for mb in step.micro_batches]
+    assert ours == theirs
+    assert [len(step.micro_batches) for step in plan[:3]] == [2, 2, 2]
+    assert len(plan[2].micro_batches[1]) == 1 and plan[2].ends_epoch  # 11 rows: 6 batches
+    assert plan[-1].epoch_progress == 3.0 and len(plan) == 9
+    assert epoch_order(rows, seed, 1) != epoch_order(rows, seed, 0)
+
+
+def test_pack_restarts_positions_and_selects_assistant_targets():
+    batch = pack([[5, 6, 7], [8, 9]], [[0, 1, 1], [0, 1]], pad_id=0, bucket=4)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
+    assert batch.doc_ids.tolist() == [0, 0, 0, 1, 1, -1, -1, -1]
+    # Position p predicts token p + 1 of the same row, only where that token is trained.
+    assert batch.loss_positions.tolist() == [0, 1, 3]
+    assert batch.loss_targets.tolist() == [6, 7, 9]
+    assert (batch.tokens, batch.rows, batch.length) == (5, 2, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention.
+
+
+def _qkv(heads=4, kv=2, length=40, dim=8, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, length, dim, generator=gen, dtype=dtype)
+    k = torch.randn(1, kv, length, dim, generator=gen, dtype=dtype)
+    v = torch.randn(1, kv, length, dim, generator=gen, dtype=dtype)
+    sinks = torch.randn(heads, generator=gen, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v, sinks)]
+
+
+DOCS = torch.tensor([0] * 13 + [1] * 20 + [2] * 7, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_sinks_through_the_lse_equal_the_dense_softmax_with_gradients(window):
+    """apply_sinks(attention without sinks, its LSE) == attention with sinks, fwd and bwd; the
+    gradient has to flow through the LSE: with it detached the q/k/sink gradients go wrong."""
+    mask = dense_mask(DOCS, window)
+    q, k, v, sinks = _qkv()
+    grad = torch.randn(1, 4, 40, 8, generator=torch.Generator().manual_seed(1))
+
+    def without_sinks(detach_lse: bool):
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        scores = (q @ kk.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.softmax(scores, dim=-1) @ vv
+        return apply_sinks(out, lse.detach() if detach_lse else lse, sinks)
+
+    def grads(out):
+        for t in (q, k, v, sinks):
+            t.grad = None
+        (out * grad).sum().backward()
+        return [t.grad.clone() for t in (q, k, v, sinks)]
+
+    reference = reference_attention(q, k, v, mask, sinks, 0.3)
+    ours = without_sinks(detach_lse=False)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    expected = grads(reference)
+    for got, want in zip(grads(ours), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    wrong = grads(without_sinks(detach_lse=True))
+    assert not torch.allclose(wrong[0], expected[0], rtol=1e-3, atol=1e-4)  # q's gradient
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_flex_forward_equals_the_reference_on_cpu(window):
+    """flex_attention + block mask + sinks == dense reference (forward; flex has no CPU
+    backward, the CUDA test below checks it), documents of unequal length, padding included."""
+    docs = torch.cat([DOCS, torch.full((128 - DOCS.numel(),), -1, dtype=torch.int32)])
+    q, k, v, sinks = (t.detach() for t in _qkv(length=128))
+    with torch.no_grad():
+        flex = flex_sink_attention(q, k, v, block_mask(docs, window), sinks, 0.3)
+        reference = reference_attention(q, k, v, dense_mask(docs, window), sinks, 0.3)
+    torch.testing.assert_close(flex, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 128])
+def test_flex_forward_and_backward_equal_the_reference_on_cuda(window, dtype):
+    length = 640
+    docs = torch.tensor([0] * 300 + [1] * 200 + [2] * 77 + [-1] * 63, dtype=torch.int32).cuda()
+    q, k, v, sinks = (t.detach().cuda().to(dtype).requires_grad_() for t in _qkv(16, 4, length, 64))
+    grad = torch.randn(1, 16, length, 64, device="cuda", dtype=dtype)
+    results = []
+    for fn, mask in (
+        (flex_sink_attention, block_mask(docs, window)),
+        (reference_attention, dense_mask(docs, window)),
+    ):
+        out = fn(q, k, v, mask, sinks, 0.125)
+        for t in (q, k, v, sinks):
+            t.grad = None
+        (out * grad).sum().backward()
+        results.append([out.detach(), *(t.grad.clone() for t in (q, k, v, sinks))])
+    tol = {torch.float32: (1e-3, 1e-4), torch.bfloat16: (5e-2, 5e-2)}[dtype]
+    for name, got, want in zip(("out", "q", "k", "v", "sinks"), *results, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol[0], atol=tol[1], msg=name)
+
+
+def _lora_model(folder, seed=0):
+    from mxlora.config import ExpertTargets, LoraConfig
+    from mxlora.model.load import load_model
+    from mxlora.model.lora import apply_lora
+
+    model, _ = load_model(ModelConfig(name_or_path=str(folder), dtype="float32"))
+    model = apply_lora(model, LoraConfig(experts=ExpertTargets(layers=[1])))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-zero B, so every LoRA factor gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.base_model.model.model.layers[0].self_attn.sinks.requires_grad_(True)
+    return model
+
+
+def test_packed_attention_equals_padded_attention(tmp_path):
+    """Rows of 37, 9 and 21 tokens: packed (one sequence, document mask, sinks) vs a padded
+    batch through transformers' eager attention: same hidden states on every real token, same
+    gradients of every LoRA factor and of layer 0's sinks; a 6-token window on layer 0."""
+    from mxlora.model.tiny import ensure_tiny
+
+    folder = ensure_tiny(layers=2, sliding_window=6)
+    model = _lora_model(folder)
+    lm = model.get_base_model()
+    gen = torch.Generator().manual_seed(3)
+    lengths = [37, 9, 21]
+    rows = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in lengths]
+    weights = torch.randn(sum(lengths), lm.config.hidden_size, generator=gen)
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    # Padded: right padding, transformers' own masks (eager attention, sliding window).
+    longest = max(lengths)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    hidden = lm.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+    padded = torch.cat([hidden[i, :n] for i, n in enumerate(lengths)])
+    (padded * weights).sum().backward()
+    padded_grads = grads()
+
+    batch = pack(rows, [[1] * n for n in lengths], pad_id=0)
+    before = lm.config._attn_implementation
+    lm.set_attn_implementation(register())
+    try:
+        from mxlora.engine.attention import build_masks
+
+        masks = build_masks(batch.doc_ids, lm.config.sliding_window, use_flex=False)
+        packed = lm.model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=masks
+        ).last_hidden_state[0, : batch.tokens]
+    finally:
+        lm.set_attn_implementation(before)
+    (packed * weights).sum().backward()
+    packed_grads = grads()
+
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys()
+    assert any("experts" in n for n in packed_grads) and any("sinks" in n for n in packed_grads)
+    for name, want in padded_grads.items():
+        assert want.abs().sum() > 0, name
+        err = (packed_grads[name] - want).norm() / want.norm()
+        assert err < 1e-5, (name, err.item())
+
+
+# --------------------------------------------------------------------------------------------
+# Loss.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_full_logits_loss(dtype):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=gen).to(dtype).requires_grad_()
+    head = torch.nn.Linear(16, 999, bias=False).to(dtype)
+    positions = torch.tensor([0, 3, 4, 5, 17, 18, 30, 31, 32, 33, 48])
+    targets = torch.randint(0, 999, (positions.numel(),), generator=gen)
+    results = []
+    for fn in (reference_loss, lambda *a: chunked_loss(*a, chunk=3)):
+        loss = fn(hidden, head, positions, targets)
+        hidden.grad, head.weight.grad = None, None
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    (ref_loss, ref_h, ref_w), (loss, h, w) = results
+    assert loss.dtype == torch.float32
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(h.float(), ref_h.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(w.float(), ref_w.float(), rtol=tol, atol=tol)
+    # Only selected positions get a gradient.
+    unselected = torch.ones(50, dtype=torch.bool)
+    unselected[positions] = False
+    assert h[unselected].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Stop, resume, errors, decisions.
+
+
+def test_should_stop_checkpoints_and_resume_continues_exactly(both_engines, tmp_path):
+    """Stopped by the hook after step 3: a complete checkpoint, no adapter or report; --resume
+    ends with the uninterrupted run's losses and adapter."""
+    whole_run, whole_lora = both_engines["mxlora"]
+    cfg = quotes_config(tmp_path, "mxlora")
+    calls = []
+
+    def stop_after_three() -> bool:
+        calls.append(1)
+        return len(calls) == 3
+
+    stopped = fit(cfg, should_stop=stop_after_three)
+    run = stopped.run_dir
+    assert stopped.stopped and (run / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).is_file()
+    assert not (run / "adapter").exists() and not (run / "report.json").exists()
+    resumed = fit(cfg, resume=True)
+    assert not resumed.stopped
+    ours, whole = metrics(run), metrics(whole_run)
+    assert [(r["step"], "loss" in r) for r in ours] == [(r["step"], "loss" in r) for r in whole]
+    values = [r.get("loss", r.get("eval_loss")) for r in ours]
+    assert values == pytest.approx([r.get("loss", r.get("eval_loss")) for r in whole], rel=1e-5)
+    report = json.loads((run / "report.json").read_text())
+    assert report["resumed_from_step"] == 3 and report["steps"] == 6
+    for name, want in whole_lora.items():
+        torch.testing.assert_close(lora_state(resumed.model)[name], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_should_stop_on_the_trl_engine_checkpoints_and_stops(tmp_path):
+    calls = []
+    result = fit(
+        quotes_config(tmp_path, "trl", epochs=1),
+        should_stop=lambda: calls.append(1) or len(calls) == 1,
+    )
+    run = result.run_dir
+    assert result.stopped and len(calls) == 1
+    assert (run / "checkpoints" / "checkpoint-1" / COMPLETE_MARKER).is_file()
+    assert not (run / "adapter").exists() and not (run / "report.json").exists()
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1]
+
+
+def test_out_of_memory_in_a_step_names_the_knobs(tmp_path, monkeypatch):
+    import mxlora.engine.loop as loop
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "forward_loss", out_of_memory)
+    with pytest.raises(TrainingError, match=r"^out of memory while step 1 \(cpu\)\. .*"):
+        fit(quotes_config(tmp_path, "mxlora", epochs=1))
+
+
+def test_compile_failure_stops_the_run_with_a_message():
+    from mxlora.engine.loop import loud_compile, use_compile
+
+    assert use_compile("auto", torch.device("cpu")) is False
+    assert use_compile("auto", torch.device("cuda")) is True
+    assert use_compile(True, torch.device("cpu")) and not use_compile(False, torch.device("cuda"))
+
+    def breaks(x):
+        torch._dynamo.graph_break()
+        return x + 1
+
+    compiled = torch.compile(breaks, fullgraph=True, backend="eager")
+    message = r"^train.compile: torch.compile .* train.compile=false"
+    with pytest.raises(TrainingError, match=message), loud_compile(True):
+        compiled(torch.ones(2))
+
+
+def test_gradient_checkpointing_auto_follows_the_longest_batch_and_the_budget():
+    from transformers import GptOssConfig
+
+    from mxlora.model.configs import gpt_oss_20b_config
+
+    raw = {k: v for k, v in gpt_oss_20b_config().items() if k != "quantization_config"}
+    config = GptOssConfig(**raw)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+
+    def decide(setting, tokens, budget):
+        return use_gradient_checkpointing(setting, config, tokens, bf16, cpu, budget)
+
+    # gpt-oss-20b: the seed's quotes step (4 rows, ~600 tokens) fits 20 GB, 4 x 2048 does not.
+    assert decide("auto", 640, 20.0) is False
+    assert decide("auto", 8192, 20.0) is True
+    assert decide("auto", 8192, 500.0) is False
+    assert decide(True, 128, 500.0) is True and decide(False, 8192, 1.0) is False
+    assert decide("auto", 8192, None) is False  # CPU without a budget: off, deterministically
+
+
+def test_engine_fields_parse_and_validate():
+    def train(**values):
+        return from_dict(TrainingConfig, {"train": values}).train
+
+    default = train()
+    assert (default.engine, default.gradient_checkpointing, default.compile) == (
+        "mxlora",
+        "auto",
+        "auto",
+    )
+    assert train(gradient_checkpointing="true").gradient_checkpointing is True
+    assert train(compile="false").compile is False
+    assert train(memory_budget_gb="20").memory_budget_gb == 20.0
+    with pytest.raises(ConfigError, match="train.engine: expected one of 'mxlora', 'trl'"):
+        train(engine="fast")
+    with pytest.raises(ConfigError, match="train.compile"):
+        train(compile="sometimes")
+    with pytest.raises(ConfigError, match="train.compile: true needs engine mxlora"):
+        train(engine="trl", compile=True)
+    with pytest.raises(ConfigError, match="train.memory_budget_gb: must be > 0"):
+        train(memory_budget_gb=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_mxlora_engine_matches_trl_on_cuda_in_bf16(tmp_path, compile_blocks):
+    """On CUDA the engine runs flex_attention (block mask, sinks through the LSE) and, with
+    train.compile=true, compiled decoder blocks: same losses as TRL within bf16 noise. With
+    compile on, a block that cannot compile fails this test loudly (never a silent eager run)."""
+    runs = {}
+    for engine in ("trl", "mxlora"):
+        extra = {"compile": compile_blocks} if engine == "mxlora" else {}
+        cfg = quotes_config(tmp_path / engine, engine, **extra)
+        cfg.model.dtype = "bfloat16"
+        runs[engine] = [r["loss"] for r in metrics(fit(cfg).run_dir) if "loss" in r]
+    assert len(runs["mxlora"]) == 6
+    assert runs["mxlora"] == pytest.approx(runs["trl"], rel=2e-2)
+    report = json.loads((tmp_path / "mxlora" / "mxlora" / "report.json").read_text())
+    assert report["compiled"] is compile_blocks
