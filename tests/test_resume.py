@@ -230,6 +230,13 @@ def test_ctrl_c_saves_and_resume_ends_like_the_uninterrupted_run(tmp_path, steps
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     assert "dropped 1: invalid_json 1 (row 5)" in err  # the data summary names the drop
+    # The console: resolved config, data, model load, then progress lines with an ETA ...
+    assert "config (what differs from the defaults):\n  data.source: " in err
+    assert re.search(r"model tiny:layers=4 loaded in [\d.]+ s .* GB of weights", err)
+    assert re.search(rf"^step 2/{steps} eta [0-9hms]+ loss ", err, re.MULTILINE)
+    # ... and none of the libraries' notices that tell a user nothing.
+    for noise in ("PAD/BOS/EOS", "Warning", "MXFP4 inference on CPU", "%|"):
+        assert noise not in err, noise
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(
         rf"mxlora train: stopped by SIGINT at step (\d+) of {steps}; saved "
