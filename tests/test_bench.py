@@ -95,7 +95,7 @@ def check_every_variant_and_workload_measured(bench_run):
         assert row["attn_implementation"] == "eager"
     assert {rows[("seed", "quotes")]["experts_implementation"]} == {"grouped_mm"}
     assert rows[("seed-eager-experts", "quotes")]["experts_implementation"] == "eager"
-    assert rows[("mxfp4", "quotes")]["experts_implementation"] == "mxfp4-reference"
+    assert rows[("mxfp4", "quotes")]["experts_implementation"] == "mxfp4-torch"
     # Random tokens: every token trained, no padding.
     fixed = rows[("seed", "1x24")]
     assert fixed["tokens_per_step"] == fixed["padded_tokens_per_step"] == 24

@@ -448,10 +448,8 @@ def variant_job(bench: BenchConfig, variant: Variant) -> dict[str, Any]:
 
     if any(isinstance(m, Mxfp4Experts) for m in model.modules()):
         # experts: mxfp4 (explicit or auto): our layer replaced transformers': name its path.
-        from mxlora.mxfp4.kernels import kernel_available
-
-        uses_kernel = kernel_available(torch.empty(0, device=device))
-        backends["experts_implementation"] = f"mxfp4-{'triton' if uses_kernel else 'reference'}"
+        backend = next(m.backend for m in model.modules() if isinstance(m, Mxfp4Experts))
+        backends["experts_implementation"] = f"mxfp4-{backend}"
     print(f"bench: {variant.name}: loaded in {load_s:.1f} s; {backends}", flush=True)
     model.config.use_cache = False  # as mxlora train: the KV cache is useless in training
     set_seed(cfg.train.seed)
