@@ -28,9 +28,9 @@ import torch
 from mxlora.config import TrainingConfig, dump_config
 from mxlora.data import prepare_data
 from mxlora.model.load import (
-    read_config,
     default_device,
     load_tokenizer,
+    read_config,
     resolve_dtype,
     resolve_experts,
     resolve_model_path,
