@@ -17,9 +17,13 @@ os.environ.pop("MXLORA_KERNELS", None)
 
 import torch  # noqa: E402
 
-from mxlora.mxfp4.experts import FrozenMxfp4Matmul  # noqa: E402
-from mxlora.mxfp4.kernels import KERNELS_ENV, kernel_available  # noqa: E402
-from mxlora.mxfp4.triton_kernels import INTERPRETED, grouped_mxfp4_matmul_triton  # noqa: E402
+from mxlora.mxfp4.kernels import KERNELS_ENV, kernel_available, resolve_backend  # noqa: E402
+from mxlora.mxfp4.ops import mxfp4_grouped_mm, offsets_from_counts  # noqa: E402
+from mxlora.mxfp4.triton_kernels import (  # noqa: E402
+    INTERPRETED,
+    dequantize_mxfp4_triton,
+    grouped_mxfp4_matmul_triton,
+)
 
 
 def matmul(job: dict) -> torch.Tensor:
@@ -27,18 +31,24 @@ def matmul(job: dict) -> torch.Tensor:
         job["x"],
         job["blocks"],
         job["scales"],
-        job["counts"],
+        offsets_from_counts(job["counts"], "cpu"),
         transpose=job["transpose"],
         config=job["config"],
     )
 
 
 def autograd(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``FrozenMxfp4Matmul`` forward and backward: the dispatch picks the kernel here."""
+    """The registered op forward and backward with the backend detected here (the kernel)."""
     x = job["x"].clone().requires_grad_()
-    y = FrozenMxfp4Matmul.apply(x, job["blocks"], job["scales"], job["counts"])
+    offsets = offsets_from_counts(job["counts"], "cpu")
+    backend = resolve_backend("cpu")
+    y = mxfp4_grouped_mm(x, job["blocks"], job["scales"], offsets, False, backend)
     y.backward(job["dy"])
     return y.detach(), x.grad
+
+
+def dequantize(job: dict) -> torch.Tensor:
+    return dequantize_mxfp4_triton(job["blocks"], job["scales"], job["dtype"])
 
 
 def layer(job: dict):
@@ -67,6 +77,8 @@ def main(jobs_path: str, results_path: str) -> None:
         "matmul": {name: matmul(job) for name, job in jobs["matmul"].items()},
         "autograd": {name: autograd(job) for name, job in jobs["autograd"].items()},
         "layer": {name: layer(job) for name, job in jobs["layer"].items()},
+        "dequantize": {name: dequantize(job) for name, job in jobs["dequantize"].items()},
+        "layer_backend": resolve_backend("cpu"),
     }
     torch.save(results, results_path)
 

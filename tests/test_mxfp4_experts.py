@@ -14,18 +14,17 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from mxlora.mxfp4 import dequantize_mxfp4_experts, quantize_mxfp4
+from mxlora.mxfp4 import dequantize_mxfp4_experts, ops, quantize_mxfp4
 from mxlora.mxfp4.experts import (
-    FrozenMxfp4Matmul,
     Mxfp4Experts,
     Mxfp4ParamWrapper,
     grouped_mxfp4_matmul_reference,
     inject_expert_lora,
 )
+from mxlora.mxfp4.ops import mxfp4_grouped_mm, offsets_from_counts
 
 E, H, I = 4, 64, 96  # noqa: E741 (gpt-oss's names); I != H so a swapped orientation fails
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -159,47 +158,45 @@ def test_disabled_adapter_gives_base_output():
     assert rel(with_lora, base) > 1e-3  # the LoRA does change the output when enabled
 
 
-def test_input_gradient_is_exact_transpose():
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_input_gradient_is_exact_transpose(backend):
     """dx of the frozen matmul equals dy @ W on each expert's rows (W dequantized separately)."""
     gen = torch.Generator().manual_seed(4)
     blocks, scales = quantize_mxfp4(torch.randn(E, 2 * I, H, generator=gen))
     counts = (3, 0, 5, 1)
     x = torch.randn(sum(counts), H, generator=gen, requires_grad=True)
     dy = torch.randn(sum(counts), 2 * I, generator=gen)
-    FrozenMxfp4Matmul.apply(x, blocks, scales, counts).backward(dy)
+    offsets = offsets_from_counts(counts, "cpu")
+    mxfp4_grouped_mm(x, blocks, scales, offsets, False, backend).backward(dy)
     w = dequantize_mxfp4_experts(blocks, scales, torch.float32)  # [E, in, out]
     rows = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
     expected = torch.einsum("no,nio->ni", dy, w[rows])
     assert rel(x.grad, expected) < 1e-6
 
 
-class _LargestFloat(TorchDispatchMode):
-    """Records the largest floating-point storage (in elements) any aten op produces."""
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_dequantized_memory_is_bounded_and_nothing_dequantized_saved(backend, monkeypatch):
+    """reference: one expert's weight at a time; torch: one projection of the layer at a time
+    (freed inside the op). Nothing dequantized is saved for backward either way."""
+    sizes: list[int] = []
+    for name in ("dequantize_mxfp4", "dequantize_mxfp4_torch"):
+        original = getattr(ops, name)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
+        def recording(*args, original=original):
+            w = original(*args)
+            sizes.append(w.numel())
+            return w
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
-def test_one_expert_weight_at_a_time_and_nothing_dequantized_saved():
+        monkeypatch.setattr(ops, name, recording)
     _, mine = make_pair()
+    mine.experts.get_base_layer().backend = backend
     x, indices, weights = routing(5, 2)
     x.requires_grad_()
     saved: list[torch.Tensor] = []
-    with (
-        _LargestFloat() as mode,
-        torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
-    ):
-        mine(x, indices, weights).sum().backward()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mine(x, indices, weights).backward(torch.ones(5, H))
     one_expert = 2 * I * H  # the larger of the two projections of one expert
-    assert mode.largest == one_expert  # dequantized, one expert at a time: never E of them
+    assert max(sizes) == (one_expert if backend == "reference" else E * one_expert)
     expert_shapes = {(2 * I, H), (H, 2 * I), (H, I), (I, H)}
     for t in saved:
         if t.is_floating_point():

@@ -231,11 +231,18 @@ def test_no_dequantized_expert_tensor_in_the_model(tiny):
         assert tuple(t.shape[-2:]) not in expert_shapes, name
         if ".experts." in name:
             float_in_experts += t.numel()
-    packed = sum(b.numel() for e in experts for b in e.buffers())
+    packed_params = [p for e in experts for p in e.parameters() if p.dtype == torch.uint8]
+    # Frozen uint8 parameters (FSDP2 shards parameters), not buffers; never trainable.
+    assert len(packed_params) == 4 * len(experts)
+    assert not [b for e in experts for b in e.buffers()]
+    assert not any(p.requires_grad for p in packed_params)
+    packed = sum(p.numel() for p in packed_params)
     dequantized = cfg.num_hidden_layers * n * 3 * hidden * inter
     assert packed * 8 == dequantized * 4.25  # MXFP4: 4 bits a weight + an 8-bit scale per 32
     # Biases and LoRA factors only: far below the dequantized experts.
     assert float_in_experts < 0.25 * dequantized
+    mx.to(torch.bfloat16)  # casts floating-point tensors only: the packed weights stay packed
+    assert all(p.dtype == torch.uint8 for p in packed_params)
 
 
 def test_optimizer_step_leaves_the_frozen_weights_alone(tiny):

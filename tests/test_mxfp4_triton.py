@@ -31,8 +31,8 @@ import torch
 from filelock import FileLock
 
 from mxlora.mxfp4 import dequantize_mxfp4, quantize_mxfp4
-from mxlora.mxfp4.experts import grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference
-from mxlora.mxfp4.kernels import KERNELS_ENV, kernel_available
+from mxlora.mxfp4.experts import Mxfp4Experts, grouped_mxfp4_matmul_reference
+from mxlora.mxfp4.kernels import KERNELS_ENV, kernel_available, resolve_backend
 from mxlora.paths import cache_dir
 from test_mxfp4_experts import CASES as LAYER_CASES
 from test_mxfp4_experts import make_pair, routing, run
@@ -158,7 +158,20 @@ def build_jobs() -> dict[str, dict]:
         x, indices, weights_ = routing(spec["tokens"], spec["k"], spec.get("indices"))
         grad_out = activations(spec["tokens"], x.shape[1], torch.float32, 2)
         layer[name] = dict(k=spec["k"], x=x, indices=indices, weights=weights_, grad_out=grad_out)
-    return {"matmul": matmul, "autograd": autograd, "layer": layer}
+    dequantize = {}
+    for name, shape in (
+        ("idle-expert-E5", SHAPES["idle-expert-E5"]),
+        ("wide-scales", SHAPES["wide-scales"]),
+    ):
+        blocks, scales = weights(shape, seed=11)
+        for dname, dtype in DTYPES.items():
+            dequantize[f"{name}-{dname}"] = dict(blocks=blocks, scales=scales, dtype=dtype)
+    identity = identity_jobs()["identity-fp32-forward"]
+    for dname, dtype in DTYPES.items():
+        dequantize[f"every-code-and-scale-{dname}"] = dict(
+            blocks=identity["blocks"], scales=identity["scales"], dtype=dtype
+        )
+    return {"matmul": matmul, "autograd": autograd, "layer": layer, "dequantize": dequantize}
 
 
 @pytest.fixture
@@ -218,6 +231,7 @@ def test_worker_ran_the_interpreter(interpreted):
     assert results["interpreted"]
     # Under the interpreter CPU tensors take the kernel unless the override says otherwise.
     assert results["available"] == {"default": True, "reference": False, "triton": True}
+    assert results["layer_backend"] == "triton"  # the layer tests below ran the kernel
 
 
 @pytest.mark.parametrize(
@@ -232,6 +246,24 @@ def test_kernel_matches_reference(interpreted, name):
     assert_matches(results["matmul"][name], expected)
     if expected.numel():
         assert results["matmul"][name].abs().max() > 0  # not an empty result passing by default
+
+
+@pytest.mark.parametrize(
+    "name",
+    [f"{s}-{d}" for s in ("idle-expert-E5", "wide-scales", "every-code-and-scale") for d in DTYPES],
+)
+def test_dequantizer_is_exact(interpreted, name):
+    """The Triton dequantizer (the large-M path) decodes bit for bit as the reference."""
+    jobs, results = interpreted
+    job = jobs["dequantize"][name]
+    expected = dequantize_mxfp4(job["blocks"], job["scales"], job["dtype"])
+    got = results["dequantize"][name]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if job["dtype"] == torch.bfloat16:
+        # The interpreter flushes bf16 subnormals (see test_dequantization_is_exact).
+        normal = (expected.abs() >= 2.0**-126) | (expected == 0) | expected.isinf()
+        got, expected = got[normal], expected[normal]
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("name", ["idle-expert-E5-fp16", "counts-tensor-bf16"])
@@ -301,7 +333,7 @@ def test_dequantization_is_exact(interpreted, dname, transpose):
 
 @pytest.mark.parametrize("name", [f"{s}-{d}" for s in AUTOGRAD_SHAPES for d in DTYPES])
 def test_frozen_matmul_autograd(interpreted, name, monkeypatch):
-    """Through FrozenMxfp4Matmul: the dispatch took the kernel in forward and backward."""
+    """Through the registered op: the kernel in forward and in backward."""
     monkeypatch.setenv(KERNELS_ENV, "reference")
     jobs, results = interpreted
     job = jobs["autograd"][name]
@@ -356,16 +388,28 @@ def test_cpu_takes_the_reference_outside_the_interpreter(clean_env):
         kernel_available(x)
 
 
-def test_dispatch_follows_kernel_available(clean_env):
-    """grouped_mxfp4_matmul is the reference here, and asks kernel_available (forced: error)."""
+def test_backend_is_chosen_when_the_module_is_built(clean_env):
+    """CPU: the torch path, unless MXLORA_KERNELS says otherwise when the module is built."""
     shape = SHAPES["idle-expert-E5"]
-    job = matmul_job(shape, torch.float32, False, seed=1)
-    args = (job["x"], job["blocks"], job["scales"], job["counts"])
-    expected = grouped_mxfp4_matmul_reference(*args, transpose=False)
-    assert torch.equal(grouped_mxfp4_matmul(*args, transpose=False), expected)
+    gate_up = weights(Shape(shape.experts, 64, 64, shape.counts), seed=1)  # [E, 2I, H]
+    down = weights(Shape(shape.experts, 32, 64, shape.counts), seed=2)  # [E, H, I]
+
+    def build(**kwargs) -> Mxfp4Experts:
+        bias = (torch.zeros(shape.experts, 64), torch.zeros(shape.experts, 64))
+        return Mxfp4Experts(*gate_up, bias[0], *down, bias[1], alpha=1.7, limit=7.0, **kwargs)
+
+    assert resolve_backend("cpu") == "torch" and build().backend == "torch"
+    assert build(backend="reference").backend == "reference"
+    clean_env.setenv(KERNELS_ENV, "reference")
+    experts = build()
+    assert experts.backend == "reference"
+    clean_env.setenv(KERNELS_ENV, "torch")
+    assert experts.backend == "reference"  # read when built, not per call
     clean_env.setenv(KERNELS_ENV, "triton")
     with pytest.raises(RuntimeError, match="MXLORA_KERNELS=triton"):
-        grouped_mxfp4_matmul(*args, transpose=False)
+        build()
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        build(backend="cuda")
 
 
 @pytest.mark.parametrize(
@@ -406,12 +450,12 @@ def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int):
 
     red, cols = (n_out, n_in) if transpose else (n_in, n_out)
     ints = dict(
-        n_rows=32771, n_experts=32, RED=red, COLS=cols, stride_xm=red, stride_ym=cols,
+        n_rows=32771, n_experts=32, ROWS_BUCKET=1024, RED=red, COLS=cols, stride_xm=red, stride_ym=cols,
         stride_be=n_out * n_in // 2, stride_bo=n_in // 2,
         stride_se=n_out * n_in // 32, stride_so=n_in // 32,
     )  # fmt: skip
     signature = {"x_ptr": f"*{dtype}", "b_ptr": "*u8", "s_ptr": "*u8", "y_ptr": f"*{dtype}"}
-    signature |= {"counts_ptr": "*i32"} | dict.fromkeys(ints, "i32")
+    signature |= {"offsets_ptr": "*i32"} | dict.fromkeys(ints, "i32")
     # What Triton's launcher specializes: 16-byte aligned pointers, integers divisible by 16.
     aligned = [n for n in signature if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0]
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -448,7 +492,7 @@ def sm90_cases() -> list:
 
 @pytest.mark.parametrize(("config", "dtype", "transpose"), sm90_cases())
 def test_compiles_for_h100(config, dtype, transpose, tmp_path, monkeypatch):
-    """Every config compiles to an sm_90 cubin: wgmma for bf16, pipelined loads, no spills."""
+    """Every config compiles to an sm_90 cubin: tensor cores for bf16, pipelined loads, no spills."""
     from mxlora.mxfp4.triton_kernels import INTERPRETED
 
     if INTERPRETED:
@@ -459,5 +503,9 @@ def test_compiles_for_h100(config, dtype, transpose, tmp_path, monkeypatch):
         compiled = compile_sm90(config, dtype, transpose, n_out, n_in)
         ttgir = compiled.asm["ttgir"]
         assert "ttg.async_copy_global_to_local" in ttgir  # loads software-pipelined
-        assert ("ttng.warp_group_dot" in ttgir) == (dtype == "bf16")  # wgmma for bf16
+        # wgmma for bf16 where the row tile fills a warpgroup's 64 rows; the short-row configs
+        # use the mma.sync tensor-core path.
+        wgmma = dtype == "bf16" and config.block_m >= 64
+        assert ("ttng.warp_group_dot" in ttgir) == wgmma
+        assert dtype == "fp32" or "ttng.warp_group_dot" in ttgir or "ttg.dot_op" in ttgir
         assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0

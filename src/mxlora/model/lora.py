@@ -92,7 +92,11 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> peft.PeftMo
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
+    """``(trainable, total)`` parameter counts.
+
+    Floating-point parameters only: the packed MXFP4 experts (frozen uint8 parameters in
+    ``experts: mxfp4``) hold two weights a byte plus scales, not one weight an element.
+    """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters() if p.is_floating_point())
     return trainable, total

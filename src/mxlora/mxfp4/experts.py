@@ -8,11 +8,12 @@ ships them (uint8 blocks + e8m0 scales, 4.25 bits a weight). Per expert ``e``::
 
 gate/up columns interleaved (gate = even, up = odd), gate clamped at ``limit``, up to
 ``[-limit, limit]``, ``(up + 1) · gate · sigmoid(alpha · gate)``, then ``down_proj`` and the
-routing weights. The frozen ``x · W`` goes through :class:`FrozenMxfp4Matmul`, whose backward
-gives ``dx = dy · Wᵀ`` by dequantizing again: one expert's weight exists in floating point at a
-time, and nothing dequantized is kept for backward (so gradient checkpointing recomputes nothing
-big either). Its compute sits behind one function, :func:`grouped_mxfp4_matmul`, where a fused
-kernel (dequantize inside a grouped GEMM) can take over from the pure-PyTorch reference.
+routing weights. The frozen ``x · W`` is one registered op,
+:func:`mxlora.mxfp4.ops.mxfp4_grouped_mm`, whose backward gives ``dx = dy · Wᵀ`` by dequantizing
+again: nothing dequantized is kept for backward (so gradient checkpointing recomputes nothing big
+either). The routing stays on the device (per-expert row offsets, no host sync, no
+data-dependent shape) and the expert LoRA runs as grouped GEMMs over stacked factors, so the
+whole block compiles to one graph (``torch.compile(fullgraph=True)``).
 
 LoRA on the experts has the semantics, parameter shapes and state-dict keys of PEFT's
 ``target_parameters`` on the dequantized model, because it *is* PEFT's ``ParamWrapper``: each
@@ -28,9 +29,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from itertools import accumulate
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import cast_adapter_dtype
@@ -39,7 +40,22 @@ from peft.utils.other import get_pattern_key
 from torch import Tensor, nn
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from mxlora.mxfp4.reference import dequantize_mxfp4
+from mxlora.mxfp4.kernels import resolve_backend
+from mxlora.mxfp4.ops import (
+    frozen_mxfp4_matmul,
+    grouped_mxfp4_matmul_reference,
+    lora_grouped_mm,
+)
+
+__all__ = [
+    "PROJECTIONS",
+    "Mxfp4Experts",
+    "Mxfp4ParamWrapper",
+    "get_mxfp4_peft_model",
+    "grouped_lora",
+    "grouped_mxfp4_matmul_reference",
+    "inject_expert_lora",
+]
 
 #: The expert weights, in ``GptOssExperts``' parameter registration order. PEFT wraps the targeted
 #: ones in this order (``_inject_parameters`` walks ``named_parameters``), so the first is the
@@ -51,102 +67,27 @@ PROJECTIONS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 LoraFactors = tuple[Tensor, Tensor, float]
 
 
-def grouped_mxfp4_matmul_reference(
-    x: Tensor, blocks: Tensor, scales: Tensor, counts: Sequence[int], *, transpose: bool
-) -> Tensor:
-    """Reference grouped matmul with MXFP4 weights, one expert dequantized at a time.
+def grouped_lora(x: Tensor, factors: LoraFactors, offsets: Tensor) -> Tensor:
+    """``scaling · (x_e · lhs[e]) · rhs[e]`` per expert group: two grouped GEMMs, no loop.
 
-    Rows of ``x`` are grouped by expert: the first ``counts[0]`` rows go to expert 0, and so on.
-    With ``W_e = dequantize(blocks[e], scales[e])`` of shape ``[out, in]`` (the Hub's
-    orientation), row group ``e`` gives ``x_e · W_eᵀ`` (``transpose=False``, the forward
-    ``[n, in] -> [n, out]``) or ``x_e · W_e`` (``transpose=True``, the input gradient
-    ``[n, out] -> [n, in]``). Computed in ``x``'s dtype, the dtype the seed dequantizes into.
-
-    Args:
-        x: ``[sum(counts), in]`` (or ``[sum(counts), out]`` with ``transpose``).
-        blocks: uint8 ``[E, out, in // 32, 16]``.
-        scales: uint8 e8m0 ``[E, out, in // 32]``.
-        counts: rows per expert, ``len(counts) == E``.
-        transpose: multiply by ``W_e`` instead of ``W_eᵀ``.
-
-    Returns:
-        ``[sum(counts), out]`` (``[sum(counts), in]`` with ``transpose``), ``x``'s dtype.
+    The rank-r path (``ΔW`` never formed). The rank is zero-padded to a multiple of 8 so that
+    every operand's strides are multiples of 16 bytes, as torch's grouped GEMM requires; the
+    padded columns are zero and get no gradient that reaches the factors.
     """
-    out_features, in_features = blocks.shape[1], blocks.shape[2] * blocks.shape[3] * 2
-    width = in_features if transpose else out_features
-    y = x.new_empty(x.shape[0], width)
-    for e, (start, end) in enumerate(_spans(counts)):
-        if start == end:
-            continue
-        w = dequantize_mxfp4(blocks[e], scales[e], x.dtype)  # [out, in], freed after this expert
-        y[start:end] = x[start:end] @ w if transpose else x[start:end] @ w.T
-    return y
-
-
-def grouped_mxfp4_matmul(
-    x: Tensor, blocks: Tensor, scales: Tensor, counts: Sequence[int], *, transpose: bool
-) -> Tensor:
-    """The frozen-weight grouped matmul used by :class:`FrozenMxfp4Matmul` (forward and backward).
-
-    The one place where a fused kernel replaces the reference; same contract as
-    :func:`grouped_mxfp4_matmul_reference`. The Triton kernel
-    (:func:`mxlora.mxfp4.triton_kernels.grouped_mxfp4_matmul_triton`) runs where
-    :func:`mxlora.mxfp4.kernels.kernel_available` says it can (CUDA, compute capability >= 8.0,
-    or ``MXLORA_KERNELS=triton``), the reference everywhere else.
-    """
-    # Imported here: kernels.py is light, and Triton is imported only where it can run.
-    from mxlora.mxfp4.kernels import kernel_available
-
-    if kernel_available(x):
-        from mxlora.mxfp4.triton_kernels import grouped_mxfp4_matmul_triton
-
-        return grouped_mxfp4_matmul_triton(x, blocks, scales, counts, transpose=transpose)
-    return grouped_mxfp4_matmul_reference(x, blocks, scales, counts, transpose=transpose)
-
-
-class FrozenMxfp4Matmul(torch.autograd.Function):
-    """``y = x · Wᵀ`` per expert group with frozen MXFP4 ``W``; gradient for ``x`` only.
-
-    Saves only the packed ``blocks``/``scales`` (the module's buffers, no new memory) and the
-    group sizes; backward dequantizes again instead of keeping a float copy of ``W``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, blocks: Tensor, scales: Tensor, counts: tuple[int, ...]) -> Tensor:
-        ctx.save_for_backward(blocks, scales)
-        ctx.counts = counts
-        return grouped_mxfp4_matmul(x, blocks, scales, counts, transpose=False)
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        blocks, scales = ctx.saved_tensors
-        grad_x = grouped_mxfp4_matmul(
-            grad_y.contiguous(), blocks, scales, ctx.counts, transpose=True
-        )
-        return grad_x, None, None, None
-
-
-def _spans(counts: Sequence[int]) -> list[tuple[int, int]]:
-    ends = list(accumulate(counts))
-    return [(end - n, end) for n, end in zip(counts, ends, strict=True)]
-
-
-def _grouped_lora(x: Tensor, factors: LoraFactors, counts: Sequence[int]) -> Tensor:
-    """``scaling · (x_e · lhs[e]) · rhs[e]`` per expert group (rank-r path, ΔW never formed)."""
     lhs, rhs, scaling = factors
-    lhs, rhs = lhs.to(x.dtype), rhs.to(x.dtype)
-    parts = [(x_e @ lhs[e]) @ rhs[e] for e, x_e in enumerate(torch.split(x, list(counts)))]
-    return torch.cat(parts) * scaling
+    pad = -lhs.shape[-1] % 8
+    lhs = F.pad(lhs.to(x.dtype), (0, pad)).contiguous()  # [E, in, r + pad]
+    rhs = F.pad(rhs.to(x.dtype), (0, 0, 0, pad)).contiguous()  # [E, r + pad, out]
+    return lora_grouped_mm(lora_grouped_mm(x, lhs, offsets), rhs, offsets) * scaling
 
 
 class Mxfp4Experts(nn.Module):
     """Drop-in for transformers' ``GptOssExperts`` holding the expert weights in MXFP4.
 
-    Buffers and parameters carry the checkpoint's own names (``gate_up_proj_blocks``,
-    ``gate_up_proj_scales``, ``gate_up_proj_bias``, ``down_proj_*``); nothing here is trainable.
-    LoRA comes from :class:`Mxfp4ParamWrapper` around this module.
+    Its parameters carry the checkpoint's own names (``gate_up_proj_blocks``,
+    ``gate_up_proj_scales``, ``gate_up_proj_bias``, ``down_proj_*``); none is trainable (the
+    packed blocks and scales are uint8 parameters with ``requires_grad=False``). LoRA comes from
+    :class:`Mxfp4ParamWrapper` around this module.
 
     Args:
         gate_up_proj_blocks: uint8 ``[E, 2 * I, H // 32, 16]``.
@@ -157,6 +98,9 @@ class Mxfp4Experts(nn.Module):
         down_proj_bias: ``[E, H]``.
         alpha: the gate's sigmoid slope (gpt-oss: 1.702), ``GptOssExperts.alpha``.
         limit: the gate/up clamp (gpt-oss: 7.0), ``GptOssExperts.limit``.
+        backend: what computes the frozen matmul (``reference``, ``torch``, ``triton``); by
+            default :func:`mxlora.mxfp4.kernels.resolve_backend` for the blocks' device
+            (``MXLORA_KERNELS``, else capability detection), decided here, once.
     """
 
     #: PEFT's ``ParamWrapper`` reads this (as it does on ``GptOssExperts``) to orient the expert
@@ -177,6 +121,7 @@ class Mxfp4Experts(nn.Module):
         *,
         alpha: float,
         limit: float,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         num_experts, two_inter = gate_up_proj_blocks.shape[:2]
@@ -208,12 +153,12 @@ class Mxfp4Experts(nn.Module):
         self.intermediate_size = two_inter // 2
         self.alpha = alpha
         self.limit = limit
-        for proj in PROJECTIONS:
-            self.register_buffer(f"{proj}_blocks", given[f"{proj}_blocks"])
-            self.register_buffer(f"{proj}_scales", given[f"{proj}_scales"])
-            self.register_parameter(
-                f"{proj}_bias", nn.Parameter(given[f"{proj}_bias"], requires_grad=False)
-            )
+        self.backend = resolve_backend(gate_up_proj_blocks.device, backend)
+        # All frozen parameters (uint8 ones included, so that FSDP2 can shard them along the
+        # expert dimension like any parameter): never trainable, never cast by ``.to(dtype)``
+        # (which converts floating-point tensors only).
+        for name, tensor in given.items():
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     def weight_spec(self, proj: str) -> Tensor:
         """A stand-in with the shape, dtype and device of the dequantized ``GptOssExperts`` weight.
@@ -249,14 +194,16 @@ class Mxfp4Experts(nn.Module):
         lora = lora or {}
         top_k = router_indices.shape[1]
         # Group the (token, slot) assignments by expert; stable, so each expert sees its tokens in
-        # order and every token adds up its experts in expert order, as GptOssExperts does.
+        # order and every token adds up its experts in expert order, as GptOssExperts does. The
+        # group ends stay on the device (no host sync, no data-dependent shape).
         expert_ids, order = torch.sort(router_indices.reshape(-1), stable=True)
         token_idx = order // top_k
-        counts = tuple(torch.bincount(expert_ids, minlength=self.num_experts).tolist())
+        bounds = torch.arange(1, self.num_experts + 1, device=expert_ids.device)
+        offsets = torch.searchsorted(expert_ids, bounds.to(expert_ids.dtype), out_int32=True)
 
         x = hidden_states[token_idx]
-        gate_up = self._project("gate_up_proj", x, expert_ids, counts, lora)
-        out = self._project("down_proj", self._apply_gate(gate_up), expert_ids, counts, lora)
+        gate_up = self._project("gate_up_proj", x, expert_ids, offsets, lora)
+        out = self._project("down_proj", self._apply_gate(gate_up), expert_ids, offsets, lora)
         weighted = out * routing_weights.reshape(-1)[order, None]
         next_states = torch.zeros_like(hidden_states)
         return next_states.index_add(0, token_idx, weighted.to(hidden_states.dtype))
@@ -266,20 +213,20 @@ class Mxfp4Experts(nn.Module):
         proj: str,
         x: Tensor,
         expert_ids: Tensor,
-        counts: tuple[int, ...],
+        offsets: Tensor,
         lora: Mapping[str, Sequence[LoraFactors]],
     ) -> Tensor:
         blocks, scales = getattr(self, f"{proj}_blocks"), getattr(self, f"{proj}_scales")
-        y = FrozenMxfp4Matmul.apply(x, blocks, scales, counts)
+        y = frozen_mxfp4_matmul(x, blocks, scales, offsets, False, self.backend)
         y = y + getattr(self, f"{proj}_bias")[expert_ids]
         for factors in lora.get(proj, ()):
-            y = y + _grouped_lora(x, factors, counts)
+            y = y + grouped_lora(x, factors, offsets)
         return y
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-            f"intermediate_size={self.intermediate_size}, mxfp4"
+            f"intermediate_size={self.intermediate_size}, mxfp4, backend={self.backend}"
         )
 
 

@@ -1,19 +1,24 @@
-"""Which implementation computes the frozen MXFP4 grouped matmul: the Triton kernel or the reference.
+"""Which implementation computes the frozen MXFP4 grouped matmul: Triton, torch or the reference.
 
-Capability detection for :func:`mxlora.mxfp4.experts.grouped_mxfp4_matmul`. The Triton kernel
-(:mod:`mxlora.mxfp4.triton_kernels`) runs where it was validated: CUDA (not ROCm) devices of
-compute capability 8.0 or newer (bf16 tensor cores) with Triton installed. CPU tensors take it
-only under Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is imported), which is
-how the tests check it; everything else takes the pure-PyTorch reference.
+Capability detection for :class:`mxlora.mxfp4.experts.Mxfp4Experts`, which picks its backend
+once, when it is built (:func:`resolve_backend`), and passes it to the registered op
+(:func:`mxlora.mxfp4.ops.mxfp4_grouped_mm`) on every call:
 
-One environment variable overrides the choice, ``MXLORA_KERNELS``:
+* ``triton`` (:mod:`mxlora.mxfp4.triton_kernels`) where it was validated: CUDA (not ROCm)
+  devices of compute capability 8.0 or newer (bf16 tensor cores) with Triton installed. CPU
+  tensors take it only under Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is
+  imported), which is how the tests check it;
+* ``torch`` everywhere else (CPU, ROCm, older GPUs): the whole projection dequantized with torch
+  ops, then torch's ``grouped_mm``;
+* ``reference``: the per-expert loop, the oracle the others are tested against (never chosen
+  automatically).
 
-* unset or empty: detect, as above;
-* ``reference``: always the reference;
-* ``triton``: always the kernel, skipping the capability check (e.g. to try it on ROCm);
-  an error where it cannot run at all (no Triton, or a CPU tensor outside the interpreter).
+One environment variable overrides the detection, ``MXLORA_KERNELS``, read when a module is
+built (not per call): unset or empty detects as above; ``reference``/``torch`` force those;
+``triton`` forces the kernel, skipping the capability check (e.g. to try it on ROCm), and is an
+error where it cannot run at all (no Triton, or a CPU tensor outside the interpreter).
 
-This module does not import Triton unless a tensor could take the kernel.
+This module does not import Triton unless a device could take the kernel.
 """
 
 from __future__ import annotations
@@ -27,38 +32,42 @@ from torch import Tensor
 
 #: The override's name and values.
 KERNELS_ENV = "MXLORA_KERNELS"
-REFERENCE, TRITON = "reference", "triton"
+REFERENCE, TORCH, TRITON = "reference", "torch", "triton"
+BACKENDS = (REFERENCE, TORCH, TRITON)
 #: bf16 ``tl.dot`` (tensor cores) needs Ampere or newer.
 MIN_CAPABILITY = (8, 0)
 
 
-def kernel_available(x: Tensor) -> bool:
-    """Whether the grouped MXFP4 matmul of ``x`` runs the Triton kernel.
-
-    Args:
-        x: the activations (their device decides).
-
-    Returns:
-        True for the Triton kernel, False for the reference.
+def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
+    """The backend a module on ``device`` uses: ``backend`` if given, else ``MXLORA_KERNELS``,
+    else detection (``triton`` where it can run, ``torch`` elsewhere).
 
     Raises:
-        ValueError: ``MXLORA_KERNELS`` holds something other than ``reference``/``triton``.
-        RuntimeError: ``MXLORA_KERNELS=triton`` where the kernel cannot run.
+        ValueError: an unknown backend name (argument or ``MXLORA_KERNELS``).
+        RuntimeError: ``triton`` asked for where the kernel cannot run.
     """
-    choice = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if choice == REFERENCE:
-        return False
-    if choice not in ("", TRITON):
-        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected {REFERENCE!r} or {TRITON!r}")
-    reason = _why_not(x, check_capability=choice != TRITON)
-    if reason is not None and choice == TRITON:
-        raise RuntimeError(f"{KERNELS_ENV}=triton, but {reason}")
-    return reason is None
+    device = torch.device(device)
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(KERNELS_ENV, "").strip().lower(), KERNELS_ENV
+    if backend not in ("", *BACKENDS):
+        raise ValueError(f"{source}={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend in (REFERENCE, TORCH):
+        return backend
+    reason = _why_not(device, check_capability=backend != TRITON)
+    if reason is not None and backend == TRITON:
+        raise RuntimeError(f"{source}=triton, but {reason}")
+    return TORCH if reason else TRITON
 
 
-def _why_not(x: Tensor, *, check_capability: bool) -> str | None:
-    """Why the kernel cannot take ``x``, or None if it can."""
-    if x.device.type == "cpu":
+def kernel_available(x: Tensor) -> bool:
+    """Whether a module built for ``x``'s device now runs the Triton kernel."""
+    return resolve_backend(x.device) == TRITON
+
+
+def _why_not(device: torch.device, *, check_capability: bool) -> str | None:
+    """Why the kernel cannot run on ``device``, or None if it can."""
+    if device.type == "cpu":
         # Cheap test first: without the variable, Triton is not even imported.
         if not os.environ.get("TRITON_INTERPRET"):
             return "the tensor is on the CPU and TRITON_INTERPRET is not set"
@@ -68,14 +77,14 @@ def _why_not(x: Tensor, *, check_capability: bool) -> str | None:
         if not module.INTERPRETED:
             return "mxlora's Triton kernels were imported before TRITON_INTERPRET was set"
         return None
-    if x.device.type != "cuda":
-        return f"the tensor is on {x.device.type}, the kernel runs on CUDA"
+    if device.type != "cuda":
+        return f"the tensor is on {device.type}, the kernel runs on CUDA"
     if _triton_kernels() is None:
         return "triton is not installed"
     if check_capability:
         if torch.version.hip is not None:
             return "ROCm: the kernel is validated on CUDA only"
-        capability = torch.cuda.get_device_capability(x.device)
+        capability = torch.cuda.get_device_capability(device)
         if capability < MIN_CAPABILITY:
             return f"compute capability {capability} is below {MIN_CAPABILITY}"
     return None

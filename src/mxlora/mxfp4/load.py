@@ -36,6 +36,7 @@ from transformers import (
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssRotaryEmbedding
 
 from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
+from mxlora.mxfp4.kernels import resolve_backend
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,7 +83,11 @@ def load_mxfp4_model(
     for name, module in list(model.named_modules()):
         if isinstance(module, GptOssExperts):
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, _empty_mxfp4_experts(module, dtype))
+            setattr(
+                model.get_submodule(parent_name),
+                child,
+                _empty_mxfp4_experts(module, dtype, resolve_backend(device)),
+            )
 
     expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()
@@ -154,8 +159,9 @@ def is_mxfp4(config: PretrainedConfig) -> bool:
     return str(getattr(method, "value", method)) == "mxfp4"
 
 
-def _empty_mxfp4_experts(experts: GptOssExperts, dtype: torch.dtype) -> Mxfp4Experts:
-    """A meta-device :class:`Mxfp4Experts` shaped like ``experts`` (filled by the loader)."""
+def _empty_mxfp4_experts(experts: GptOssExperts, dtype: torch.dtype, backend: str) -> Mxfp4Experts:
+    """A meta-device :class:`Mxfp4Experts` shaped like ``experts`` (filled by the loader), with
+    the matmul backend of the device it is loaded onto."""
     n, hidden, inter = experts.num_experts, experts.hidden_size, experts.intermediate_size
 
     def packed(out: int, inp: int) -> tuple[Tensor, Tensor]:
@@ -173,6 +179,7 @@ def _empty_mxfp4_experts(experts: GptOssExperts, dtype: torch.dtype) -> Mxfp4Exp
         torch.empty(n, hidden, dtype=dtype, device="meta"),
         alpha=experts.alpha,
         limit=experts.limit,
+        backend=backend,
     )
 
 

@@ -1,7 +1,7 @@
 """Triton grouped GEMM with MXFP4 weights dequantized in registers (the fast CUDA path).
 
-Same contract as :func:`mxlora.mxfp4.experts.grouped_mxfp4_matmul_reference`: rows of ``x`` are
-grouped by expert (``counts[e]`` rows for expert ``e``, in expert order); the weight of expert
+Same contract as :func:`mxlora.mxfp4.ops.grouped_mxfp4_matmul_reference`: rows of ``x`` are
+grouped by expert (``offsets[e - 1] .. offsets[e]`` for expert ``e``, in expert order); the weight of expert
 ``e`` is ``W_e [out, in]``, packed as the Hub ships it (uint8 ``blocks [E, out, in/32, 16]``, two
 e2m1 codes a byte with element ``2i`` in the low nibble, e8m0 ``scales [E, out, in/32]``).
 ``transpose=False`` computes ``y_e = x_e · W_eᵀ`` (forward, ``[n, in] -> [n, out]``),
@@ -16,11 +16,11 @@ and reads ``[BLOCK_K (out), BLOCK_N (in)]`` as it lies. Either way the packed by
 ``in``, the direction they are packed in.
 
 The MoE tile schedule is computed on the device, inside the kernel, from the per-expert row
-counts: expert ``e`` owns ``ceil(counts[e] / BLOCK_M)`` row tiles, consecutive across experts.
-The grid is launched for an upper bound of row tiles (``ceil(rows / BLOCK_M) + E``) and the
-surplus programs return at once, so the host needs neither the counts nor the tile list: with
-``counts`` given as a device tensor there is no host synchronisation at all, and the schedule
-follows whatever ``BLOCK_M`` the autotuner picks. Row tiles and column tiles are visited in
+offsets (a device tensor): expert ``e`` owns ``ceil(counts[e] / BLOCK_M)`` row tiles,
+consecutive across experts. The grid is launched for an upper bound of row tiles
+(``ceil(rows / BLOCK_M) + E``) and the surplus programs return at once, so the host needs
+neither the counts nor the tile list (no host synchronisation at all), and the schedule follows
+whatever ``BLOCK_M`` the autotuner picks. Row tiles and column tiles are visited in
 ``GROUP_M`` super-rows (as in Triton's matmul tutorial) so that neighbouring programs share the
 weight tiles of one expert and the activation rows in L2.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +80,12 @@ class KernelConfig:
 #: pipelined loads and no register spills (tests/test_mxfp4_triton.py).
 CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    # Few rows per expert (short batches): the op streams the packed weights, so narrow column
+    # tiles give many programs to keep HBM busy, and short row tiles waste little of the MMA.
+    KernelConfig(64, 64, 128, num_warps=4, num_stages=4),
+    KernelConfig(32, 64, 128, num_warps=4, num_stages=4),
+    KernelConfig(16, 64, 128, num_warps=4, num_stages=4),
+    KernelConfig(64, 32, 256, num_warps=4, num_stages=3),
     KernelConfig(256, 128, 64, num_warps=8, num_stages=3),
     KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
     KernelConfig(64, 128, 64, num_warps=8, num_stages=4),
@@ -175,9 +180,10 @@ def _grouped_mxfp4_kernel(
     b_ptr,
     s_ptr,
     y_ptr,
-    counts_ptr,
+    offsets_ptr,
     n_rows,
     n_experts,
+    ROWS_BUCKET,
     RED,
     COLS,
     stride_xm,
@@ -210,18 +216,22 @@ def _grouped_mxfp4_kernel(
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
 
-    # Row tile -> (expert, rows): expert e owns tiles [tile_end[e] - tiles[e], tile_end[e]).
+    # Row tile -> (expert, rows): expert e owns rows [offsets[e - 1], offsets[e]) and tiles
+    # [tile_end[e] - tiles[e], tile_end[e]).
     experts = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + experts, mask=experts < n_experts, other=0).to(tl.int32)
-    tiles = tl.cdiv(counts, BLOCK_M)
+    ends = tl.load(offsets_ptr + experts, mask=experts < n_experts, other=0).to(tl.int32)
+    starts = tl.load(
+        offsets_ptr + experts - 1, mask=(experts > 0) & (experts < n_experts), other=0
+    ).to(tl.int32)
+    tiles = tl.cdiv(ends - starts, BLOCK_M)
     tile_end = tl.cumsum(tiles, 0)
     if pid_m >= tl.sum(tiles, 0):
         return
     expert = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
     mine = experts == expert
     first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
-    row_end = tl.sum(tl.where(mine, tl.cumsum(counts, 0), 0), 0)
-    row_start = row_end - tl.sum(tl.where(mine, counts, 0), 0)
+    row_end = tl.sum(tl.where(mine, ends, 0), 0)
+    row_start = tl.sum(tl.where(mine, starts, 0), 0)
 
     offs_m = row_start + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m < row_end
@@ -276,9 +286,49 @@ def _grouped_mxfp4_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows[:, None] & (offs_n < COLS)[None, :])
 
 
+@triton.jit
+def _dequantize_kernel(
+    b_ptr,
+    s_ptr,
+    w_ptr,
+    n_rows,
+    n_in,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``w [n_rows, n_in] = dequantize(blocks [n_rows, n_in // 2], scales [n_rows, n_in // 32])``.
+
+    The same in-register decoding as the grouped GEMM (:func:`_dequantize_tile`), written out:
+    one ``BLOCK_R x BLOCK_K`` tile a program, all tensors contiguous.
+    """
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    k0 = pid_k * BLOCK_K
+    tile = _dequantize_tile(
+        b_ptr, s_ptr, offs_r, k0, n_rows, n_in, n_in // 2, n_in // 32,
+        BLOCK_R, BLOCK_K, w_ptr.dtype.element_ty,
+    )  # fmt: skip
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_r < n_rows)[:, None] & (offs_k < n_in)[None, :]
+    tl.store(w_ptr + offs_r[:, None] * n_in + offs_k[None, :], tile, mask=mask)
+
+
 #: Whether the kernel runs in Triton's CPU interpreter: ``triton.jit`` decides once, when this
 #: module is imported, from ``TRITON_INTERPRET``.
 INTERPRETED: bool = isinstance(_grouped_mxfp4_kernel, InterpretedFunction)
+
+#: Dequantizer tiles (rows x values): a 64 x 256 tile is 8 KiB of packed bytes a program, enough
+#: in flight to stream at HBM bandwidth; the others are autotuning alternatives.
+DEQUANTIZE_CONFIGS: tuple[tuple[int, int, int], ...] = (
+    (64, 256, 4),
+    (32, 256, 4),
+    (64, 128, 4),
+    (128, 256, 8),
+    (32, 512, 8),
+)
+#: The interpreter (tests): small tiles, still several programs on tiny shapes.
+INTERPRETER_DEQUANTIZE = (16, 64, 4)
 
 
 @functools.cache
@@ -286,56 +336,53 @@ def _autotuned():
     configs = [
         triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS
     ]
-    # The row count changes every step; the projection shape and direction do not.
-    return triton.autotune(configs, key=["RED", "COLS", "TRANSPOSE"])(_grouped_mxfp4_kernel)
+    # The row count changes every step; its size class (rows per expert, rounded to a power of
+    # two), the projection shape and the direction do not.
+    return triton.autotune(configs, key=["ROWS_BUCKET", "RED", "COLS", "TRANSPOSE"])(
+        _grouped_mxfp4_kernel
+    )
 
 
-def device_counts(counts: Sequence[int] | Tensor, device: torch.device) -> Tensor:
-    """Rows per expert as an int32 tensor on ``device``, without waiting for the device.
-
-    A host sequence goes through pinned memory and an asynchronous copy (a plain ``.to(cuda)``
-    of pageable memory would synchronise the stream); a tensor is converted on its device.
-    """
-    if isinstance(counts, Tensor):
-        return counts.to(device=device, dtype=torch.int32)
-    host = torch.tensor(list(counts), dtype=torch.int32)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+@functools.cache
+def _autotuned_dequantize():
+    configs = [
+        triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w) for r, k, w in DEQUANTIZE_CONFIGS
+    ]
+    return triton.autotune(configs, key=["n_rows", "n_in"])(_dequantize_kernel)
 
 
 def grouped_mxfp4_matmul_triton(
     x: Tensor,
     blocks: Tensor,
     scales: Tensor,
-    counts: Sequence[int] | Tensor,
+    offsets: Tensor,
     *,
     transpose: bool,
     config: KernelConfig | None = None,
 ) -> Tensor:
     """Grouped matmul with MXFP4 weights dequantized inside the kernel.
 
-    The contract of :func:`mxlora.mxfp4.experts.grouped_mxfp4_matmul_reference`, accumulated in
+    The contract of :func:`mxlora.mxfp4.ops.grouped_mxfp4_matmul_reference`, accumulated in
     fp32 (bf16/fp16 inputs on tensor cores; fp32 inputs in full fp32, no TF32).
 
     Args:
-        x: ``[sum(counts), in]`` (``[sum(counts), out]`` with ``transpose``), rows grouped by
-            expert; bf16, fp16 or fp32.
+        x: ``[rows, in]`` (``[rows, out]`` with ``transpose``), rows grouped by expert; bf16,
+            fp16 or fp32.
         blocks: uint8 ``[E, out, in // 32, 16]``, its last two dimensions contiguous.
         scales: uint8 e8m0 ``[E, out, in // 32]``, its last dimension contiguous.
-        counts: rows per expert, ``E`` of them: a host sequence, or an integer tensor (on
-            ``x``'s device for no host synchronisation; its sum is then not checked).
+        offsets: int32 ``[E]`` on ``x``'s device, the end of each expert's rows
+            (:func:`mxlora.mxfp4.ops.offsets_from_counts`); read by the kernel, never by the host.
         transpose: ``x_e · W_e`` (input gradient) instead of ``x_e · W_eᵀ`` (forward).
         config: fixed tile sizes; by default autotuned over :data:`CONFIGS` on the GPU
             (:data:`FP32_CONFIG` for fp32) and :data:`INTERPRETER_CONFIG` under the interpreter.
 
     Returns:
-        ``[sum(counts), out]`` (``[sum(counts), in]`` with ``transpose``), ``x``'s dtype.
+        ``[rows, out]`` (``[rows, in]`` with ``transpose``), ``x``'s dtype.
     """
     n_experts, n_out = blocks.shape[:2]
     n_in = blocks.shape[2] * blocks.shape[3] * 2
     red, cols = (n_out, n_in) if transpose else (n_in, n_out)
-    _check(x, blocks, scales, counts, red)
+    _check(x, blocks, scales, offsets, red)
     y = x.new_empty(x.shape[0], cols)
     if x.shape[0] == 0:
         return y
@@ -346,9 +393,10 @@ def grouped_mxfp4_matmul_triton(
         packed,
         scales,
         y,
-        device_counts(counts, x.device),
+        offsets,
         x.shape[0],
         n_experts,
+        triton.next_power_of_2(max(1, x.shape[0] // n_experts)),
         red,
         cols,
         x.stride(0),
@@ -373,7 +421,7 @@ def grouped_mxfp4_matmul_triton(
         config = INTERPRETER_CONFIG
     elif config is None and x.dtype == torch.float32:
         config = FP32_CONFIG
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with _on(x):
         if config is None:
             _autotuned()[grid](*args, **meta)
         else:
@@ -384,9 +432,46 @@ def grouped_mxfp4_matmul_triton(
     return y
 
 
-def _check(
-    x: Tensor, blocks: Tensor, scales: Tensor, counts: Sequence[int] | Tensor, red: int
-) -> None:
+def dequantize_mxfp4_triton(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """Dequantize packed MXFP4 ``[..., out, in // 32, 16]`` to ``dtype [..., out, in]``.
+
+    Bit for bit :func:`mxlora.mxfp4.reference.dequantize_mxfp4` (bar overflow to inf), in one
+    pass that reads the packed bytes once and writes the result once.
+    """
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK_SIZE // 2:
+        raise ValueError(f"blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)}")
+    n_in = blocks.shape[-2] * BLOCK_SIZE
+    w = torch.empty(*blocks.shape[:-2], n_in, dtype=dtype, device=blocks.device)
+    n_rows = w.numel() // n_in if n_in else 0
+    if n_rows == 0:
+        return w
+    packed, scales = blocks.contiguous(), scales.contiguous()
+    with _on(w):
+        if INTERPRETED:
+            r, k, warps = INTERPRETER_DEQUANTIZE
+            grid = (triton.cdiv(n_rows, r), triton.cdiv(n_in, k))
+            _dequantize_kernel[grid](
+                packed, scales, w, n_rows, n_in, BLOCK_R=r, BLOCK_K=k, num_warps=warps
+            )
+        else:
+
+            def grid(launch: dict) -> tuple[int, int]:
+                return (
+                    triton.cdiv(n_rows, launch["BLOCK_R"]),
+                    triton.cdiv(n_in, launch["BLOCK_K"]),
+                )
+
+            _autotuned_dequantize()[grid](packed, scales, w, n_rows, n_in)
+    return w
+
+
+def _on(t: Tensor) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check(x: Tensor, blocks: Tensor, scales: Tensor, offsets: Tensor, red: int) -> None:
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
     if blocks.ndim != 4 or blocks.shape[-1] != BLOCK_SIZE // 2 or blocks.shape[:-1] != scales.shape:
@@ -396,13 +481,16 @@ def _check(
         )
     if blocks.stride(-1) != 1 or blocks.stride(-2) != blocks.shape[-1] or scales.stride(-1) != 1:
         raise ValueError("blocks need contiguous last two dimensions, scales a contiguous last one")
-    if blocks.device != x.device or scales.device != x.device:
-        raise ValueError(f"x on {x.device}, blocks on {blocks.device}, scales on {scales.device}")
+    if blocks.device != x.device or scales.device != x.device or offsets.device != x.device:
+        raise ValueError(
+            f"x on {x.device}, blocks on {blocks.device}, scales on {scales.device}, "
+            f"offsets on {offsets.device}"
+        )
     if x.ndim != 2 or x.shape[1] != red:
         raise ValueError(f"x {tuple(x.shape)}: expected [rows, {red}]")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    if len(counts) != blocks.shape[0]:
-        raise ValueError(f"{len(counts)} counts for {blocks.shape[0]} experts")
-    if not isinstance(counts, Tensor) and sum(counts) != x.shape[0]:
-        raise ValueError(f"counts sum to {sum(counts)}, x has {x.shape[0]} rows")
+    if offsets.shape != (blocks.shape[0],) or offsets.dtype != torch.int32:
+        raise ValueError(
+            f"offsets {offsets.dtype} {tuple(offsets.shape)}: expected int32 [{blocks.shape[0]}]"
+        )
