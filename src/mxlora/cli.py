@@ -114,6 +114,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(
         sub,
+        "export",
+        "mxlora.recipes.export:cli_main",
+        "merge a LoRA adapter into an MXFP4 gpt-oss and keep it MXFP4 (Hub layout)",
+        "Fold the adapter into the base and write the result as the Hub serves gpt-oss: the same "
+        "shards, tensor names, dtypes and model.safetensors.index.json, config.json with its "
+        "mxfp4 quantization_config, tokenizer, chat template and generation config. Tensors the "
+        "adapter does not touch keep their exact bytes; attention LoRA is merged in the weights' "
+        "dtype as PEFT merges it; adapted experts are dequantized, updated in float32 and "
+        "re-quantized (OCP MX scale, ties to even). Streams tensor by tensor. Prints and writes "
+        "export.json: per adapted expert weight |ΔW|, the share of it the MXFP4 weights keep and "
+        "its cosine with ΔW, and (small models by default) logit agreement with the bf16 merge. "
+        "Refuses a non-empty --out; the folder appears complete or not at all. See "
+        "docs/EXPORT.md.",
+    )
+    p.add_argument("--base", required=True, help="MXFP4 gpt-oss: Hub id, folder or tiny[:...]")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder (a run's adapter/)")
+    p.add_argument("--out", required=True, help="output folder (must not exist yet, or be empty)")
+    p.add_argument(
+        "--experts",
+        choices=("merge", "keep-adapter"),
+        default="merge",
+        help="merge: expert LoRA re-quantized into the MXFP4 experts (default); keep-adapter: "
+        "experts kept as in the base, their LoRA written to OUT/expert_adapter (PEFT format)",
+    )
+    p.add_argument(
+        "--logit-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare the export's logits with the bf16 merge on a few rendered rows (default: "
+        "on for checkpoints up to 2 GB; it holds the bf16 merge in memory)",
+    )
+
+    p = _add(
+        sub,
         "chat",
         "mxlora.recipes.chat:cli_main",
         "generate with gpt-oss in Harmony; show analysis and final apart",

@@ -88,7 +88,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(ensure_tiny(**tiny))
 
 
-def _read_config(path: str):
+def read_config(path: str):
     """The checkpoint's transformers config, or a one-line :class:`ModelLoadError`."""
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():
@@ -139,7 +139,7 @@ def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> 
     """
     device = torch.device(device) if device is not None else default_device()
     path = resolve_model_path(cfg.name_or_path)
-    config = _read_config(path)
+    config = read_config(path)
     dtype = resolve_dtype(cfg.dtype, device)
     experts = resolve_experts(cfg.experts, config)
     if experts == "mxfp4":
@@ -198,7 +198,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         ModelLoadError: the folder or Hub id has no readable tokenizer.
     """
     path = resolve_model_path(cfg.name_or_path)
-    _read_config(path)  # the clear errors for a missing or non-gpt-oss path
+    read_config(path)  # the clear errors for a missing or non-gpt-oss path
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

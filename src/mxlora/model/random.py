@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -37,6 +37,9 @@ from torch import Tensor
 
 from mxlora.model.configs import gpt_oss_20b_config, gpt_oss_120b_config
 from mxlora.model.tiny import random_weights, write_model_files
+
+if TYPE_CHECKING:
+    import peft
 
 #: Largest shard written (bytes). 5 GB was transformers' ``max_shard_size`` default for years
 #: and gives the Hub's three shards for gpt-oss-20b (13.8 GB).
@@ -205,3 +208,50 @@ def cli_main(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def make_random_adapter(
+    base: str | Path,
+    out: str | Path,
+    lora: peft.LoraConfig,
+    *,
+    seed: int = 0,
+    b_std: float = 0.01,
+) -> Path:
+    """Write a PEFT LoRA adapter for the MXFP4 checkpoint ``base`` with random factors.
+
+    What a trained adapter is, without training: the adapter files PEFT writes for ``lora`` on
+    this model (names, shapes, ``adapter_config.json``), built on the meta skeleton, so no weight
+    of ``base`` is read (instant for 120b too). ``lora_A ~ N(0, 1/in)``, ``lora_B ~ N(0, b_std)``
+    in float32; ``b_std=0`` gives the zero update of a fresh PEFT adapter.
+
+    Args:
+        base: checkpoint folder (its ``config.json`` is read).
+        out: adapter folder to write (created).
+        lora: the PEFT config, e.g. :func:`mxlora.model.lora.peft_config` of a run config.
+        seed: random seed of the factors.
+        b_std: standard deviation of ``lora_B``.
+
+    Returns:
+        ``out``.
+    """
+    from peft import get_peft_model_state_dict
+    from transformers import AutoConfig
+
+    from mxlora.mxfp4.experts import get_mxfp4_peft_model
+    from mxlora.mxfp4.load import ADAPTER_WEIGHTS, mxfp4_skeleton
+
+    out = Path(out)
+    config = AutoConfig.from_pretrained(base)
+    peft_model = get_mxfp4_peft_model(mxfp4_skeleton(config, torch.bfloat16), lora)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, meta in sorted(get_peft_model_state_dict(peft_model).items()):
+        std = b_std if ".lora_B." in name else meta.shape[-1] ** -0.5
+        tensors[name] = torch.randn(meta.shape, generator=gen) * std
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    saved = peft_model.peft_config["default"]
+    saved.base_model_name_or_path = str(base)
+    saved.save_pretrained(str(out))
+    return out

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import LoraLayer
 from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -41,9 +42,17 @@ from mxlora.mxfp4.kernels import resolve_backend
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# What a Hub snapshot needs for load_mxfp4_model: gpt-oss repos also hold original/ and metal/
-# copies of the weights, which these patterns (matched from the repo root) leave out.
-HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors*"]
+# What a Hub snapshot needs for load_mxfp4_model and `mxlora export` (the tokenizer and chat
+# template travel with an export): gpt-oss repos also hold original/ and metal/ copies of the
+# weights, which these patterns (matched from the repo root) leave out.
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors*",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+]
 
 
 def load_mxfp4_model(
@@ -76,19 +85,7 @@ def load_mxfp4_model(
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "gpt_oss" or not is_mxfp4(config):
         raise ValueError(f"{path}: not a gpt-oss checkpoint with MXFP4 experts")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=attn_implementation
-        )
-    for name, module in list(model.named_modules()):
-        if isinstance(module, GptOssExperts):
-            parent_name, _, child = name.rpartition(".")
-            setattr(
-                model.get_submodule(parent_name),
-                child,
-                _empty_mxfp4_experts(module, dtype, resolve_backend(device)),
-            )
-
+    model = mxfp4_skeleton(config, dtype, attn_implementation, resolve_backend(device))
     expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()
     for name, tensor in _checkpoint_tensors(path):
@@ -121,6 +118,32 @@ def load_mxfp4_model(
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.requires_grad_(False)
     return model.eval()
+
+
+def mxfp4_skeleton(
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    attn_implementation: str = "eager",
+    backend: str | None = None,
+) -> PreTrainedModel:
+    """The gpt-oss model of ``config`` on the meta device, experts as empty :class:`Mxfp4Experts`.
+
+    Costs no memory: every tensor is on the meta device, with the checkpoint's names, shapes and
+    dtypes (uint8 blocks/scales, ``dtype`` elsewhere). :func:`load_mxfp4_model` fills it; an
+    adapter can be attached to it to learn its layout without loading any weight. ``backend``
+    is the experts' matmul backend (default: what the CPU gets).
+    """
+    backend = backend or resolve_backend(torch.device("cpu"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GptOssExperts):
+            parent_name, _, child = name.rpartition(".")
+            experts = _empty_mxfp4_experts(module, dtype, backend)
+            setattr(model.get_submodule(parent_name), child, experts)
+    return model
 
 
 def local_checkpoint(name_or_path: str | Path) -> Path:
@@ -219,9 +242,12 @@ def load_mxfp4_adapter(
 
     The MXFP4 counterpart of ``PeftModel.from_pretrained``: same files, same keys. Every adapter
     tensor must land in the model and every LoRA tensor of the model must be in the file.
+    On a :func:`mxfp4_skeleton` (meta device) the LoRA tensors are loaded on the CPU (in the
+    dtype PEFT gives them, float32) while the base weights stay on meta: the adapter's layout and
+    values without any base weight in memory.
 
     Args:
-        model: the MXFP4-expert model.
+        model: the MXFP4-expert model (or its meta skeleton).
         adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         adapter_name: PEFT adapter name.
         is_trainable: keep the LoRA weights trainable (else inference mode, as PEFT's default).
@@ -233,12 +259,27 @@ def load_mxfp4_adapter(
     config = LoraConfig.from_pretrained(adapter_dir)
     config.inference_mode = not is_trainable
     peft_model = get_mxfp4_peft_model(model, config, adapter_name=adapter_name)
-    state = load_file(adapter_dir / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        # LoRA tensors are small: they go to the CPU, the base weights stay on meta.
+        device = torch.device("cpu")
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                for attr in module.adapter_layer_names:
+                    container = getattr(module, attr)
+                    if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                        container[adapter_name].to_empty(device=device)
+    state = load_file(adapter_dir / ADAPTER_WEIGHTS, device=str(device))
     result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if ".lora_" in k]
-    if result.unexpected_keys or missing:
+    if result.unexpected_keys:
         raise ValueError(
-            f"{adapter_dir}: adapter does not fit the model: unexpected {result.unexpected_keys[:8]}, "
-            f"missing {missing[:8]}"
+            f"{adapter_dir}: adapter does not fit the model: {len(result.unexpected_keys)} adapter "
+            f"tensor(s) have no place in it (e.g. {result.unexpected_keys[0]})"
+        )
+    if missing:
+        raise ValueError(
+            f"{adapter_dir}: adapter does not fit the model: {len(missing)} LoRA tensor(s) of the "
+            f"model are not in the adapter (e.g. {missing[0]})"
         )
     return peft_model

@@ -19,12 +19,14 @@ killed merge leaves no half-written model under the requested name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,8 @@ def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike[str]):
     return peft_model
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -137,11 +140,62 @@ def _previous_merges(base: str) -> list[dict[str, Any]]:
         raise MergeError(f"model {base}: unreadable {MERGE_INFO} ({e})") from None
 
 
-def _check_out(out: Path) -> None:
+def adapter_provenance(
+    base: str, adapter: str | os.PathLike[str]
+) -> tuple[Path, str, list[dict[str, Any]]]:
+    """Check the adapter folder and that it is not merged into ``base`` already.
+
+    Returns:
+        ``(adapter folder, sha256 of its weights, the base's merge chain)``.
+
+    Raises:
+        MergeError: not a LoRA adapter folder, or its weights (by sha256) are already recorded in
+            the base's :data:`MERGE_INFO` (merging again would apply the update twice).
+    """
+    adapter_dir = check_adapter_dir(adapter)
+    adapter_sha = sha256_file(adapter_dir / ADAPTER_WEIGHTS)
+    chain = _previous_merges(base)
+    if any(m.get("adapter_sha256") == adapter_sha for m in chain):
+        raise MergeError(
+            f"adapter {adapter} is already merged into {base} (same weights, see {MERGE_INFO}); "
+            "merging it again would apply it twice"
+        )
+    return adapter_dir, adapter_sha, chain
+
+
+def write_merge_info(folder: Path, chain: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    """Write :data:`MERGE_INFO` into ``folder``: the base's chain plus this merge's ``record``."""
+    (folder / MERGE_INFO).write_text(
+        json.dumps({"merges": [*chain, record]}, indent=2) + "\n", encoding="utf-8"
+    )
+
+
+def check_out(out: Path, command: str = "merge") -> None:
+    """Refuse an output path that exists and is not an empty folder (one-line MergeError)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MergeError(
-            f"output {out} already exists; merge never overwrites (remove it or pick another --out)"
+            f"output {out} already exists; {command} never overwrites (remove it or pick another "
+            "--out)"
         )
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temp folder beside ``out`` that becomes ``out`` when the block completes.
+
+    On any exception (or interrupt) the temp folder is removed and ``out`` is left as it was, so
+    a killed or failed run leaves no half-written folder under the requested name. ``out`` must
+    be missing or empty (:func:`check_out`).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked by the caller; rename() needs the name free
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _strip_quantization(model: torch.nn.Module) -> None:
@@ -179,15 +233,8 @@ def merge(
         ModelLoadError: the base cannot be read or is not gpt-oss.
     """
     out = Path(out)
-    _check_out(out)
-    adapter_dir = check_adapter_dir(adapter)
-    adapter_sha = _sha256(adapter_dir / ADAPTER_WEIGHTS)
-    chain = _previous_merges(base)
-    if any(m.get("adapter_sha256") == adapter_sha for m in chain):
-        raise MergeError(
-            f"adapter {adapter} is already merged into {base} (same weights, see {MERGE_INFO}); "
-            "merging it again would apply it twice"
-        )
+    check_out(out)
+    adapter_dir, adapter_sha, chain = adapter_provenance(base, adapter)
     model, tokenizer = load_model(
         # Merging folds ΔW into dense weights: the seed's dequantized model.
         ModelConfig(name_or_path=base, dtype=dtype, experts="dequantize-bf16"),
@@ -195,21 +242,12 @@ def merge(
     )
     merged = attach_adapter(model, adapter_dir).merge_and_unload()
     _strip_quantization(merged)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_folder(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {"base": base, "adapter": str(adapter_dir), "adapter_sha256": adapter_sha}
-        (tmp / MERGE_INFO).write_text(
-            json.dumps({"merges": [*chain, record]}, indent=2) + "\n", encoding="utf-8"
-        )
+        write_merge_info(tmp, chain, record)
         _check_saved(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above; rename() needs the name free
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
