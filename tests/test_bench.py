@@ -161,6 +161,7 @@ def test_shipped_configs_load():
     assert [v.name for v in big.variants] == [
         "seed",
         "default",
+        "default-20gb",
         "hf-best",
         "seed-eager-experts",
         "mxfp4",
@@ -175,13 +176,14 @@ def test_shipped_configs_load():
         "quotes-epoch",
         "gsm8k-epoch",
     ]
+    assert big.variants[1].overrides == []
+    assert big.variants[2].overrides == ["train.memory_budget_gb=20"]
+    assert variant_config(big, big.variants[2]).train.memory_budget_gb == 20
     epochs = {w.name: w for w in big.workloads if w.epoch}
     assert {name: (w.batch, w.data.select, w.data.test_size) for name, w in epochs.items()} == {
         "quotes-epoch": (4, 1000, 0.2),  # 800 train rows, as the notebook's quotes run
         "gsm8k-epoch": (4, 1000, 0.0),
     }
-    from mxlora.recipes.bench import variant_config
-
     seed, default = (variant_config(big, v) for v in big.variants[:2])
     assert (seed.train.engine, default.train.engine) == ("trl", "mxlora")
     assert default == variant_config(big, type(big.variants[0])(name="plain"))
