@@ -11,18 +11,22 @@ so a shared fixture would run the bench once per worker.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mxlora.cli import main
 from mxlora.config import ConfigError
 from mxlora.model.configs import parameter_counts
+from mxlora.model.load import load_model
+from mxlora.model.lora import apply_lora
 from mxlora.model.tiny import TinySpec, tiny_config
-from mxlora.recipes.bench import load_bench_config, markdown
+from mxlora.recipes.bench import load_bench_config, markdown, variant_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "bench" / "configs" / "tiny.yaml"
@@ -157,6 +161,7 @@ def test_shipped_configs_load():
     assert [v.name for v in big.variants] == [
         "seed",
         "default",
+        "default-20gb",
         "hf-best",
         "seed-eager-experts",
         "mxfp4",
@@ -171,13 +176,14 @@ def test_shipped_configs_load():
         "quotes-epoch",
         "gsm8k-epoch",
     ]
+    assert big.variants[1].overrides == []
+    assert big.variants[2].overrides == ["train.memory_budget_gb=20"]
+    assert variant_config(big, big.variants[2]).train.memory_budget_gb == 20
     epochs = {w.name: w for w in big.workloads if w.epoch}
     assert {name: (w.batch, w.data.select, w.data.test_size) for name, w in epochs.items()} == {
         "quotes-epoch": (4, 1000, 0.2),  # 800 train rows, as the notebook's quotes run
         "gsm8k-epoch": (4, 1000, 0.0),
     }
-    from mxlora.recipes.bench import variant_config
-
     seed, default = (variant_config(big, v) for v in big.variants[:2])
     assert (seed.train.engine, default.train.engine) == ("trl", "mxlora")
     assert default == variant_config(big, type(big.variants[0])(name="plain"))
@@ -201,3 +207,33 @@ def test_bad_configs(tmp_path):
     with pytest.raises(ConfigError, match="2x64: epoch needs data"):
         load_bench_config(tmp_path / "epoch.yaml")
     assert main(["bench", str(TINY), "--only", "nope"]) == 1
+
+
+def test_profile_engine_times_and_counts_the_loop_steps(tmp_path):
+    """bench/profile_engine.py on tiny (CPU): the timed steps' tokens are the workload's rows,
+    and with no CUDA kernels nothing is counted as GPU work (kernels only, never their ops)."""
+    path = ROOT / "bench" / "profile_engine.py"
+    spec = importlib.util.spec_from_file_location("profile_engine", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "profile",
+                "model": "tiny:layers=24,hidden=64,intermediate=64",
+                "variants": [{"name": "default"}],
+                "workloads": [{"name": "3x16", "batch": 3, "length": 16}],
+            }
+        )
+    )
+    bench = load_bench_config(config)
+    cfg = variant_config(bench, bench.variants[0])
+    model, tokenizer = load_model(cfg.model, torch.device("cpu"))
+    model = apply_lora(model, cfg.lora)
+    figures = module.profile_workload(model, tokenizer, bench, cfg, "3x16", 1, 2, 1)
+    assert figures["tokens"] == 3 * 16
+    assert figures["wall_s"] > 0
+    assert figures["busy_s"] == 0 and figures["launches"] == 0
+    assert not figures["compiled"] and not figures["checkpointing"]
+    assert "aten::" in figures["table"]

@@ -412,6 +412,32 @@ def test_backend_is_chosen_when_the_module_is_built(clean_env):
         build(backend="cuda")
 
 
+def test_meta_skeleton_keeps_the_backend_its_loader_resolved(clean_env):
+    """The loader builds experts on the meta device with the backend of the device it fills
+    them on: a named ``triton`` must be kept there, not refused because meta has no kernel."""
+    e, h, i = 2, 64, 32
+    gate_up = [
+        torch.empty(e, 2 * i, h // 32, 16, dtype=torch.uint8, device="meta"),
+        torch.empty(e, 2 * i, h // 32, dtype=torch.uint8, device="meta"),
+    ]
+    down = [
+        torch.empty(e, h, i // 32, 16, dtype=torch.uint8, device="meta"),
+        torch.empty(e, h, i // 32, dtype=torch.uint8, device="meta"),
+    ]
+
+    def build(**kwargs) -> Mxfp4Experts:
+        bias = (torch.empty(e, 2 * i, device="meta"), torch.empty(e, h, device="meta"))
+        return Mxfp4Experts(*gate_up, bias[0], *down, bias[1], alpha=1.7, limit=7.0, **kwargs)
+
+    assert build(backend="triton").backend == "triton"
+    assert build().backend == "torch"  # nothing named: meta gets no kernel
+    clean_env.setenv(KERNELS_ENV, "triton")
+    with pytest.raises(RuntimeError, match="MXLORA_KERNELS=triton"):
+        build()  # the variable asks for the kernel on the device itself
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        build(backend="cuda")
+
+
 @pytest.mark.parametrize(
     ("capability", "hip", "choice", "expected"),
     [

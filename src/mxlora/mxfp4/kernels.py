@@ -52,7 +52,11 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
         backend, source = os.environ.get(KERNELS_ENV, "").strip().lower(), KERNELS_ENV
     if backend not in ("", *BACKENDS):
         raise ValueError(f"{source}={backend!r}: expected one of {', '.join(BACKENDS)}")
-    if backend in (REFERENCE, TORCH):
+    if backend in (REFERENCE, TORCH) or (
+        backend == TRITON and source == "backend" and device.type == "meta"
+    ):
+        # A meta-device skeleton is filled on the device its loader resolved the named
+        # backend for: kept as is (no kernel runs on meta).
         return backend
     reason = _why_not(device, check_capability=backend != TRITON)
     if reason is not None and backend == TRITON:
