@@ -486,3 +486,20 @@ def test_mxlora_engine_matches_trl_on_cuda_in_bf16(tmp_path, compile_blocks):
     assert runs["mxlora"] == pytest.approx(runs["trl"], rel=2e-2)
     report = json.loads((tmp_path / "mxlora" / "mxlora" / "report.json").read_text())
     assert report["compiled"] is compile_blocks
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_what_eager_blocks_train(tmp_path):
+    """``train.compile=true`` (every decoder block under ``torch.compile(fullgraph=True,
+    dynamic=True)``, MoE with expert LoRA included) logs the eager run's losses and eval loss.
+    On the CPU the first step pays the inductor compile (minutes), hence the slow tier."""
+    eager = fit(quotes_config(tmp_path / "eager", "mxlora", compile=False, epochs=1))
+    compiled = fit(quotes_config(tmp_path / "compiled", "mxlora", compile=True, epochs=1))
+    ours, theirs = metrics(compiled.run_dir), metrics(eager.run_dir)
+    assert json.loads((compiled.run_dir / "report.json").read_text())["compiled"] is True
+    assert [r["loss"] for r in ours if "loss" in r] == pytest.approx(
+        [r["loss"] for r in theirs if "loss" in r], rel=1e-5
+    )
+    assert [r["eval_loss"] for r in ours if "eval_loss" in r] == pytest.approx(
+        [r["eval_loss"] for r in theirs if "eval_loss" in r], rel=1e-5
+    )

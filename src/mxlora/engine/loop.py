@@ -270,7 +270,7 @@ class Loop:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compiled:
             for block in lm.model.layers:
-                block.compile(fullgraph=True)
+                block.compile(fullgraph=True, dynamic=True)
         try:
             yield
         finally:
