@@ -21,7 +21,7 @@ from mxlora.cli import main
 from mxlora.config import ConfigError
 from mxlora.model.configs import parameter_counts
 from mxlora.model.tiny import TinySpec, tiny_config
-from mxlora.recipes.bench import load_bench_config, markdown
+from mxlora.recipes.bench import load_bench_config, markdown, variant_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "bench" / "configs" / "tiny.yaml"
@@ -144,6 +144,12 @@ def test_shipped_configs_load():
     ]
     assert [w.name for w in big.workloads] == ["4x512", "4x1024", "4x2048", "quotes", "gsm8k"]
     assert big.make_random == "20b" and big.steps == 1
+    huge = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-120b.yaml")
+    assert huge.model == "random:120b" and huge.make_random is None
+    assert [w.name for w in huge.workloads] == ["4x1024", "4x2048", "quotes"]
+    for variant in huge.variants:
+        cfg = variant_config(huge, variant)
+        assert cfg.model.experts == "mxfp4" and cfg.lora.experts.layers == [11, 23, 35]
 
 
 def test_bad_configs(tmp_path):

@@ -57,7 +57,9 @@ class ModelConfig:
     Attributes:
         name_or_path: a Hub id (``openai/gpt-oss-20b``), a local folder, or ``tiny`` /
             ``tiny:layers=24,hidden=64`` for a small gpt-oss built locally (the embedded default;
-            keys are :class:`mxlora.model.tiny.TinySpec` fields).
+            keys are :class:`mxlora.model.tiny.TinySpec` fields), or ``random:120b`` /
+            ``random:20b,seed=1`` / ``random:CONFIG.json`` for a full-size model with random
+            weights generated straight into device memory (MXFP4 experts; for measuring).
         experts: how the MXFP4 experts are held (see ``ExpertsMode``).
         attn_implementation: transformers' attention backend; the seed uses ``eager``.
         experts_implementation: transformers' MoE experts backend (``from_pretrained``'s
