@@ -165,3 +165,28 @@ def test_torchrun_command():
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc-per-node=4" in cmd and "--standalone" in cmd
     assert cmd[-5:] == ["-m", "mxlora.cli", "train", "configs/tiny/quotes.yaml", "train.lr=1e-4"]
+
+
+@pytest.mark.slow
+def test_train_nproc_2_logs_the_one_process_losses(tmp_path):
+    """``mxlora train --nproc 2`` (gloo, re-launched under torchrun): the same per-step losses as
+    one process on the same global batches, and one run folder written by rank 0."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    losses = {}
+    for nproc in (1, 2):
+        name = f"nproc{nproc}"
+        cmd = [sys.executable, "-m", "mxlora.cli", "train", str(ROOT / "configs/tiny/quotes.yaml"),
+               "model.dtype=float32", "train.max_steps=3", "train.logging_steps=1",
+               "train.eval=no", f"output.root={tmp_path}", f"output.name={name}",
+               f"--nproc={nproc}"]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        losses[nproc] = [r["loss"] for r in rows if "loss" in r]
+        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(losses[1]) == 3
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nproc1", "nproc2"]

@@ -177,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run folder's newest complete checkpoint (same config and overrides)",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this host (one per GPU; gloo on the CPU), re-launched "
+        "under torchrun; train.batch_size stays the global rows per step (default 1)",
+    )
 
     p = _add(
         sub,

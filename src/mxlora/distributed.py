@@ -32,7 +32,8 @@ all-gathered packed, never as floats. FSDP sums the LoRA gradients itself (reduc
 divide factor 1): do not call :func:`all_reduce_grads` on a sharded model. The rest of the step
 is the same; the optimizer runs on the shards.
 
-Only rank 0 writes files (run folder, checkpoints, adapter, report): guard side effects with
+Only rank 0 writes files (run folder, checkpoints, adapter, report): run such side effects
+through :func:`on_main` (every rank gets the result, or the error), or guard them with
 ``info.is_main`` and :func:`barrier` where other ranks must wait for them.
 """
 
@@ -41,7 +42,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -55,6 +56,7 @@ IGNORE_INDEX = -100
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 Rows = TypeVar("Rows", bound=Sequence)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,24 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], T], info: DistInfo) -> T:
+    """Run ``fn`` on rank 0 only (a side effect: create the run folder, write a file); every rank
+    gets its return value, or raises the exception it raised, so no rank waits forever on a
+    rank 0 that failed. ``fn``'s result and exceptions must pickle."""
+    if not info.distributed:
+        return fn()
+    outcome: tuple[bool, object] | None = None
+    if info.is_main:
+        try:
+            outcome = (True, fn())
+        except Exception as e:  # handed to every rank, raised there
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome, info)  # type: ignore[misc]
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
 
 
 def shard_bounds(n: int, info: DistInfo) -> tuple[int, int]:

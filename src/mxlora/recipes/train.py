@@ -39,9 +39,9 @@ from mxlora.config import (
     to_dict,
 )
 from mxlora.data import PreparedData, prepare_data
+from mxlora.distributed import DistInfo, barrier, launched, on_main, relaunch, setup, teardown
 from mxlora.model.load import (
     ModelLoadError,
-    default_device,
     load_tokenizer,
     load_weights,
     resolve_dtype,
@@ -84,12 +84,14 @@ class TrainResult:
     data: PreparedData
 
 
-def train(cfg: TrainingConfig, resume: bool = False) -> Path:
+def train(cfg: TrainingConfig, resume: bool = False, info: DistInfo | None = None) -> Path:
     """Fine-tune with LoRA as ``cfg`` says and write the run folder.
 
     Args:
         cfg: the full training config.
         resume: continue from the newest complete checkpoint in the run folder.
+        info: this process's place in a multi-process job (default: :func:`mxlora.distributed.
+            setup`, one process unless a launcher started this one).
 
     Returns:
         The run folder.
@@ -98,18 +100,29 @@ def train(cfg: TrainingConfig, resume: bool = False) -> Path:
         ConfigError, ModelLoadError: bad config or model path.
         TrainingError: bad data, NaN/Inf loss, out of memory, nothing to resume.
     """
-    return fit(cfg, resume).run_dir
+    return fit(cfg, resume, info).run_dir
 
 
-def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
-    """:func:`train`, also handing back the trained model in memory (for tests and notebooks)."""
+def fit(cfg: TrainingConfig, resume: bool = False, info: DistInfo | None = None) -> TrainResult:
+    """:func:`train`, also handing back the trained model in memory (for tests and notebooks).
+
+    Under a launcher (torchrun, ``accelerate launch``, ``--nproc``) every process trains on its
+    share of each global batch of ``train.batch_size`` rows (data parallel, the trainer's DDP)
+    and only rank 0 writes the run folder.
+    """
     wall_start = time.perf_counter()
+    info = info or setup()
     # The tokenizer first: it checks the model path before an earlier run folder is replaced.
     tokenizer = load_tokenizer(cfg.model)
     run_dir = cfg.output.run_dir
-    checkpoint = _setup_run_dir(cfg, resume)
-    device = default_device()
-    write_json(run_dir / "environment.json", environment(device))
+    if cfg.train.batch_size % info.world_size:
+        raise TrainingError(
+            f"train.batch_size: {cfg.train.batch_size} rows per step do not split evenly over "
+            f"{info.world_size} processes"
+        )
+    checkpoint = on_main(lambda: _setup_run_dir(cfg, resume), info)
+    device = info.device
+    on_main(lambda: write_json(run_dir / "environment.json", environment(device)), info)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -136,11 +149,13 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
     metrics = MetricsCallback(run_dir / "metrics.jsonl", device, print_lines=not show_bar)
     trainer = GuardedSFTTrainer(
         model=model,
-        args=sft_config(cfg, run_dir, dtype, has_eval, show_bar),
+        args=sft_config(cfg, run_dir, dtype, has_eval, show_bar, processes=info.world_size),
         train_dataset=data.train,
         eval_dataset=data.eval if has_eval else None,
         processing_class=tokenizer,
-        callbacks=[metrics, CheckpointCallback()],
+        # Rank 0 alone writes metrics.jsonl (its losses are the global batch's: the trainer
+        # gathers them).
+        callbacks=[metrics, CheckpointCallback()] if info.is_main else [CheckpointCallback()],
     )
     if not show_bar:
         trainer.remove_callback(PrinterCallback)  # our plain lines replace its raw dicts
@@ -158,6 +173,10 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
                 oom_message(cfg, device, f"step {trainer.state.global_step + 1}")
             ) from None
         raise
+
+    if not info.is_main:
+        barrier(info)  # rank 0 saves and reports
+        return TrainResult(run_dir=run_dir, model=trainer.model, data=data)
 
     # Save.
     save_adapter(trainer.model, run_dir / "adapter")
@@ -194,6 +213,7 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
     }
     write_report(run_dir, report)
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.output.name} loss")
+    barrier(info)
     return TrainResult(run_dir=run_dir, model=trainer.model, data=data)
 
 
@@ -202,17 +222,25 @@ def fit(cfg: TrainingConfig, resume: bool = False) -> TrainResult:
 
 
 def sft_config(
-    cfg: TrainingConfig, run_dir: Path, dtype: torch.dtype, has_eval: bool, show_bar: bool
+    cfg: TrainingConfig,
+    run_dir: Path,
+    dtype: torch.dtype,
+    has_eval: bool,
+    show_bar: bool,
+    processes: int = 1,
 ) -> SFTConfig:
-    """TRL's ``SFTConfig`` from our training section (the seed's hyperparameters)."""
+    """TRL's ``SFTConfig`` from our training section (the seed's hyperparameters).
+
+    ``train.batch_size`` is the global batch: each of ``processes`` gets its share.
+    """
     t = cfg.train
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=t.lr,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=t.batch_size // processes,
+        per_device_eval_batch_size=max(1, t.batch_size // processes),
         gradient_accumulation_steps=t.grad_accum,
         max_length=t.max_len,
         # transformers 5: a value < 1 is a ratio of all steps (the seed's warmup_ratio=0.03).
@@ -237,6 +265,8 @@ def sft_config(
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not show_bar,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Several CPU processes: accelerate's multi-CPU (gloo) DDP is chosen only when asked for.
+        use_cpu=processes > 1 and not torch.cuda.is_available(),
         report_to="none",
     )
 
@@ -270,6 +300,8 @@ class CheckpointCallback(TrainerCallback):
     """Mark each checkpoint complete once written, then keep only the newest complete ones."""
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return  # rank 0 marks and rotates
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         marker = folder / COMPLETE_MARKER
         tmp = folder / f".{COMPLETE_MARKER}.tmp"
@@ -416,15 +448,31 @@ def quiet_libraries(progress_bars: bool) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``mxlora train CONFIG [key=value ...] [--resume]``."""
+    """``mxlora train CONFIG [key=value ...] [--resume] [--nproc N]``.
+
+    ``--nproc N`` (N > 1) re-runs the same command under torchrun with N processes on this host;
+    started by a launcher already (torchrun, ``accelerate launch``), the command trains as one
+    process of that job.
+    """
+    if args.nproc < 1:
+        print("mxlora train: error: --nproc must be at least 1", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and not launched():
+        argv = ["train", args.config, *args.overrides, *(["--resume"] if args.resume else [])]
+        return relaunch(args.nproc, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries(progress_bars=sys.stderr.isatty())
+    info = setup()
     try:
         cfg = load_config(args.config, args.overrides)
-        run_dir = train(cfg, resume=args.resume)
+        run_dir = train(cfg, resume=args.resume, info=info)
     except (ConfigError, ModelLoadError, TrainingError) as e:
         print(f"mxlora train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        teardown(info)
+    if not info.is_main:
+        return 0
     print(
         f"run folder: {run_dir} (adapter: {run_dir / 'adapter'}, report: {run_dir / 'report.md'})"
     )
