@@ -18,6 +18,7 @@ from mxlora.config import ExpertTargets, LoraConfig, ModelConfig
 from mxlora.distributed import (
     all_reduce_grads,
     global_token_count,
+    on_main,
     reduce_loss,
     setup,
     shard_batch,
@@ -33,7 +34,7 @@ LR = 1e-2
 #: The step whose gradients are compared: the second, when LoRA's B (zero at first) is not zero
 #: and every LoRA factor has a gradient.
 GRAD_STEP = 1
-BATCH, LENGTH = 5, 12  # odd rows: ranks get 3 and 2, the token count must still be global
+BATCH, LENGTH = 5, 12  # odd rows: ranks get 2 and 3, the token count must still be global
 
 
 def build_model() -> torch.nn.Module:
@@ -86,9 +87,20 @@ def train(model, info, sharded: bool) -> tuple[list[float], dict[str, torch.Tens
     return losses, grads
 
 
+def _fail() -> None:
+    raise ValueError("rank 0 failed")
+
+
 def main(out: str) -> None:
     info = setup("cpu")
     assert info.distributed and info.world_size == 2, info
+    # Rank 0's side effect: its result, or its error, reaches every rank.
+    assert on_main(lambda: f"rank {info.rank} ran it", info) == "rank 0 ran it"
+    try:
+        on_main(_fail, info)
+        raise AssertionError("on_main swallowed rank 0's error")
+    except ValueError as e:
+        assert str(e) == "rank 0 failed", e
     dp_losses, dp_grads = train(build_model(), info, sharded=False)
     model = shard_model(build_model(), info)
     experts = model.get_base_model().model.layers[0].mlp.experts

@@ -1,9 +1,10 @@
 """mxlora.distributed: 2 CPU ranks (gloo, under torchrun) train exactly as one process does.
 
 One torchrun job (tests/distributed_worker.py) trains the tiny gpt-oss (fp32, MXFP4 experts,
-seed-style LoRA) for a few AdamW steps on a global batch of 5 rows split 3/2, replicated with the
+seed-style LoRA) for a few AdamW steps on a global batch of 5 rows split 2/3, replicated with the
 LoRA gradients all-reduced and FSDP2-sharded; this module trains the same model on the whole
-batch in one process and compares losses and the gradients of a step.
+batch in one process and compares losses and the gradients of a step. The job also checks that
+rank 0's side effects (``on_main``) hand every rank its result or its error.
 """
 
 from __future__ import annotations
@@ -158,6 +159,13 @@ def test_mxfp4_buffers_become_frozen_parameters():
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
     assert [type(m).__name__ for m in decoder_layers(model)] == ["GptOssDecoderLayer"] * 2
+
+
+def test_nproc_must_be_positive(capsys):
+    from mxlora.cli import main
+
+    assert main(["train", "configs/tiny/quotes.yaml", "--nproc", "0"]) == 2
+    assert "--nproc must be at least 1" in capsys.readouterr().err
 
 
 def test_torchrun_command():

@@ -100,8 +100,7 @@ def setup(device_type: str | None = None) -> DistInfo:
     """
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if not launched():
-        device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-        return DistInfo(device=device)
+        return DistInfo(device=torch.device(device_type))  # the current CUDA device, or the CPU
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if device_type == "cuda":
