@@ -240,7 +240,7 @@ def sft_config(
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size // processes,
-        per_device_eval_batch_size=max(1, t.batch_size // processes),
+        per_device_eval_batch_size=t.batch_size // processes,
         gradient_accumulation_steps=t.grad_accum,
         max_length=t.max_len,
         # transformers 5: a value < 1 is a ratio of all steps (the seed's warmup_ratio=0.03).
