@@ -3,7 +3,7 @@
 ``python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py
 OUT``. Every rank builds the same tiny gpt-oss (fp32, MXFP4 experts, the seed-style LoRA) and
 trains on its share of the same global batches, once replicated (LoRA gradients all-reduced) and
-once FSDP2-sharded; rank 0 saves the global losses, one step's full LoRA gradients and the
+once FSDP2-sharded with gradient checkpointing; rank 0 saves the global losses, one step's full LoRA gradients and the
 local shapes of the sharded expert tensors to ``OUT``. The test module computes the one-process
 reference with the same :func:`build_model` and :func:`global_batches` and compares.
 """
@@ -102,7 +102,13 @@ def main(out: str) -> None:
     except ValueError as e:
         assert str(e) == "rank 0 failed", e
     dp_losses, dp_grads = train(build_model(), info, sharded=False)
-    model = shard_model(build_model(), info)
+    # Sharded as the training loop runs it: train mode, non-reentrant gradient checkpointing
+    # (each layer's forward recomputed, its parameters all-gathered again, in backward).
+    model = build_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    model = shard_model(model, info)
     experts = model.get_base_model().model.layers[0].mlp.experts
     local = {
         name: (tuple(t.to_local().shape), str(t.dtype), type(t).__name__)

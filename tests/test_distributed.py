@@ -2,9 +2,10 @@
 
 One torchrun job (tests/distributed_worker.py) trains the tiny gpt-oss (fp32, MXFP4 experts,
 seed-style LoRA) for a few AdamW steps on a global batch of 5 rows split 2/3, replicated with the
-LoRA gradients all-reduced and FSDP2-sharded; this module trains the same model on the whole
-batch in one process and compares losses and the gradients of a step. The job also checks that
-rank 0's side effects (``on_main``) hand every rank its result or its error.
+LoRA gradients all-reduced and FSDP2-sharded (train mode, gradient checkpointing); this module
+trains the same model on the whole batch in one process and compares losses and the gradients
+of a step. The job also checks that rank 0's side effects (``on_main``) hand every rank its
+result or its error.
 """
 
 from __future__ import annotations
