@@ -148,12 +148,14 @@ def test_mxfp4_buffers_become_frozen_parameters():
     before = model.state_dict()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    assert mxfp4_buffers_to_parameters(model) == 2 * 4  # 2 layers x (blocks, scales) x 2 projs
+    # Buffers today; parameters once Mxfp4Experts registers them so (then nothing to convert).
+    packed = [n for n, _ in model.named_buffers() if n.endswith(("_blocks", "_scales"))]
+    assert mxfp4_buffers_to_parameters(model) == len(packed) in (0, 2 * 4)
     assert mxfp4_buffers_to_parameters(model) == 0
     params = dict(model.named_parameters())
-    blocks = [n for n in params if n.endswith("_blocks")]
-    assert len(blocks) == 4 and all(params[n].dtype == torch.uint8 for n in blocks)
-    assert not any(params[n].requires_grad for n in blocks)
+    packed = [n for n in params if n.endswith(("_blocks", "_scales"))]
+    assert len(packed) == 2 * 4 and all(params[n].dtype == torch.uint8 for n in packed)
+    assert not any(params[n].requires_grad for n in packed)
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
