@@ -22,7 +22,7 @@ from mxlora.cli import main
 from mxlora.config import ConfigError
 from mxlora.model.configs import parameter_counts
 from mxlora.model.tiny import TinySpec, tiny_config
-from mxlora.recipes.bench import load_bench_config, markdown
+from mxlora.recipes.bench import load_bench_config, markdown, variant_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "bench" / "configs" / "tiny.yaml"
@@ -176,12 +176,17 @@ def test_shipped_configs_load():
         "quotes-epoch": (4, 1000, 0.2),  # 800 train rows, as the notebook's quotes run
         "gsm8k-epoch": (4, 1000, 0.0),
     }
-    from mxlora.recipes.bench import variant_config
 
     seed, default = (variant_config(big, v) for v in big.variants[:2])
     assert (seed.train.engine, default.train.engine) == ("trl", "mxlora")
     assert default == variant_config(big, type(big.variants[0])(name="plain"))
     assert big.make_random == "20b" and big.steps == 1
+    huge = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-120b.yaml")
+    assert huge.model == "random:120b" and huge.make_random is None
+    assert [w.name for w in huge.workloads] == ["4x1024", "4x2048", "quotes"]
+    for variant in huge.variants:
+        cfg = variant_config(huge, variant)
+        assert cfg.model.experts == "mxfp4" and cfg.lora.experts.layers == [11, 23, 35]
 
 
 def test_bad_configs(tmp_path):

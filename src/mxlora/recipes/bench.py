@@ -133,7 +133,8 @@ class BenchConfig:
 
     Attributes:
         name: results are written to ``<results>/<name>.json`` and ``.md``.
-        model: checkpoint folder (or Hub id, or ``tiny:...``) every variant loads.
+        model: checkpoint folder (or Hub id, ``tiny:...``, or ``random:120b``: generated in
+            device memory by each variant, no files) every variant loads.
         make_random: if ``model`` is a folder without a checkpoint, build it first with
             ``mxlora make-random`` from this config (``20b``, ``120b`` or a config.json path).
         variants: measured in order; the first is the baseline of the ratio column.
@@ -367,7 +368,7 @@ def setup_job(bench: BenchConfig) -> dict[str, Any]:
     import torch
 
     from mxlora.model.configs import parameter_counts
-    from mxlora.model.load import default_device, resolve_dtype, resolve_model_path
+    from mxlora.model.load import checkpoint_config, default_device, resolve_dtype
     from mxlora.report.writer import environment
 
     device = default_device()
@@ -384,9 +385,7 @@ def setup_job(bench: BenchConfig) -> dict[str, Any]:
         print(f"bench: make-random took {done.seconds:.0f} s", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    path = Path(resolve_model_path(bench.model))
-    config = json.loads((path / "config.json").read_text())
-    counts = parameter_counts(config)
+    counts = parameter_counts(checkpoint_config(bench.model))
     out.update(total_params=counts["total"], active_params=counts["active"])
     dtype = resolve_dtype(variant_config(bench, bench.variants[0]).model.dtype, device)
     out["matmul_dtype"] = str(dtype).removeprefix("torch.")
