@@ -232,6 +232,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def decoder_stack(model: nn.Module, layer: nn.Module) -> nn.Module:
+    """The module that holds the decoder layers' list (``GptOssModel``: embeddings, layers,
+    final norm) in ``model``."""
+    name = next(n for n, m in model.named_modules() if m is layer)
+    return model.get_submodule(name.rsplit(".", 2)[0])
+
+
 def shard_model(
     model: nn.Module,
     info: DistInfo,
@@ -240,7 +247,9 @@ def shard_model(
     reshard_after_forward: bool = True,
 ) -> nn.Module:
     """FSDP2-shard ``model`` over all ranks: one ``fully_shard`` unit per decoder layer, then the
-    root (embeddings, final norm, output layer).
+    decoder stack that holds them (embeddings, final norm): the unit whose forward the training
+    loop calls (it runs the stack and ``lm_head`` apart, :mod:`mxlora.engine.loop`). The output
+    layer stays replicated (frozen; it is called in chunks, outside any unit).
 
     Call after LoRA is attached and before the optimizer is built (it must see the sharded
     parameters). Gradients are summed across ranks, not averaged: with the loss over the global
@@ -271,7 +280,7 @@ def shard_model(
         raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
     for layer in layers:
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(decoder_stack(model, layers[0]), **kwargs)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum, not average; plain SUM collectives (gloo has no pre-multiplied sum).

@@ -362,8 +362,8 @@ class Loop:
             if self.info.distributed:
                 # Each rank's loss is its share of the global mean: the sum is the step's loss.
                 torch.distributed.all_reduce(stacked)
-                if not self.sharded:  # FSDP2 reduce-scatters the summed gradients itself
-                    all_reduce_grads(self.params, self.info)
+                # FSDP2 reduce-scatters the sharded ones' summed gradients itself.
+                all_reduce_grads([p for p in self.params if not _is_dtensor(p)], self.info)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
             grad_norm = _full(grad_norm)
             values = stacked.tolist()  # the step's one host sync
@@ -488,6 +488,12 @@ class Loop:
             self.optimizer,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
