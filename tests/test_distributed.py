@@ -166,26 +166,118 @@ def test_torchrun_command():
     assert cmd[-5:] == ["-m", "mxlora.cli", "train", "configs/tiny/quotes.yaml", "train.lr=1e-4"]
 
 
-@pytest.mark.slow
-def test_train_nproc_2_logs_the_one_process_losses(tmp_path):
-    """``mxlora train --nproc 2`` (gloo, re-launched under torchrun): the same per-step losses as
-    one process on the same global batches, and one run folder written by rank 0."""
-    import json
-
+def _train_cli(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    """``mxlora train configs/tiny/quotes.yaml`` (fp32, 3 steps, a checkpoint at step 2) in a
+    fresh interpreter (``--nproc 2`` re-runs it under torchrun with gloo)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    losses = {}
-    for nproc in (1, 2):
-        name = f"nproc{nproc}"
-        cmd = [sys.executable, "-m", "mxlora.cli", "train", str(ROOT / "configs/tiny/quotes.yaml"),
-               "model.dtype=float32", "train.max_steps=3", "train.logging_steps=1",
-               "train.eval=no", f"output.root={tmp_path}", f"output.name={name}",
-               f"--nproc={nproc}"]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
-        losses[nproc] = [r["loss"] for r in rows if "loss" in r]
-        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
-    assert len(losses[1]) == 3
-    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nproc1", "nproc2"]
+    cmd = [sys.executable, "-m", "mxlora.cli", "train", str(ROOT / "configs/tiny/quotes.yaml"),
+           *TRAIN_ARGS, f"output.root={tmp_path}", f"output.name={name}", *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+TRAIN_ARGS = ["model.dtype=float32", "train.max_steps=3", "train.logging_steps=1",
+              "train.save_steps=2", "train.eval=steps", "train.eval_steps=3"]  # fmt: skip
+
+
+def _losses(run: Path) -> tuple[list[float], list[float]]:
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    return [r["loss"] for r in rows if "loss" in r], [
+        r["eval_loss"] for r in rows if "eval_loss" in r
+    ]
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        # fp32, deterministic sums: what differs is the order of one sum of two halves.
+        assert (got[key] - value).abs().max() <= 1e-4 * value.abs().max(), key
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """The tiny quotes run in one process (in this interpreter: no second start-up)."""
+    from mxlora.cli import main
+
+    root = tmp_path_factory.mktemp("one")
+    argv = ["train", str(ROOT / "configs/tiny/quotes.yaml"), *TRAIN_ARGS, f"output.root={root}"]
+    assert main([*argv, "output.name=one"]) == 0
+    return root / "one"
+
+
+def test_train_nproc_2_is_the_one_process_run(one_process_run, tmp_path):
+    """``mxlora train --nproc 2`` (mxlora engine, gloo, re-launched under torchrun): the same
+    per-step losses and held-out loss as one process on the same global batches, the same
+    adapter, one run folder written by rank 0; its step-2 checkpoint resumed in ONE process ends
+    with the same adapter (checkpoints and --resume work across process counts)."""
+    from mxlora.cli import main
+
+    _train_cli(tmp_path, "two", "--nproc=2")
+    run = tmp_path / "two"
+    train, held_out = _losses(run)
+    want_train, want_held_out = _losses(one_process_run)
+    assert len(want_train) == 3 and len(want_held_out) == 1
+    assert train == pytest.approx(want_train, rel=1e-4)
+    assert held_out == pytest.approx(want_held_out, rel=1e-4)
+    _assert_same_adapter(_adapter(run), _adapter(one_process_run))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no second folder, no staging
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+    # Back to step 2 (as a kill after its checkpoint leaves it), resumed by one process.
+    import shutil
+
+    for leftover in ("report.json", "report.md", "adapter", "loss.png"):
+        target = run / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert _losses(run)[0] == pytest.approx(want_train, rel=1e-4)
+    _assert_same_adapter(_adapter(run), _adapter(one_process_run))
+
+
+@pytest.mark.slow
+def test_train_fsdp_nproc_2_is_the_one_process_run(one_process_run, tmp_path):
+    """``train.fsdp=true --nproc 2``: the model FSDP2-sharded over 2 CPU ranks (MXFP4 blocks/
+    scales sharded along the experts) trains the one-process losses and adapter; its
+    checkpoint holds the whole LoRA tensors (gathered)."""
+    from safetensors.torch import load_file
+
+    _train_cli(tmp_path, "fsdp", "train.fsdp=true", "--nproc=2")
+    run = tmp_path / "fsdp"
+    train, held_out = _losses(run)
+    want_train, want_held_out = _losses(one_process_run)
+    assert train == pytest.approx(want_train, rel=1e-4)
+    assert held_out == pytest.approx(want_held_out, rel=1e-4)
+    _assert_same_adapter(_adapter(run), _adapter(one_process_run))
+    saved = load_file(run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {
+        k: v.shape for k, v in _adapter(one_process_run).items()
+    }
+
+
+def test_fsdp_and_trl_refused_where_they_cannot_run(capsys):
+    from mxlora.cli import main
+
+    quotes = str(ROOT / "configs/tiny/quotes.yaml")
+    assert main(["train", quotes, "train.fsdp=true", "--dry-run"]) == 0  # a plan is fine
+    capsys.readouterr()
+    assert main(["train", quotes, "train.fsdp=true", "output.root=/nonexistent/x"]) == 2
+    assert "train.fsdp: shards the model over processes" in capsys.readouterr().err
+    assert main(["train", quotes, "train.engine=trl", "train.fsdp=true"]) == 2
+    assert "fsdp: true needs engine mxlora" in capsys.readouterr().err
+    from mxlora.config import ConfigError, load_config
+    from mxlora.recipes.train import check_processes
+
+    two = DistInfo(rank=1, world_size=2, distributed=True)
+    check_processes(load_config(quotes, []), two)  # the mxlora engine shares the batch
+    with pytest.raises(ConfigError, match="train.engine: 'trl' trains in one process"):
+        check_processes(load_config(quotes, ["train.engine=trl"]), two)
