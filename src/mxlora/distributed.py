@@ -275,6 +275,8 @@ def shard_model(
         "reshard_after_forward": reshard_after_forward,
         "mp_policy": mp_policy or MixedPrecisionPolicy(),
     }
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        return model  # sharded already (a bench times several workloads on one model)
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
@@ -289,9 +291,10 @@ def shard_model(
     return model
 
 
-def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
-    """The command that runs ``mxlora ARGV`` in ``nproc`` processes on this host under torchrun
-    (its public entry, ``python -m torch.distributed.run``; ``--standalone`` picks a free port)."""
+def torchrun_command(nproc: int, argv: Sequence[str], module: str = "mxlora.cli") -> list[str]:
+    """The command that runs ``python -m MODULE ARGV`` (default: ``mxlora ARGV``) in ``nproc``
+    processes on this host under torchrun (its public entry, ``python -m torch.distributed.run``;
+    ``--standalone`` picks a free port)."""
     return [
         sys.executable,
         "-m",
@@ -299,7 +302,7 @@ def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
-        "mxlora.cli",
+        module,
         *argv,
     ]
 

@@ -27,6 +27,7 @@ at the last step) or every ``eval_steps``, a checkpoint every ``save_steps``, th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -341,6 +342,20 @@ class Loop:
             return (indices, 1) if self.info.is_main else (indices[:1], 0)
         return shard_batch(indices, self.info), 1
 
+    def _packed_over_ranks(self, indices: list[int]) -> int:
+        """Packed (bucketed) tokens of a micro-batch summed over the ranks' shares (on the
+        host: every rank holds every row)."""
+        lengths = self.train_rows["input_ids"]
+        if self.info.world_size == 1:
+            return bucketed(sum(len(lengths[i]) for i in indices))
+        total = 0
+        for rank in range(self.info.world_size):
+            other = dataclasses.replace(self.info, rank=rank)
+            here = shard_batch(indices, other) if len(indices) >= other.world_size else indices
+            if rank == 0 or len(indices) >= other.world_size:
+                total += bucketed(sum(len(lengths[i]) for i in here))
+        return total
+
     def train_step(self, step: Step) -> float:
         """One optimizer step; its loss (mean cross-entropy over its assistant tokens)."""
         self.model.train()
@@ -392,7 +407,9 @@ class Loop:
         self.tokens += step_tokens
         self.history.losses.append(sum(values))
         self.history.tokens.append(step_tokens)
-        self.history.packed.append(sum(b.length for b in batches))
+        self.history.packed.append(
+            sum(self._packed_over_ranks(rows) for rows in step.micro_batches)
+        )
         return sum(values)
 
     @torch.no_grad()
