@@ -248,7 +248,7 @@ def test_train_nproc_2_is_the_one_process_run(one_process_run, tmp_path):
 def test_train_fsdp_nproc_2_is_the_one_process_run(one_process_run, tmp_path):
     """``train.fsdp=true --nproc 2``: the model FSDP2-sharded over 2 CPU ranks (MXFP4 blocks/
     scales sharded along the experts) trains the one-process losses and adapter; its
-    checkpoint holds the whole LoRA tensors (gathered)."""
+    checkpoint holds the whole LoRA tensors (gathered) and resumes to the same end."""
     from safetensors.torch import load_file
 
     _train_cli(tmp_path, "fsdp", "train.fsdp=true", "--nproc=2")
@@ -262,6 +262,20 @@ def test_train_fsdp_nproc_2_is_the_one_process_run(one_process_run, tmp_path):
     assert {k: v.shape for k, v in saved.items()} == {
         k: v.shape for k, v in _adapter(one_process_run).items()
     }
+
+    # Back to step 2 and resumed (the sharded checkpoint's whole tensors re-sharded).
+    import shutil
+
+    for leftover in ("report.json", "report.md", "adapter", "loss.png"):
+        target = run / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "mxlora.cli", "train", "--resume", str(run), "--nproc=2"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _losses(run)[0] == pytest.approx(want_train, rel=1e-4)
+    _assert_same_adapter(_adapter(run), _adapter(one_process_run))
 
 
 def test_fsdp_and_trl_refused_where_they_cannot_run(capsys):
