@@ -26,7 +26,8 @@ unevenly the label tokens fall across ranks. transformers' causal-LM loss divide
 
 Sharded (FSDP2) instead of replicated: ``model = shard_model(model, info)`` after LoRA is
 attached; every decoder layer becomes its own ``fully_shard`` unit (parameters sharded along dim
-0, all-gathered for its forward/backward) and the root holds the rest. The MXFP4 expert blocks
+0, all-gathered for its forward/backward), the decoder stack (embeddings, final norm) one more;
+the output layer stays replicated (frozen, called apart by the loss). The MXFP4 expert blocks
 and scales are frozen uint8 parameters, so they are sharded along the expert dimension and
 all-gathered packed, never as floats. FSDP sums the LoRA gradients itself (reduce-scatter with
 divide factor 1): do not call :func:`all_reduce_grads` on a sharded model. The rest of the step
