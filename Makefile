@@ -7,7 +7,7 @@ export MXLORA_CACHE ?= $(CURDIR)/.cache/mxlora
 export HF_HOME ?= $(CURDIR)/.cache/hf
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-all lint format bench clean
+.PHONY: setup demo test test-all lint format bench bench-120b clean
 
 $(BIN)/mxlora: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ format: setup
 
 bench: setup
 	$(BIN)/mxlora bench bench/configs/gpt-oss-20b.yaml
+
+# gpt-oss-120b generated in GPU memory (random:120b): one 80 GB GPU, no checkpoint on disk.
+bench-120b: setup
+	$(BIN)/mxlora bench bench/configs/gpt-oss-120b.yaml
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

@@ -188,6 +188,17 @@ def test_shipped_configs_load():
     assert (seed.train.engine, default.train.engine) == ("trl", "mxlora")
     assert default == variant_config(big, type(big.variants[0])(name="plain"))
     assert big.make_random == "20b" and big.steps == 1
+    two = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-20b-2gpu.yaml")
+    assert [(v.name, v.gpus) for v in two.variants] == [("default", 1), ("default-2gpu", 2)]
+    assert [(w.batch, w.length) for w in two.workloads] == [(4, 2048)]
+    huge = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-120b.yaml")
+    assert huge.model == "random:120b" and huge.make_random is None
+    assert [w.name for w in huge.workloads] == ["4x1024", "4x2048", "quotes"]
+    for variant in huge.variants:
+        cfg = variant_config(huge, variant)
+        assert cfg.model.experts == "mxfp4" and cfg.lora.experts.layers == [11, 23, 35]
+    sharded = [(v.name, v.gpus) for v in huge.variants if variant_config(huge, v).train.fsdp]
+    assert sharded == [("fsdp-2gpu", 2)]
 
 
 def test_bad_configs(tmp_path):
@@ -237,3 +248,36 @@ def test_profile_engine_times_and_counts_the_loop_steps(tmp_path):
     assert figures["busy_s"] == 0 and figures["launches"] == 0
     assert not figures["compiled"] and not figures["checkpointing"]
     assert "aten::" in figures["table"]
+
+
+@pytest.mark.slow
+def test_gpus_runs_the_variant_under_torchrun(tmp_path):
+    """``gpus: 2`` (gloo on the CPU): the variant's child runs as 2 processes, each workload's
+    batch is per process (global batch twice the rows), rank 0 reports the global tokens."""
+    raw = {
+        "name": "tiny-2",
+        "model": "tiny:layers=2,hidden=64,intermediate=64",
+        "warmup_steps": 0,
+        "steps": 2,
+        "results": str(tmp_path / "results"),
+        "variants": [
+            {"name": "one", "overrides": ["model.dtype=float32", "lora.experts.layers=[1]"]},
+            {
+                "name": "two",
+                "gpus": 2,
+                "overrides": ["model.dtype=float32", "lora.experts.layers=[1]"],
+            },
+        ],
+        "workloads": [{"name": "2x24", "batch": 2, "length": 24}],
+    }
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        assert main(["bench", str(config)]) == 0
+    rows = rows_by(json.loads((tmp_path / "results" / "tiny-2.json").read_text()))
+    one, two = rows[("one", "2x24")], rows[("two", "2x24")]
+    assert (one["gpus"], two["gpus"]) == (1, 2)
+    assert one["tokens_per_step"] == 2 * 24 and two["tokens_per_step"] == 4 * 24
+    assert two["padded_tokens_per_step"] >= two["tokens_per_step"]
+    assert math.isfinite(two["train_loss"]) and two["tokens_per_s"] > 0

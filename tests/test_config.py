@@ -20,6 +20,7 @@ from mxlora.config import (
     load_config,
     load_run_config,
     read_yaml,
+    to_dict,
 )
 from mxlora.model.load import ModelLoadError, load_model, parse_tiny
 
@@ -239,3 +240,24 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing written before the path was checked
+
+
+def test_120b_configs_are_the_20b_seed_scaled_to_36_layers():
+    """Same recipe as the 20b seed; only the model, the expert holding (MXFP4: the bf16 experts
+    of 120b fit no GPU), the expert layers (7/15/23 of 24 -> 11/23/35 of 36) and the run root."""
+    for name in ("quotes", "reasoning"):
+        small = to_dict(load_config(ROOT / "configs" / "gpt-oss-20b" / f"{name}.yaml"))
+        big = to_dict(load_config(ROOT / "configs" / "gpt-oss-120b" / f"{name}.yaml"))
+        assert big["model"]["name_or_path"] == "openai/gpt-oss-120b"
+        assert big["model"]["experts"] == "mxfp4"
+        assert big["lora"]["experts"]["layers"] == [11, 23, 35]
+        assert big["output"]["root"] == "runs/gpt-oss-120b"
+        for key, value in (
+            ("model", {**small["model"], "name_or_path": big["model"]["name_or_path"],
+                       "experts": "mxfp4"}),
+            ("lora", {**small["lora"], "experts": {**small["lora"]["experts"],
+                                                   "layers": [11, 23, 35]}}),
+            ("data", small["data"]),
+            ("train", small["train"]),
+        ):  # fmt: skip
+            assert big[key] == value, key

@@ -302,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved config, data summary, parameter counts and a memory estimate "
         "(model on the meta device); train nothing, write nothing",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this host (one per GPU; gloo on the CPU), re-launched "
+        "under torchrun; train.batch_size stays the global rows per step (default 1)",
+    )
 
     p = _add(
         sub,

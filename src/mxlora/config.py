@@ -66,7 +66,9 @@ class ModelConfig:
     Attributes:
         name_or_path: a Hub id (``openai/gpt-oss-20b``), a local folder, or ``tiny`` /
             ``tiny:layers=24,hidden=64`` for a small gpt-oss built locally (the embedded default;
-            keys are :class:`mxlora.model.tiny.TinySpec` fields).
+            keys are :class:`mxlora.model.tiny.TinySpec` fields), or ``random:120b`` /
+            ``random:20b,seed=1`` / ``random:CONFIG.json`` for a full-size model with random
+            weights generated straight into device memory (MXFP4 experts; for measuring).
         experts: how the MXFP4 experts are held (see ``ExpertsMode``).
         attn_implementation: transformers' attention backend; the seed uses ``eager``.
         experts_implementation: transformers' MoE experts backend (``from_pretrained``'s
@@ -139,7 +141,8 @@ class TrainConfig:
         lr: peak learning rate.
         epochs: passes over the training rows.
         max_steps: stop after this many optimizer steps (-1: run all epochs).
-        batch_size: rows per device batch.
+        batch_size: rows per batch, global: under a launcher (``--nproc N``, torchrun) each of the
+            N processes trains on its share of every batch.
         grad_accum: batches per optimizer step.
         max_len: longest row in tokens; longer rows are handled by the data policy.
         warmup: warmup as a ratio of all steps when < 1, else a step count (transformers 5's
@@ -166,6 +169,10 @@ class TrainConfig:
         report_to: experiment trackers to log to besides ``metrics.jsonl`` (``tensorboard``,
             ``trackio``, ``wandb``; all local/offline). Empty: none.
         seed: seed for LoRA init, shuffling and dropout.
+        fsdp: under a launcher, shard the model over the processes with FSDP2 (one unit per
+            decoder layer, MXFP4 blocks/scales sharded along the expert dimension and gathered
+            packed) instead of replicating it (data parallel): for models that do not fit one
+            GPU. Needs ``engine: mxlora`` and more than one process.
     """
 
     lr: float = 2e-4
@@ -190,6 +197,7 @@ class TrainConfig:
     save_total_limit: int | None = 2
     report_to: list[Tracker] = field(default_factory=list)
     seed: int = 42
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_len", "logging_steps", "save_steps"):
@@ -213,6 +221,8 @@ class TrainConfig:
             raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
         if self.compile is True and self.engine != "mxlora":
             raise ConfigError(f"compile: true needs engine mxlora (engine is {self.engine!r})")
+        if self.fsdp and self.engine != "mxlora":
+            raise ConfigError(f"fsdp: true needs engine mxlora (engine is {self.engine!r})")
         if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
             raise ConfigError(f"memory_budget_gb: must be > 0, got {self.memory_budget_gb}")
         if self.max_steps == 0 or self.max_steps < -1:

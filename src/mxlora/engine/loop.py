@@ -11,6 +11,14 @@ Then, as transformers' ``Trainer`` does: gradient clipping to ``train.max_grad_n
 (betas 0.9 / 0.999, eps 1e-8: ``TrainingArguments``' defaults; ``train.weight_decay``), the
 scheduler from transformers' ``get_scheduler``, gradients zeroed.
 
+Under a launcher (torchrun, ``mxlora train --nproc N``; :mod:`mxlora.distributed`) the plan is
+the same global plan: each rank packs its contiguous share of every micro-batch
+(:func:`mxlora.distributed.shard_batch`), the loss is divided by the step's *global*
+assistant-token count (every rank holds all rows, so it is counted on the host with no
+collective), and the LoRA gradients are summed over ranks before clipping (one flat all-reduce;
+FSDP2 sums them itself): every rank takes the one-process optimizer step. Rank 0 alone writes
+metrics, checkpoints and the ``should_stop`` decision, which it broadcasts.
+
 After every step: a train row every ``logging_steps``, the held-out loss at each epoch end (and
 at the last step) or every ``eval_steps``, a checkpoint every ``save_steps``, then the
 ``should_stop`` hook: when it returns True a complete checkpoint is written and the loop returns.
@@ -19,6 +27,7 @@ at the last step) or every ``eval_steps``, a checkpoint every ``save_steps``, th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -33,6 +42,7 @@ import torch
 from transformers import get_scheduler
 
 from mxlora.config import TrainingConfig
+from mxlora.distributed import DistInfo, all_reduce_grads, shard_batch, shard_model
 from mxlora.engine.attention import build_masks, register
 from mxlora.engine.loss import chunked_loss
 from mxlora.engine.memory import use_gradient_checkpointing
@@ -139,6 +149,10 @@ class Loop:
         before_marker: writes what else belongs in each checkpoint before it counts as
             complete (the run's times).
         on_checkpoint: called after each complete checkpoint (publishes a new run folder).
+        info: this process's place in a multi-process job (default: one process).
+        sharded: FSDP2-shard the model over the job's ranks here, before the optimizer is built
+            (:func:`mxlora.distributed.shard_model`): its gradients arrive summed, checkpoints
+            gather the full LoRA tensors.
     """
 
     def __init__(
@@ -154,7 +168,11 @@ class Loop:
         run_dir: Path,
         before_marker: Callable[[Path], None] | None = None,
         on_checkpoint: Callable[[], None] | None = None,
+        info: DistInfo | None = None,
+        sharded: bool = False,
     ) -> None:
+        self.info = info or DistInfo(device=device)
+        self.sharded = sharded
         self.cfg, self.model, self.device, self.dtype = cfg, model, device, dtype
         self.train_rows, self.eval_rows, self.pad_id = train_rows, eval_rows, pad_id
         self.metrics, self.run_dir = metrics, run_dir
@@ -169,8 +187,15 @@ class Loop:
             for step in self.plan
             for rows in step.micro_batches
         )
+        if self.info.world_size > 1 and t.batch_size < self.info.world_size:
+            raise TrainingError(
+                f"train.batch_size: {t.batch_size} rows per micro-batch cannot give each of "
+                f"{self.info.world_size} processes a row"
+            )
         # flex_attention has no backward on the CPU: the dense reference runs there.
         self.use_flex = device.type == "cuda"
+        if sharded:
+            shard_model(model, self.info)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -221,7 +246,7 @@ class Loop:
             window: list[float] = []
             for step in self.plan[self.step :]:
                 window.append(self.train_step(step))
-                if step.number % t.logging_steps == 0:
+                if step.number % t.logging_steps == 0 and self.info.is_main:
                     self.metrics.log_train(
                         step.number,
                         step.epoch_progress,
@@ -232,12 +257,14 @@ class Loop:
                     )
                     window = []
                 if self.eval_rows is not None and self._eval_due(step):
-                    self.metrics.log_eval(step.number, self.evaluate())
+                    eval_loss = self.evaluate()
+                    if self.info.is_main:
+                        self.metrics.log_eval(step.number, eval_loss)
                 saved = step.number % t.save_steps == 0
                 if saved:
                     self.save_checkpoint()
                 more = step.number < len(self.plan)  # after the last step the run is done
-                if more and should_stop is not None and should_stop():
+                if more and should_stop is not None and self._agreed(should_stop):
                     if not saved:
                         self.save_checkpoint()
                     stopped = True
@@ -252,6 +279,14 @@ class Loop:
             gradient_checkpointing=checkpointing,
             longest_tokens=self.longest,
         )
+
+    def _agreed(self, should_stop: Callable[[], bool]) -> bool:
+        """Rank 0's ``should_stop``, on every rank (all stop after the same step)."""
+        if not self.info.distributed:
+            return should_stop()
+        flag = torch.tensor([int(self.info.is_main and should_stop())], device=self.device)
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def _eval_due(self, step: Step) -> bool:
         """``train.eval``: at each epoch end (and the last step), or every ``eval_steps``."""
@@ -290,22 +325,63 @@ class Loop:
             self.pad_id,
         )
 
+    def _counts(self, rows: dict[str, list[list[int]]], indices: list[int]) -> tuple[int, int]:
+        """Loss tokens and non-pad tokens of rows ``indices`` (as :func:`pack` counts them), on
+        the host: every rank holds every row, so the global count needs no collective."""
+        loss = sum(sum(rows["completion_mask"][i][1:]) for i in indices)
+        return loss, sum(len(rows["input_ids"][i]) for i in indices)
+
+    def _share(self, indices: list[int]) -> tuple[list[int], int]:
+        """This rank's rows of a global (micro-)batch and their weight (1). A batch with fewer
+        rows than ranks (an epoch's last) goes whole to rank 0; the others run one of its rows
+        at weight 0, so every rank joins the same collectives (FSDP2's gathers, the gradient
+        all-reduce) with gradients of the same layout."""
+        if self.info.world_size == 1:
+            return indices, 1
+        if len(indices) < self.info.world_size:
+            return (indices, 1) if self.info.is_main else (indices[:1], 0)
+        return shard_batch(indices, self.info), 1
+
+    def _packed_over_ranks(self, indices: list[int]) -> int:
+        """Packed (bucketed) tokens of a micro-batch summed over the ranks' shares (on the
+        host: every rank holds every row)."""
+        lengths = self.train_rows["input_ids"]
+        if self.info.world_size == 1:
+            return bucketed(sum(len(lengths[i]) for i in indices))
+        total = 0
+        for rank in range(self.info.world_size):
+            other = dataclasses.replace(self.info, rank=rank)
+            here = shard_batch(indices, other) if len(indices) >= other.world_size else indices
+            if rank == 0 or len(indices) >= other.world_size:
+                total += bucketed(sum(len(lengths[i]) for i in here))
+        return total
+
     def train_step(self, step: Step) -> float:
         """One optimizer step; its loss (mean cross-entropy over its assistant tokens)."""
         self.model.train()
-        batches = [self._pack(self.train_rows, rows) for rows in step.micro_batches]
-        items = max(sum(b.loss_targets.numel() for b in batches), 1)
+        counts = [self._counts(self.train_rows, rows) for rows in step.micro_batches]
+        items = max(sum(c[0] for c in counts), 1)  # the global batch's assistant tokens
+        step_tokens = sum(c[1] for c in counts)
+        shares = [self._share(rows) for rows in step.micro_batches]
+        batches = [self._pack(self.train_rows, here) for here, _ in shares]
         start = time.perf_counter()
         try:
             losses = []
-            for batch in batches:
+            for batch, (_, scale) in zip(batches, shares, strict=True):
                 with self._autocast():
                     loss = forward_loss(self.causal_lm, batch.to(self.device), self.use_flex)
-                    loss = loss / items
+                    loss = loss * scale / items if scale != 1 else loss / items
                 loss.backward()
                 losses.append(loss.detach())
+            stacked = torch.stack(losses)
+            if self.info.distributed:
+                # Each rank's loss is its share of the global mean: the sum is the step's loss.
+                torch.distributed.all_reduce(stacked)
+                # FSDP2 reduce-scatters the sharded ones' summed gradients itself.
+                all_reduce_grads([p for p in self.params if not _is_dtensor(p)], self.info)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-            values = torch.stack(losses).tolist()  # the step's one host sync
+            grad_norm = _full(grad_norm)
+            values = stacked.tolist()  # the step's one host sync
         except torch.OutOfMemoryError:
             raise TrainingError(oom_message(self.cfg, self.device, f"step {step.number}")) from None
         except RuntimeError as e:
@@ -328,10 +404,12 @@ class Loop:
         self.metrics.step_done(time.perf_counter() - start)
         self.grad_norm = float(grad_norm)
         self.step = step.number
-        self.tokens += sum(b.tokens for b in batches)
+        self.tokens += step_tokens
         self.history.losses.append(sum(values))
-        self.history.tokens.append(sum(b.tokens for b in batches))
-        self.history.packed.append(sum(b.length for b in batches))
+        self.history.tokens.append(step_tokens)
+        self.history.packed.append(
+            sum(self._packed_over_ranks(rows) for rows in step.micro_batches)
+        )
         return sum(values)
 
     @torch.no_grad()
@@ -344,23 +422,37 @@ class Loop:
         size = self.cfg.train.batch_size
         weighted, count = [], 0
         for first in range(0, rows, size):
-            batch = self._pack(self.eval_rows, list(range(first, min(first + size, rows))))
+            indices = list(range(first, min(first + size, rows)))
+            items = max(self._counts(self.eval_rows, indices)[0], 1)  # the global batch's
+            here, scale = self._share(indices)
+            batch = self._pack(self.eval_rows, here)
             with self._autocast():
                 total = forward_loss(self.causal_lm, batch.to(self.device), self.use_flex)
-            weighted.append(total / max(batch.loss_targets.numel(), 1) * batch.rows)
-            count += batch.rows
+            weighted.append(total * scale / items * len(indices))
+            count += len(indices)
         self.model.train()
-        return (torch.stack(weighted).sum() / count).item()
+        mean = torch.stack(weighted).sum()
+        if self.info.distributed:
+            torch.distributed.all_reduce(mean)
+        return (mean / count).item()
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints: adapter (PEFT format), optimizer, scheduler, RNG, step; marker last.
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/checkpoint-<step>`` and mark it complete."""
+        """Write ``checkpoints/checkpoint-<step>`` and mark it complete (rank 0; a sharded
+        model's LoRA tensors and optimizer state are gathered whole first, on every rank)."""
         folder = self.run_dir / "checkpoints" / f"checkpoint-{self.step}"
+        adapter = full_adapter_state(self.model) if self.sharded else None
+        optimizer = self._optimizer_state()
+        if not self.info.is_main:
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder)
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        if adapter is None:
+            self.model.save_pretrained(folder)
+        else:
+            self.model.save_pretrained(folder, state_dict=adapter)
+        torch.save(optimizer, folder / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(_rng_state(), folder / "rng_state.pth")
         state = {"step": self.step, "tokens": self.tokens, "engine": "mxlora"}
@@ -376,12 +468,85 @@ class Loop:
         if not state_file.is_file():
             raise TrainingError(f"--resume: {folder} was not written by train.engine=mxlora")
         state = json.loads(state_file.read_text())
-        self.model.load_adapter(str(folder), self.model.active_adapter, is_trainable=True)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            load_full_adapter_state(self.model, folder)
+            set_optimizer_state_dict(
+                self.model,
+                self.optimizer,
+                optimizer,
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.model.load_adapter(str(folder), self.model.active_adapter, is_trainable=True)
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         # Our own file: numpy's RNG state is not a plain tensor, hence weights_only=False.
         _set_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
         self.step, self.tokens = state["step"], state["tokens"]
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state (the same on every rank in data parallel); sharded, the full
+        state gathered to rank 0 (keyed by parameter name: it loads back at any rank count)."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective), a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) tensors of a FSDP2-sharded PEFT model, whole, on every rank (each
+    gathered with ``DTensor.full_tensor``; the frozen weights are never gathered), by their
+    state-dict names: what ``PeftModel.save_pretrained(state_dict=...)`` takes."""
+    return {n: _full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_full_adapter_state(model: torch.nn.Module, folder: Path) -> None:
+    """Load the adapter saved in ``folder`` into the LoRA parameters of a FSDP2-sharded PEFT
+    model: each rank keeps its shard of each whole tensor."""
+    from peft.utils import load_peft_weights
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    saved = load_peft_weights(str(folder), device="cpu")
+    tag = f".{model.active_adapter}"
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = name.replace(tag, "")  # PEFT saves the names without the adapter's
+        if key not in saved:
+            raise TrainingError(f"--resume: {folder} holds no {key}")
+        value = saved[key].to(param.device, param.dtype)
+        with torch.no_grad():
+            if isinstance(param, DTensor):
+                param.copy_(distribute_tensor(value, param.device_mesh, param.placements))
+            else:
+                param.copy_(value)
 
 
 def _rng_state() -> dict[str, Any]:

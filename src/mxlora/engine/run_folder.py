@@ -118,13 +118,19 @@ def rotate_checkpoints(folder: Path, keep: int | None) -> list[Path]:
     return old
 
 
-def save_adapter(model: torch.nn.Module, dest: Path) -> None:
+def save_adapter(
+    model: torch.nn.Module, dest: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write the PEFT adapter so that ``dest`` is either absent or complete, never partial.
 
     It is written into a temp folder beside ``dest`` and renamed into place in one step.
+    ``state_dict``: the adapter's tensors when the model's own are shards (FSDP2), gathered.
     """
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if state_dict is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict)
     fsync_tree(tmp)
     swap_in(tmp, dest)

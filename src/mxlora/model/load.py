@@ -1,5 +1,9 @@
 """Load a gpt-oss checkpoint (Hub id, local folder or the locally built tiny one) for training.
 
+``random:120b`` (``random:20b``, ``random:CONFIG.json``, ``,seed=N``) names no checkpoint: the
+model is generated with random weights straight into device memory
+(:func:`mxlora.mxfp4.load.random_mxfp4_model`), for measuring full-size models without their files.
+
 The expert holding mode decides how the MXFP4 expert weights land in memory:
 
 - ``dequantize-bf16``: the seed notebook's path, ``Mxfp4Config(dequantize=True)``: transformers
@@ -23,7 +27,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
 
 from mxlora.config import ConfigError, DtypeName, ModelConfig, from_dict
-from mxlora.mxfp4.load import is_mxfp4, load_mxfp4_model
+from mxlora.model.random import RandomSpec, parse_random
+from mxlora.mxfp4.load import is_mxfp4, load_mxfp4_model, random_mxfp4_model
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +169,9 @@ def load_weights(cfg: ModelConfig, device: torch.device | str | None = None) -> 
         ConfigError: a malformed ``tiny:...`` spec.
     """
     device = torch.device(device) if device is not None else default_device()
+    random = parse_random(cfg.name_or_path)
+    if random is not None:
+        return _make_random(cfg, random, device)
     path = resolve_model_path(cfg.name_or_path)
     config = read_config(path)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -228,12 +236,56 @@ def _load_mxfp4(
         raise ModelLoadError(f"model {path}: cannot load ({_first_line(e)})") from None
 
 
+def _make_random(cfg: ModelConfig, spec: RandomSpec, device: torch.device) -> torch.nn.Module:
+    """``random:...``: the model generated in place on ``device`` (MXFP4 experts only)."""
+    if resolve_experts(cfg.experts, _config_object(spec.config)) != "mxfp4":
+        raise ModelLoadError(
+            f"model {cfg.name_or_path}: is generated with MXFP4 experts in memory; "
+            f"experts: {cfg.experts} needs a checkpoint (write one with mxlora make-random)"
+        )
+    if cfg.experts_implementation is not None:
+        log.info("model.experts_implementation is ignored with experts: mxfp4")
+    return random_mxfp4_model(
+        spec.config,
+        seed=spec.seed,
+        dtype=resolve_dtype(cfg.dtype, device),
+        device=device,
+        attn_implementation=cfg.attn_implementation,
+        name=cfg.name_or_path,
+    )
+
+
+def _config_object(config: dict[str, Any]) -> Any:
+    from transformers import GptOssConfig
+
+    return GptOssConfig.from_dict(config)
+
+
+def checkpoint_config(name_or_path: str) -> dict[str, Any]:
+    """The ``config.json`` dict of a model spec (folder, Hub id in the cache, ``tiny:``,
+    ``random:``).
+
+    Raises:
+        ModelLoadError: no readable gpt-oss config.
+        ConfigError: a malformed ``tiny:``/``random:`` spec.
+    """
+    random = parse_random(name_or_path)
+    if random is not None:
+        return random.config
+    return read_config(resolve_model_path(name_or_path)).to_dict()
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The checkpoint's own tokenizer (every gpt-oss folder, tiny ones included, carries it).
 
     Raises:
         ModelLoadError: the folder or Hub id has no readable tokenizer.
     """
+    if parse_random(cfg.name_or_path) is not None:
+        # Every gpt-oss uses the same tokenizer (o200k_harmony), the one checkpoints ship.
+        from mxlora.model.tokenizer import ensure_tokenizer
+
+        return AutoTokenizer.from_pretrained(ensure_tokenizer())
     path = resolve_model_path(cfg.name_or_path)
     read_config(path)  # the clear errors for a missing or non-gpt-oss path
     try:

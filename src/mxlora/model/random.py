@@ -78,6 +78,60 @@ def resolve_config(spec: str | Path) -> dict[str, Any]:
     return config
 
 
+#: ``model.name_or_path`` values starting with this word name a model made in memory.
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """A ``random:CONFIG[,seed=N]`` model: random weights generated on the training device.
+
+    Attributes:
+        config: the gpt-oss ``config.json`` dict (see :func:`resolve_config`).
+        seed: random seed of the weights.
+    """
+
+    config: dict[str, Any]
+    seed: int = 0
+
+
+def parse_random(name_or_path: str) -> RandomSpec | None:
+    """``random:120b``, ``random:gpt-oss-20b,seed=3``, ``random:path/config.json`` -> the spec.
+
+    CONFIG is what ``make-random --config`` takes (``20b``, ``120b``, a gpt-oss ``config.json``
+    path), ``gpt-oss-`` prefix allowed. Anything not starting with ``random:`` -> None.
+
+    Raises:
+        ConfigError: naming ``model.name_or_path``: no config, an unknown key, a bad seed, or a
+            config :func:`resolve_config` refuses.
+    """
+    from mxlora.config import ConfigError
+
+    head, sep, rest = name_or_path.partition(":")
+    if head != RANDOM or not sep:
+        return None
+    where = "model.name_or_path"
+    name, *options = (part.strip() for part in rest.split(","))
+    if not name:
+        raise ConfigError(
+            f"{where}: expected random:20b|120b|CONFIG.json[,seed=N], got {name_or_path!r}"
+        )
+    seed = 0
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key.strip() != "seed" or not eq or not value.strip().isdigit():
+            raise ConfigError(
+                f"{where}: {name_or_path!r}: expected seed=N after the config, got {option!r}"
+            )
+        seed = int(value)
+    try:
+        short = name.removeprefix("gpt-oss-")
+        config = resolve_config(short if short in NAMED_CONFIGS else name)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {name_or_path!r}: {e}") from None
+    return RandomSpec(config, seed)
+
+
 @dataclass
 class RandomCheckpoint:
     """What :func:`make_random` wrote.

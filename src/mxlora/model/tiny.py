@@ -49,6 +49,9 @@ _SINK_STD = 1.0
 # Spread (std of log2) of the per-block gain on expert weights: scales then span a few powers of
 # two instead of all sitting at the same exponent.
 _EXPERT_BLOCK_LOG2_GAIN_STD = 1.0
+# e8m0 code of the scale quantize_mxfp4 gives a block of 32 N(0, _STD) values (2^-7: 127 - 7),
+# the centre of the scales drawn by random_packed_expert.
+_PACKED_SCALE_EXPONENT = 120
 
 
 @dataclass(frozen=True)
@@ -135,20 +138,33 @@ def tiny_config(spec: TinySpec) -> dict[str, Any]:
 
 
 def random_weights(
-    config: dict[str, Any], seed: int, *, mxfp4: bool = True, device: torch.device | str = "cpu"
+    config: dict[str, Any],
+    seed: int,
+    *,
+    mxfp4: bool = True,
+    quantize: bool = True,
+    device: torch.device | str = "cpu",
 ) -> Iterator[tuple[str, Tensor]]:
     """Random gpt-oss weights for ``config``, one ``(name, tensor)`` at a time, Hub names/dtypes.
 
-    Yields one layer's tensors at a time, so a caller can write shards of a full-size model
-    without holding it. Deterministic in ``(seed, name)`` for a given device type.
+    Yields one tensor at a time, so a caller can write shards of a full-size model, or fill a
+    model in place, without holding the model twice. Deterministic in ``(seed, name)`` for a
+    given device type.
 
     Args:
         config: a gpt-oss ``config.json`` dict.
         seed: random seed.
         mxfp4: expert weights as ``*_blocks``/``*_scales`` (uint8); else bf16 ``gate_up_proj``
             ``[E, hidden, 2*inter]`` / ``down_proj [E, inter, hidden]``, as transformers holds them.
+        quantize: MXFP4 experts quantized from normal weights (a float copy of one expert tensor
+            exists while it is made: 8.5 GB for a 120b one); ``False`` draws the packed bytes and
+            scales directly (:func:`random_packed_expert`: no float weight, a fraction of the
+            time and memory), what building a full-size model in device memory needs. Only
+            with ``mxfp4``.
         device: where to generate (tensors are yielded there).
     """
+    if not (quantize or mxfp4):
+        raise ValueError("quantize=False draws packed MXFP4 experts: it needs mxfp4=True")
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     q_width = config["num_attention_heads"] * config["head_dim"]
     kv_width = config["num_key_value_heads"] * config["head_dim"]
@@ -156,7 +172,8 @@ def random_weights(
 
     def normal(name: str, *shape: int, std: float = _STD, mean: float = 0.0) -> Tensor:
         gen = torch.Generator(device).manual_seed(_tensor_seed(seed, name))
-        values = torch.randn(*shape, generator=gen, device=device) * std + mean
+        # In place: one float32 temporary (2.3 GB for the embedding table), same values.
+        values = torch.randn(*shape, generator=gen, device=device).mul_(std).add_(mean)
         return values.to(torch.bfloat16)
 
     yield "model.embed_tokens.weight", normal("model.embed_tokens.weight", vocab, hidden)
@@ -187,7 +204,8 @@ def random_weights(
             ("down_proj", hidden, inter),
         ):
             name = p + "mlp.experts." + proj
-            blocks, scales = _random_expert_weight(name, seed, (n_exp, out_dim, in_dim), device)
+            make = _random_expert_weight if quantize else random_packed_expert
+            blocks, scales = make(name, seed, (n_exp, out_dim, in_dim), device)
             if mxfp4:
                 yield name + "_blocks", blocks
                 yield name + "_scales", scales
@@ -213,6 +231,34 @@ def _random_expert_weight(
     log2_gain = torch.randn(*gain_shape, generator=gen, device=device) * _EXPERT_BLOCK_LOG2_GAIN_STD
     w = (w.view(gain_shape[:-1] + (BLOCK_SIZE,)) * torch.exp2(log2_gain)).view(shape)
     return quantize_mxfp4(w)
+
+
+def random_packed_expert(
+    name: str, seed: int, shape: tuple[int, int, int], device: torch.device | str
+) -> tuple[Tensor, Tensor]:
+    """MXFP4 ``(blocks, scales)`` for an expert weight ``[E, out, in]`` drawn packed.
+
+    Every byte uniform (each e2m1 code equally likely: values of RMS 2.9 times the block scale)
+    and the block exponents those of :func:`_random_expert_weight`: what ``quantize_mxfp4``
+    gives 32 draws of N(0, 0.02), ``2^(floor(log2(max|w|)) - 2)`` with ``max|w|`` near 2.1
+    sigma, i.e. ``2^-7``, times the same random power-of-two gain per block. The weights then
+    have the magnitude of the quantized ones (RMS about 0.02 before the gain), without a float
+    copy of the tensor ever existing.
+    """
+    gen = torch.Generator(device).manual_seed(_tensor_seed(seed, name))
+    n_exp, out_dim, in_dim = shape
+    groups = in_dim // BLOCK_SIZE
+    blocks = torch.randint(
+        0,
+        256,
+        (n_exp, out_dim, groups, BLOCK_SIZE // 2),
+        generator=gen,
+        device=device,
+        dtype=torch.uint8,
+    )
+    log2_gain = torch.randn(n_exp, out_dim, groups, generator=gen, device=device)
+    exponent = log2_gain.mul_(_EXPERT_BLOCK_LOG2_GAIN_STD).round_().add_(_PACKED_SCALE_EXPONENT)
+    return blocks, exponent.clamp_(0, 254).to(torch.uint8)
 
 
 def make_tiny(out: Path, spec: TinySpec) -> Path:

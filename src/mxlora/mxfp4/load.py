@@ -12,13 +12,18 @@ the model.
 :func:`load_mxfp4_adapter` loads a PEFT adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes it on the dequantized model
 or here) into such a model.
+
+:func:`random_mxfp4_model` builds the same model with random weights drawn on the device, tensor
+by tensor, in place of a checkpoint (``model.name_or_path: random:120b``): a full-size model for
+measurements without the disk or host memory to hold its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -64,6 +69,9 @@ def load_mxfp4_model(
 ) -> PreTrainedModel:
     """A gpt-oss model whose experts stay MXFP4, everything else in ``dtype``.
 
+    The checkpoint streams to ``device`` one tensor at a time (each shard memory-mapped while it
+    is read): the host never holds the model, whatever its size.
+
     Args:
         name_or_path: a checkpoint folder in the Hub layout (``config.json``, ``model.safetensors``
             or sharded with ``model.safetensors.index.json``), or a Hub id (see
@@ -81,27 +89,113 @@ def load_mxfp4_model(
             misshapen.
     """
     path = local_checkpoint(name_or_path)
-    device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "gpt_oss" or not is_mxfp4(config):
         raise ValueError(f"{path}: not a gpt-oss checkpoint with MXFP4 experts")
+    model = mxfp4_model_from_tensors(
+        config,
+        _checkpoint_tensors(path),
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        where=str(path),
+    )
+    # As from_pretrained: the name given (a Hub id stays a Hub id in adapter configs).
+    model.name_or_path = model.config.name_or_path = str(name_or_path)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def random_mxfp4_model(
+    config: dict[str, Any],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "eager",
+    name: str = "random",
+) -> PreTrainedModel:
+    """A gpt-oss model with random weights made in place on ``device``, experts in MXFP4.
+
+    What :func:`load_mxfp4_model` builds from a checkpoint of ``config``'s shape, with the
+    tensors drawn on ``device`` one at a time instead of read (the generators of ``make-tiny``
+    and ``make-random``, :func:`mxlora.model.tiny.random_weights`, with the experts drawn as
+    packed bytes and plausible e8m0 scales, :func:`mxlora.model.tiny.random_packed_expert`).
+    Nothing of
+    the model passes through host memory and nothing is written to disk: a full-size gpt-oss-120b
+    (~61 GB) exists only on the device. Speed and memory of training do not depend on the values.
+
+    Args:
+        config: a gpt-oss ``config.json`` dict with an MXFP4 ``quantization_config``.
+        seed: random seed (values depend on it, the tensor name and the device type).
+        dtype: dtype of everything but the packed experts.
+        device: where the model is made.
+        attn_implementation: transformers' attention backend.
+        name: the model's ``name_or_path`` (what adapter configs record as the base).
+
+    Returns:
+        The ``GptOssForCausalLM`` in eval mode, no gradients.
+    """
+    from transformers import GptOssConfig
+
+    from mxlora.model.configs import GPT_OSS_GENERATION_CONFIG
+    from mxlora.model.tiny import random_weights
+
+    hf_config = GptOssConfig.from_dict(config)
+    if not is_mxfp4(hf_config):
+        raise ValueError(f"{name}: the config has no MXFP4 quantization_config")
+    tensors = random_weights(config, seed, mxfp4=True, quantize=False, device=device)
+    model = mxfp4_model_from_tensors(
+        hf_config,
+        tensors,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        where=name,
+    )
+    model.name_or_path = model.config.name_or_path = name
+    model.generation_config = GenerationConfig.from_dict(GPT_OSS_GENERATION_CONFIG)
+    return model
+
+
+def mxfp4_model_from_tensors(
+    config: PretrainedConfig,
+    tensors: Iterable[tuple[str, Tensor]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    attn_implementation: str,
+    where: str,
+) -> PreTrainedModel:
+    """Build the model on the meta device and move each ``(name, tensor)`` into it, in turn.
+
+    ``tensors`` are the checkpoint's, with the Hub's names; packed ones keep their dtype, float
+    ones are cast to ``dtype``. Each goes to ``device`` as it comes, so memory outside the model
+    is one tensor (plus what ``tensors`` itself holds, e.g. a mapped shard).
+
+    Raises:
+        ValueError: a tensor unexpected, misshapen or missing, naming ``where``.
+    """
+    device = torch.device(device)
     model = mxfp4_skeleton(config, dtype, attn_implementation, resolve_backend(device))
     expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()
-    for name, tensor in _checkpoint_tensors(path):
+    for name, tensor in tensors:
         target = expected.get(name)
         if target is None:
-            raise ValueError(f"{path}: unexpected tensor {name}")
+            raise ValueError(f"{where}: unexpected tensor {name}")
         if tuple(tensor.shape) != tuple(target.shape):
             raise ValueError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                f"{where}: {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
             )
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        del tensor  # a host copy goes now, not when the next one has been read
         _set_tensor(model, name, value)
         loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
-        raise ValueError(f"{path}: tensors missing from the checkpoint: {missing[:8]}")
+        raise ValueError(f"{where}: tensors missing from the checkpoint: {missing[:8]}")
 
     # Non-persistent buffers (the rotary frequencies) are computed, not stored: build them now.
     for name, module in list(model.named_modules()):
@@ -110,12 +204,7 @@ def load_mxfp4_model(
             setattr(model.get_submodule(parent_name), child, type(module)(model.config).to(device))
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
-        raise ValueError(f"{path}: tensors left unset: {on_meta[:8]}")
-
-    # As from_pretrained: the name given (a Hub id stays a Hub id in adapter configs).
-    model.name_or_path = model.config.name_or_path = str(name_or_path)
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+        raise ValueError(f"{where}: tensors left unset: {on_meta[:8]}")
     model.requires_grad_(False)
     return model.eval()
 

@@ -120,11 +120,20 @@ class Variant:
         overrides: ``key=value`` training-config overrides, e.g.
             ``model.attn_implementation=flex_attention``.
         note: one line saying what the variant is, printed under the table.
+        gpus: processes (one per GPU) the variant's child runs in, under torchrun: each
+            workload's ``batch`` is then per GPU (the global batch is ``batch * gpus`` rows),
+            tokens/s are global, peak memory the largest of any GPU. Data parallel, or FSDP2
+            with the override ``train.fsdp=true``.
     """
 
     name: str
     overrides: list[str] = field(default_factory=list)
     note: str = ""
+    gpus: int = 1
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise ConfigError(f"variants.{self.name}.gpus: must be >= 1, got {self.gpus}")
 
 
 @dataclass
@@ -133,7 +142,8 @@ class BenchConfig:
 
     Attributes:
         name: results are written to ``<results>/<name>.json`` and ``.md``.
-        model: checkpoint folder (or Hub id, or ``tiny:...``) every variant loads.
+        model: checkpoint folder (or Hub id, ``tiny:...``, or ``random:120b``: generated in
+            device memory by each variant, no files) every variant loads.
         make_random: if ``model`` is a folder without a checkpoint, build it first with
             ``mxlora make-random`` from this config (``20b``, ``120b`` or a config.json path).
         variants: measured in order; the first is the baseline of the ratio column.
@@ -229,7 +239,7 @@ def run_bench(bench: BenchConfig, only: list[str] | None = None, command: str = 
             raise BenchError(f"setup failed: {result['setup']['error']}")
         for variant in variants:
             job = {"kind": "variant", "bench": to_dict(bench), "variant": variant.name}
-            out = _run_child(job, Path(scratch))
+            out = _run_child(job, Path(scratch), variant.gpus)
             rows = out.get("rows") or [
                 {"variant": variant.name, "workload": w.name, "error": out.get("error")}
                 for w in bench.workloads
@@ -242,17 +252,25 @@ def run_bench(bench: BenchConfig, only: list[str] | None = None, command: str = 
     return result
 
 
-def _run_child(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
-    """Run ``job`` in a fresh Python process; its JSON answer, or ``{"error": ...}``."""
+def _run_child(job: dict[str, Any], scratch: Path, gpus: int = 1) -> dict[str, Any]:
+    """Run ``job`` in a fresh Python process (``gpus`` > 1: that many under torchrun, rank 0
+    answers); its JSON answer, or ``{"error": ...}``."""
+    from mxlora.distributed import LAUNCHER_ENV, torchrun_command
+
     tag = job.get("variant") or job["kind"]
     job_path, out_path = scratch / f"{tag}.job.json", scratch / f"{tag}.out.json"
     job_path.write_text(json.dumps(job))
     out_path.unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mxlora.recipes.bench", str(job_path), str(out_path)], env=env
-    )
+    argv = [str(job_path), str(out_path)]
+    if gpus > 1:
+        for name in LAUNCHER_ENV:  # a fresh job, not a member of one this process is in
+            env.pop(name, None)
+        cmd = torchrun_command(gpus, argv, module="mxlora.recipes.bench")
+    else:
+        cmd = [sys.executable, "-m", "mxlora.recipes.bench", *argv]
+    proc = subprocess.run(cmd, env=env)
     if out_path.is_file():
         return json.loads(out_path.read_text())
     return {"error": f"child process for {tag} exited with code {proc.returncode} and no result"}
@@ -356,8 +374,16 @@ def _child_main(job_path: str, out_path: str) -> int:
     if job["kind"] == "setup":
         out = setup_job(bench)
     else:
+        from mxlora.distributed import setup, teardown
+
         (variant,) = [v for v in bench.variants if v.name == job["variant"]]
-        out = variant_job(bench, variant)
+        info = setup()  # several processes when the parent started it under torchrun
+        try:
+            out = variant_job(bench, variant, info)
+        finally:
+            teardown(info)
+        if not info.is_main:
+            return 0
     Path(out_path).write_text(json.dumps(out))
     return 0
 
@@ -367,7 +393,7 @@ def setup_job(bench: BenchConfig) -> dict[str, Any]:
     import torch
 
     from mxlora.model.configs import parameter_counts
-    from mxlora.model.load import default_device, resolve_dtype, resolve_model_path
+    from mxlora.model.load import checkpoint_config, default_device, resolve_dtype
     from mxlora.report.writer import environment
 
     device = default_device()
@@ -384,9 +410,7 @@ def setup_job(bench: BenchConfig) -> dict[str, Any]:
         print(f"bench: make-random took {done.seconds:.0f} s", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    path = Path(resolve_model_path(bench.model))
-    config = json.loads((path / "config.json").read_text())
-    counts = parameter_counts(config)
+    counts = parameter_counts(checkpoint_config(bench.model))
     out.update(total_params=counts["total"], active_params=counts["active"])
     dtype = resolve_dtype(variant_config(bench, bench.variants[0]).model.dtype, device)
     out["matmul_dtype"] = str(dtype).removeprefix("torch.")
@@ -421,16 +445,19 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def variant_job(bench: BenchConfig, variant: Variant) -> dict[str, Any]:
-    """Load the model as ``variant`` says, attach LoRA, time every workload."""
+def variant_job(bench: BenchConfig, variant: Variant, info=None) -> dict[str, Any]:
+    """Load the model as ``variant`` says, attach LoRA, time every workload (``info``: this
+    process's place in the variant's torchrun job, when ``gpus`` > 1)."""
     import torch
     from transformers import set_seed
 
+    from mxlora.distributed import DistInfo
     from mxlora.model.load import default_device, load_model
     from mxlora.model.lora import apply_lora
 
     cfg = variant_config(bench, variant)
-    device = default_device()
+    info = info or DistInfo(device=default_device())
+    device = info.device if info.distributed else default_device()
     print(f"bench: {variant.name}: loading {bench.model}", flush=True)
     start = time.perf_counter()
     try:
@@ -458,7 +485,8 @@ def variant_job(bench: BenchConfig, variant: Variant) -> dict[str, Any]:
     for workload in bench.workloads:
         row = {"variant": variant.name, "workload": workload.name, **backends}
         try:
-            row.update(time_workload(model, tokenizer, cfg, bench, workload, device))
+            row.update(time_workload(model, tokenizer, cfg, bench, workload, device, info))
+            row["gpus"] = info.world_size
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
         except Exception as e:  # record and go on with the next workload
@@ -503,12 +531,23 @@ def workload_dataset(workload: Workload, tokenizer: Any, max_len: int, rows: int
 
 
 def time_workload(
-    model, tokenizer, cfg: TrainingConfig, bench: BenchConfig, workload: Workload, device
+    model, tokenizer, cfg: TrainingConfig, bench: BenchConfig, workload: Workload, device, info=None
 ) -> dict[str, Any]:
-    """Train ``workload`` with mxlora train's engine for ``cfg``; the figures."""
+    """Train ``workload`` with mxlora train's engine for ``cfg``; the figures.
+
+    Under torchrun (``info``, a variant's ``gpus``) ``workload.batch`` rows per process: the
+    global batch is ``batch * world_size`` rows, tokens are global, the memory peaks the
+    largest of any process.
+    """
     import torch
 
+    from mxlora.distributed import DistInfo
     from mxlora.report.metrics import peak_device_gb
+
+    info = info or DistInfo(device=device)
+    if info.world_size > 1 and cfg.train.engine != "mxlora":
+        raise BenchError("gpus > 1 needs train.engine=mxlora")
+    workload = dataclasses.replace(workload, batch=workload.batch * info.world_size)
 
     if workload.epoch:
         warmup, steps = 0, None
@@ -531,8 +570,10 @@ def time_workload(
         torch.cuda.reset_peak_memory_stats(device)
     timed = _time_mxlora if cfg.train.engine == "mxlora" else _time_trl
     with tempfile.TemporaryDirectory(prefix="mxlora-bench-run-") as run_dir:
-        times, tokens, padded, loss, extra = timed(model, tokenizer, cfg, dataset, device, run_dir)
-    peak_alloc, peak_reserved = peak_device_gb(device)
+        times, tokens, padded, loss, extra = timed(
+            model, tokenizer, cfg, dataset, device, run_dir, info
+        )
+    peak_alloc, peak_reserved = _max_over_ranks(peak_device_gb(device), info)
     steps = len(times) if steps is None else steps
     if len(times) != warmup + steps:
         raise BenchError(f"{workload.name}: timed {len(times)} steps, expected {warmup + steps}")
@@ -553,7 +594,20 @@ def time_workload(
     }
 
 
-def _time_mxlora(model, tokenizer, cfg, dataset, device, run_dir):
+def _max_over_ranks(
+    values: tuple[float | None, float | None], info
+) -> tuple[float | None, float | None]:
+    """The largest of each value over the job's processes (per-GPU memory peaks)."""
+    if not info.distributed or values[0] is None:
+        return values
+    import torch
+
+    box = torch.tensor(values, dtype=torch.float64, device=info.device)
+    torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+    return tuple(box.tolist())
+
+
+def _time_mxlora(model, tokenizer, cfg, dataset, device, run_dir, info=None):
     """mxlora's loop, each step's time and tokens recorded as it reports them."""
     from mxlora.engine.loop import Loop
     from mxlora.model.load import resolve_dtype
@@ -569,6 +623,8 @@ def _time_mxlora(model, tokenizer, cfg, dataset, device, run_dir):
         dtype=resolve_dtype(cfg.model.dtype, device),
         metrics=recorder,
         run_dir=Path(run_dir),
+        info=info,
+        sharded=cfg.train.fsdp,
     )
     result = loop.run()
     extra = {
@@ -579,7 +635,7 @@ def _time_mxlora(model, tokenizer, cfg, dataset, device, run_dir):
     return recorder.times, loop.history.tokens, loop.history.packed, loss, extra
 
 
-def _time_trl(model, tokenizer, cfg, dataset, device, run_dir):
+def _time_trl(model, tokenizer, cfg, dataset, device, run_dir, info=None):
     """TRL's SFTTrainer as mxlora train builds it, timed by a callback."""
     from transformers import PrinterCallback
 

@@ -53,6 +53,7 @@ from mxlora.config import (
 )
 from mxlora.data import PreparedData, prepare_data
 from mxlora.data.prepare import describe_data
+from mxlora.distributed import DistInfo, barrier, launched, on_main, relaunch, setup, teardown
 from mxlora.engine.memory import use_gradient_checkpointing
 from mxlora.engine.run_folder import (
     COMPLETE_MARKER,
@@ -170,7 +171,12 @@ class EngineStats:
     compiled: bool
 
 
-def train(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def train(
+    cfg: TrainingConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    info: DistInfo | None = None,
+) -> Path:
     """Fine-tune with LoRA as ``cfg`` says and write the run folder.
 
     Args:
@@ -179,6 +185,8 @@ def train(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) ->
             run is left as it is.
         overwrite: replace an existing run folder of the same name (only once the new run has
             a complete checkpoint).
+        info: this process's place in a multi-process job (default:
+            :func:`mxlora.distributed.setup`: one process unless a launcher started this one).
 
     Returns:
         The run folder.
@@ -193,7 +201,7 @@ def train(cfg: TrainingConfig, resume: bool = False, overwrite: bool = False) ->
     if resume and is_finished(run_dir):
         log.info("%s finished already (report.json is written): nothing to resume", run_dir)
         return run_dir
-    return fit(cfg, resume, overwrite).run_dir
+    return fit(cfg, resume, overwrite, info=info).run_dir
 
 
 def fit(
@@ -201,6 +209,7 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    info: DistInfo | None = None,
 ) -> TrainResult:
     """:func:`train`, also handing back the trained model in memory (for tests and notebooks).
 
@@ -208,20 +217,32 @@ def fit(
     complete checkpoint (see :func:`open_run_folder`); a failure before that leaves an earlier
     run of the same name untouched.
 
+    Under a launcher (torchrun, ``accelerate launch``, ``mxlora train --nproc N``) every process
+    trains on its share of each global batch of ``train.batch_size`` rows (the mxlora engine's
+    data parallel, or FSDP2 with ``train.fsdp``), and rank 0 alone writes the run folder; its
+    stop decision (Ctrl-C, ``should_stop``) is every rank's.
+
     Args:
         cfg: the full training config.
         resume: continue from the newest complete checkpoint in the run folder.
         overwrite: replace an existing run folder of the same name.
-        should_stop: checked after every optimizer step; when it returns True a complete
-            checkpoint is written and training stops (``TrainResult.stopped``).
+        should_stop: checked after every optimizer step (rank 0's answer counts); when it
+            returns True a complete checkpoint is written and training stops
+            (``TrainResult.stopped``).
+        info: this process's place in a multi-process job (default: :func:`setup`).
     """
     wall_start = time.perf_counter()
-    with StopRequests() as stops, open_run_folder(cfg, resume, overwrite) as folder:
+    info = info or setup()
+    check_processes(cfg, info)
+    with StopRequests() as stops, open_run_folder_on_main(cfg, resume, overwrite, info) as folder:
         run_dir = folder.path  # where this process writes (the staging folder, then a link)
-        log.info("%s", describe_config(cfg))
+        main = info.is_main
+        if main:
+            log.info("%s", describe_config(cfg))
         tokenizer = load_tokenizer(cfg.model)
-        device = default_device()
-        write_json(run_dir / "environment.json", environment(device))
+        device = info.device if info.distributed else default_device()
+        if main:
+            write_json(run_dir / "environment.json", environment(device))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         check_trackers(cfg.train.report_to)  # a missing package fails before the long model load
@@ -231,7 +252,8 @@ def fit(
             data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
         except ValueError as e:  # the data module's errors name the field or the bad row
             raise TrainingError(str(e)) from None
-        log.info("%s", describe_data(data.report))
+        if main:
+            log.info("%s", describe_data(data.report))
 
         # Model: the LoRA initialisation draws from the global RNG, hence the seed first.
         load_start = time.perf_counter()
@@ -245,7 +267,8 @@ def fit(
         set_seed(cfg.train.seed)
         model = apply_lora(model, cfg.lora)
         trainable, total = count_parameters(model)
-        log.info("%s", describe_model(cfg, model, device, time.perf_counter() - load_start))
+        if main:
+            log.info("%s", describe_model(cfg, model, device, time.perf_counter() - load_start))
 
         # Train; Ctrl-C / SIGTERM from here on ends the current step and saves a checkpoint.
         dtype = resolve_dtype(cfg.model.dtype, device)
@@ -253,7 +276,7 @@ def fit(
         checkpoint = folder.checkpoint
         start_step = checkpoint_step(checkpoint) if checkpoint else 0
         trackers = open_trackers(
-            cfg.train.report_to, run_dir, cfg.output.name, to_dict(cfg), start_step
+            cfg.train.report_to if main else [], run_dir, cfg.output.name, to_dict(cfg), start_step
         )
         metrics = MetricsLog(
             run_dir / "metrics.jsonl",
@@ -263,6 +286,7 @@ def fit(
         )
         clock = RunClock(wall_start, metrics, _read_totals(checkpoint))
         run = Engine(cfg, model, tokenizer, data, device, dtype, metrics, run_dir, clock, folder)
+        run.info = info
         engine = run.trl if cfg.train.engine == "trl" else run.mxlora
 
         def stop() -> bool:
@@ -283,8 +307,17 @@ def fit(
             log.info("stopped after step %d; continue with --resume", stats.steps)
             return TrainResult(run_dir=folder.dest, model=model, data=data, stopped=True)
 
-        # Save.
-        save_adapter(model, run_dir / "adapter")
+        # Save: a sharded model's LoRA tensors are gathered whole (every rank takes part).
+        if cfg.train.fsdp:
+            from mxlora.engine.loop import full_adapter_state
+
+            adapter = full_adapter_state(model)
+        else:
+            adapter = None
+        if not main:
+            barrier(info)  # until rank 0 has written the adapter and the report
+            return TrainResult(run_dir=folder.dest, model=model, data=data)
+        save_adapter(model, run_dir / "adapter", adapter)
 
         # Report: times are summed over every process that trained this run (resumes).
         totals = clock.totals()
@@ -320,7 +353,26 @@ def fit(
         }
         write_report(run_dir, report)
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.output.name} loss")
+    barrier(info)
     return TrainResult(run_dir=folder.dest, model=model, data=data)
+
+
+def check_processes(cfg: TrainingConfig, info: DistInfo) -> None:
+    """Refuse what a multi-process job cannot do, naming the field.
+
+    Raises:
+        ConfigError: ``train.fsdp`` without a launcher, or ``train.engine: trl`` under one.
+    """
+    if cfg.train.fsdp and info.world_size < 2:
+        raise ConfigError(
+            "train.fsdp: shards the model over processes; start with --nproc N (N >= 2) or "
+            "under torchrun"
+        )
+    if info.world_size > 1 and cfg.train.engine != "mxlora":
+        raise ConfigError(
+            f"train.engine: {cfg.train.engine!r} trains in one process; --nproc / torchrun "
+            "need train.engine=mxlora"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +391,7 @@ class Engine:
         self.clock, self.folder = clock, folder
         self.has_eval = data.eval is not None and len(data.eval) > 0
         self.step, self.max_steps = 0, 0  # where training is, for an interrupt's message
+        self.info = DistInfo(device=device)  # fit sets the job's
 
     def progress(self) -> tuple[int, int]:
         """The last optimizer step done and the run's number of steps."""
@@ -366,6 +419,8 @@ class Engine:
             run_dir=self.run_dir,
             before_marker=self.write_totals,
             on_checkpoint=self.folder.publish,
+            info=self.info,
+            sharded=self.cfg.train.fsdp,
         )
         self.max_steps = len(loop.plan)
 
@@ -680,6 +735,23 @@ class RunFolder:
             self.staged.__exit__(exc_type, exc, tb)
 
 
+def open_run_folder_on_main(
+    cfg: TrainingConfig, resume: bool, overwrite: bool, info: DistInfo
+) -> RunFolder:
+    """:func:`open_run_folder` on rank 0; the other ranks get a :class:`RunFolder` that only
+    knows the checkpoint to resume from (they write nothing) or rank 0's error."""
+    if not info.distributed:
+        return open_run_folder(cfg, resume, overwrite)
+    opened: list[RunFolder] = []
+
+    def open_on_main() -> Path | None:
+        opened.append(open_run_folder(cfg, resume, overwrite))
+        return opened[0].checkpoint
+
+    checkpoint = on_main(open_on_main, info)
+    return opened[0] if opened else RunFolder(cfg.output.run_dir, None, checkpoint)
+
+
 def open_run_folder(cfg: TrainingConfig, resume: bool, overwrite: bool) -> RunFolder:
     """Check (resuming) or stage (new run) the run folder; see :class:`RunFolder`.
 
@@ -819,9 +891,40 @@ def config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``mxlora train CONFIG [key=value ...] [--overwrite]`` or
-    ``mxlora train --resume RUN_DIR [key=value ...]``."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """``mxlora train CONFIG [key=value ...] [--overwrite] [--nproc N]`` or
+    ``mxlora train --resume RUN_DIR [key=value ...] [--nproc N]``.
+
+    ``--nproc N`` (N > 1) re-runs the same command under torchrun with N processes on this
+    host; started by a launcher already (torchrun, ``accelerate launch``), the command trains
+    as one process of that job (rank 0 prints).
+    """
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        print("mxlora train: error: --nproc must be at least 1", file=sys.stderr)
+        return 2
+    if nproc > 1 and not launched() and not getattr(args, "dry_run", False):
+        return relaunch(nproc, relaunch_argv(args))
+    info = setup()
+    try:
+        return _train_cli(args, info)
+    finally:
+        teardown(info)
+
+
+def relaunch_argv(args: argparse.Namespace) -> list[str]:
+    """The ``mxlora`` arguments that run ``args``' training again (in each torchrun process)."""
+    argv = ["train", *([args.config] if args.config else []), *args.overrides]
+    if args.resume is not None:
+        argv += ["--resume", str(args.resume)]
+    if args.overwrite:
+        argv.append("--overwrite")
+    return argv
+
+
+def _train_cli(args: argparse.Namespace, info: DistInfo) -> int:
+    logging.basicConfig(
+        level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s"
+    )
     quiet_libraries(progress_bars=sys.stderr.isatty())
     resume = args.resume is not None
     try:
@@ -842,7 +945,9 @@ def cli_main(args: argparse.Namespace) -> int:
 
             print(format_dry_run(dry_run(cfg)))
             return 0
-        run_dir = train(cfg, resume=resume, overwrite=args.overwrite)
+        run_dir = train(cfg, resume=resume, overwrite=args.overwrite, info=info)
+        if not info.is_main:
+            return 0
     except (ConfigError, ModelLoadError, TrainingError) as e:
         print(f"mxlora train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
