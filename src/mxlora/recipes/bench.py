@@ -639,20 +639,11 @@ def _time_trl(model, tokenizer, cfg, dataset, device, run_dir, info=None):
     """TRL's SFTTrainer as mxlora train builds it, timed by a callback."""
     from transformers import PrinterCallback
 
-    from mxlora.engine.memory import use_gradient_checkpointing
     from mxlora.model.load import resolve_dtype
-    from mxlora.recipes.train import sft_config
+    from mxlora.recipes.train import padded_checkpointing, sft_config
 
     dtype = resolve_dtype(cfg.model.dtype, device)
-    longest = cfg.train.batch_size * max(len(ids) for ids in dataset["input_ids"])
-    checkpointing = use_gradient_checkpointing(
-        cfg.train.gradient_checkpointing,
-        model.get_base_model().config,
-        longest,
-        dtype,
-        device,
-        cfg.train.memory_budget_gb,
-    )
+    checkpointing = padded_checkpointing(cfg, model, dataset["input_ids"], dtype, device)
     timer = StepTimer(device)
     args = sft_config(cfg, Path(run_dir), dtype, False, False, checkpointing)
     trainer = _bench_trainer()(

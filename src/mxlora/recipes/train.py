@@ -443,15 +443,8 @@ class Engine:
         """TRL's SFTTrainer (the seed's step), with our metrics, checkpoints and NaN guard."""
         cfg, model, device, dtype = self.cfg, self.model, self.device, self.dtype
         show_bar = not self.metrics.print_lines
-        # Rows are padded to the batch's longest: the worst micro-batch is batch_size x longest.
-        longest = cfg.train.batch_size * max(len(ids) for ids in self.data.train["input_ids"])
-        checkpointing = use_gradient_checkpointing(
-            cfg.train.gradient_checkpointing,
-            model.get_base_model().config,
-            longest,
-            dtype,
-            device,
-            cfg.train.memory_budget_gb,
+        checkpointing = padded_checkpointing(
+            cfg, model, self.data.train["input_ids"], dtype, device
         )
         trainer = GuardedSFTTrainer(
             model=model,
@@ -538,6 +531,26 @@ def describe_model(
         f"{weights / GB:.2f} GB of weights, "
         f"{memory}); LoRA trains {trainable:,} of {total:,} parameters "
         f"({100 * trainable / total:.3f} %)"
+    )
+
+
+def padded_checkpointing(
+    cfg: TrainingConfig,
+    model: torch.nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> bool:
+    """``train.gradient_checkpointing`` resolved for TRL's padded batches, whose worst
+    micro-batch is ``batch_size`` rows of the longest row's length."""
+    longest = cfg.train.batch_size * max(len(ids) for ids in input_ids)
+    return use_gradient_checkpointing(
+        cfg.train.gradient_checkpointing,
+        model.get_base_model().config,
+        longest,
+        dtype,
+        device,
+        cfg.train.memory_budget_gb,
     )
 
 
