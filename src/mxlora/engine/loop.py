@@ -331,28 +331,27 @@ class Loop:
         loss = sum(sum(rows["completion_mask"][i][1:]) for i in indices)
         return loss, sum(len(rows["input_ids"][i]) for i in indices)
 
-    def _share(self, indices: list[int]) -> tuple[list[int], int]:
-        """This rank's rows of a global (micro-)batch and their weight (1). A batch with fewer
-        rows than ranks (an epoch's last) goes whole to rank 0; the others run one of its rows
-        at weight 0, so every rank joins the same collectives (FSDP2's gathers, the gradient
-        all-reduce) with gradients of the same layout."""
-        if self.info.world_size == 1:
+    def _share(self, indices: list[int], info: DistInfo | None = None) -> tuple[list[int], int]:
+        """A rank's rows of a global (micro-)batch and their weight (1); ``info``: which rank
+        (default this one). A batch with fewer rows than ranks (an epoch's last) goes whole to
+        rank 0; the others run one of its rows at weight 0, so every rank joins the same
+        collectives (FSDP2's gathers, the gradient all-reduce) with gradients of the same
+        layout."""
+        info = info or self.info
+        if info.world_size == 1:
             return indices, 1
-        if len(indices) < self.info.world_size:
-            return (indices, 1) if self.info.is_main else (indices[:1], 0)
-        return shard_batch(indices, self.info), 1
+        if len(indices) < info.world_size:
+            return (indices, 1) if info.is_main else (indices[:1], 0)
+        return shard_batch(indices, info), 1
 
     def _packed_over_ranks(self, indices: list[int]) -> int:
-        """Packed (bucketed) tokens of a micro-batch summed over the ranks' shares (on the
-        host: every rank holds every row)."""
+        """Packed (bucketed) tokens of a micro-batch summed over the ranks' weighted shares (on
+        the host: every rank holds every row)."""
         lengths = self.train_rows["input_ids"]
-        if self.info.world_size == 1:
-            return bucketed(sum(len(lengths[i]) for i in indices))
         total = 0
         for rank in range(self.info.world_size):
-            other = dataclasses.replace(self.info, rank=rank)
-            here = shard_batch(indices, other) if len(indices) >= other.world_size else indices
-            if rank == 0 or len(indices) >= other.world_size:
+            here, scale = self._share(indices, dataclasses.replace(self.info, rank=rank))
+            if scale:
                 total += bucketed(sum(len(lengths[i]) for i in here))
         return total
 

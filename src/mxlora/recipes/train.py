@@ -285,8 +285,9 @@ def fit(
             trackers=trackers,
         )
         clock = RunClock(wall_start, metrics, _read_totals(checkpoint))
-        run = Engine(cfg, model, tokenizer, data, device, dtype, metrics, run_dir, clock, folder)
-        run.info = info
+        run = Engine(
+            cfg, model, tokenizer, data, device, dtype, metrics, run_dir, clock, folder, info
+        )
         engine = run.trl if cfg.train.engine == "trl" else run.mxlora
 
         def stop() -> bool:
@@ -384,14 +385,13 @@ class Engine:
     with the run's times in them and publish a new run folder at the first one."""
 
     def __init__(
-        self, cfg, model, tokenizer, data, device, dtype, metrics, run_dir, clock, folder
+        self, cfg, model, tokenizer, data, device, dtype, metrics, run_dir, clock, folder, info
     ) -> None:
         self.cfg, self.model, self.tokenizer, self.data = cfg, model, tokenizer, data
         self.device, self.dtype, self.metrics, self.run_dir = device, dtype, metrics, run_dir
-        self.clock, self.folder = clock, folder
+        self.clock, self.folder, self.info = clock, folder, info
         self.has_eval = data.eval is not None and len(data.eval) > 0
         self.step, self.max_steps = 0, 0  # where training is, for an interrupt's message
-        self.info = DistInfo(device=device)  # fit sets the job's
 
     def progress(self) -> tuple[int, int]:
         """The last optimizer step done and the run's number of steps."""
