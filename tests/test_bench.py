@@ -189,7 +189,7 @@ def test_shipped_configs_load():
     assert default == variant_config(big, type(big.variants[0])(name="plain"))
     assert big.make_random == "20b" and big.steps == 1
     two = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-20b-2gpu.yaml")
-    assert [(v.name, v.gpus) for v in two.variants] == [("default", 1), ("default-2gpu", 2)]
+    assert [(v.name, v.gpus) for v in two.variants] == [("eager", 1), ("eager-2gpu", 2)]
     assert [(w.batch, w.length) for w in two.workloads] == [(4, 2048)]
     huge = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-120b.yaml")
     assert huge.model == "random:120b" and huge.make_random is None

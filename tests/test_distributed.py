@@ -101,10 +101,11 @@ def test_fsdp2_equals_one_process(ranks, one_process):
     for name, want in one_process["grads"].items():
         assert rel_err(ranks["fsdp_grads"][name], want) < 1e-5, name
     assert ranks["fsdp_losses"] == pytest.approx(one_process["losses"], rel=1e-4)
-    # The packed experts are sharded along the expert dimension (4 experts: 2 a rank), as uint8.
+    # The packed experts are sharded along the expert dimension (4 experts: 2 a rank), as the
+    # same bytes under a 1-byte float dtype (torch 2.11's fully_shard refuses integer tensors).
     local = ranks["local_expert_params"]
-    assert local["gate_up_proj_blocks"] == ((2, 128, 2, 16), "torch.uint8", "DTensor")
-    assert local["down_proj_scales"] == ((2, 64, 2), "torch.uint8", "DTensor")
+    assert local["gate_up_proj_blocks"] == ((2, 128, 2, 16), "torch.float8_e5m2", "DTensor")
+    assert local["down_proj_scales"] == ((2, 64, 2), "torch.float8_e5m2", "DTensor")
     assert local["gate_up_proj_bias"][0] == (2, 128)
 
 

@@ -281,6 +281,7 @@ def shard_model(
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
+    _bytes_as_float8(model)
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(decoder_stack(model, layers[0]), **kwargs)
@@ -290,6 +291,22 @@ def shard_model(
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def _bytes_as_float8(model: nn.Module) -> None:
+    """Re-register every uint8 parameter (the MXFP4 blocks and scales) as the same bytes viewed
+    as ``float8_e5m2``, frozen.
+
+    torch 2.11's ``fully_shard`` wraps each shard in ``nn.Parameter(...)`` (which defaults to
+    ``requires_grad=True``) before copying the original flag, and integer tensors cannot require
+    gradients; a 1-byte float dtype shards, gathers and frees the same bytes. The experts read
+    them back with ``view(torch.uint8)``; nothing casts a sharded model's dtype afterwards.
+    """
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype == torch.uint8:
+                as_float = param.detach().view(torch.float8_e5m2)
+                module.register_parameter(name, nn.Parameter(as_float, requires_grad=False))
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], module: str = "mxlora.cli") -> list[str]:

@@ -216,7 +216,10 @@ class Mxfp4Experts(nn.Module):
         offsets: Tensor,
         lora: Mapping[str, Sequence[LoraFactors]],
     ) -> Tensor:
-        blocks, scales = getattr(self, f"{proj}_blocks"), getattr(self, f"{proj}_scales")
+        # ``view``: the bytes may be held under a 1-byte float dtype (FSDP2, see
+        # :func:`mxlora.distributed.shard_model`); a no-op for uint8.
+        blocks = getattr(self, f"{proj}_blocks").view(torch.uint8)
+        scales = getattr(self, f"{proj}_scales").view(torch.uint8)
         y = frozen_mxfp4_matmul(x, blocks, scales, offsets, False, self.backend)
         y = y + getattr(self, f"{proj}_bias")[expert_ids]
         for factors in lora.get(proj, ()):
