@@ -414,6 +414,11 @@ class Loop:
             lm.set_attn_implementation(before)
             if setup.checkpointing:
                 lm.gradient_checkpointing_disable()
+            if setup.compiled:
+                # Undo Module.compile, so a later run on this model (bench workloads share it)
+                # decides for itself and never runs SDPA inside blocks compiled for flex.
+                for block in lm.model.layers:
+                    block._compiled_call_impl = None
 
     def _autocast(self):
         # No cast cache: a cast cached during a CUDA graph capture would be replayed stale.
