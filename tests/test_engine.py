@@ -35,7 +35,7 @@ from mxlora.engine.attention import (
     sdpa_sink_attention,
 )
 from mxlora.engine.loss import chunked_loss, reference_loss
-from mxlora.engine.memory import use_gradient_checkpointing
+from mxlora.engine.memory import activations_fit, use_gradient_checkpointing
 from mxlora.engine.packing import epoch_order, pack, plan_steps
 from mxlora.engine.run_folder import COMPLETE_MARKER, TrainingError
 from mxlora.recipes.train import fit
@@ -529,6 +529,11 @@ def test_gradient_checkpointing_auto_follows_the_longest_batch_and_the_budget():
     assert decide("auto", 8192, 500.0) is False
     assert decide(True, 128, 500.0) is True and decide(False, 8192, 1.0) is False
     assert decide("auto", 8192, None) is False  # CPU without a budget: off, deterministically
+    # CUDA graphs' auto asks whether twice the activations fit (graph pool + a new bucket's
+    # eager first micro-batch): quotes-sized batches do in 20 GB, 4 x 2048 not even in 80.
+    assert activations_fit(config, 640, bf16, cpu, 20.0, copies=2) is True
+    assert activations_fit(config, 8192, bf16, cpu, 80.0, copies=2) is False
+    assert activations_fit(config, 640, bf16, cpu, None, copies=2) is None
 
 
 def test_engine_fields_parse_and_validate():
