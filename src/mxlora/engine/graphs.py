@@ -6,7 +6,10 @@ forward, loss and backward of one micro-batch can be captured once per bucket in
 ``torch.cuda.CUDAGraph`` and replayed: one launch instead of thousands.
 
 :class:`GraphedSteps` keeps, per bucket, static input buffers (:class:`StepInputs`) and the
-graph. The first micro-batch of a bucket runs eagerly on those buffers (it is the warm-up
+graph. Only buckets the run trains at least :data:`MIN_USES` times are captured
+(:func:`worth_capturing`; the plan is known in advance): a capture costs about one eager
+micro-step of host time and each replay saves about one, so a bucket met once or twice (the
+longest batches of an epoch, typically) runs eagerly. The first micro-batch of a bucket runs eagerly on those buffers (it is the warm-up
 PyTorch's docs prescribe before a capture, and its result is the real one: loss and gradients
 count), then the same call is captured (capture runs nothing). Later micro-batches of that bucket
 are copied into the buffers (``copy_``) and the graph is replayed. Rules the caller keeps:
@@ -29,13 +32,23 @@ On the CPU (tests) the same bookkeeping runs with eager calls in place of replay
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from mxlora.engine.packing import PackedBatch
 from mxlora.engine.run_folder import TrainingError
+
+# A packed length is captured when the run trains it at least this often (module docstring).
+MIN_USES = 3
+
+
+def worth_capturing(lengths: Iterable[int]) -> set[int]:
+    """The packed lengths among the run's micro-batch ``lengths`` met :data:`MIN_USES` times or
+    more."""
+    return {length for length, uses in Counter(lengths).items() if uses >= MIN_USES}
 
 
 @dataclass
@@ -90,11 +103,18 @@ class GraphedSteps:
             loss, detached; no host sync inside.
         device: the training device; on a CPU device nothing is captured (the replays are
             eager calls on the same static buffers, for tests).
+        lengths: the packed lengths to capture (:func:`worth_capturing`); others run eagerly.
     """
 
-    def __init__(self, step: Callable[[StepInputs], torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self,
+        step: Callable[[StepInputs], torch.Tensor],
+        device: torch.device,
+        lengths: Collection[int],
+    ) -> None:
         self.step = step
         self.device = device
+        self.lengths = set(lengths)
         self.buckets: dict[int, _Bucket] = {}
         self.cuda = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
@@ -118,6 +138,8 @@ class GraphedSteps:
 
     def __call__(self, batch: PackedBatch, weight: float, items: int) -> torch.Tensor:
         """The micro-step on ``batch`` (host tensors); its loss, a tensor of its own."""
+        if batch.length not in self.lengths:
+            return self.step(StepInputs.create(batch, weight, items, self.device))
         bucket = self.buckets.get(batch.length)
         if bucket is None:
             return self._first(batch, weight, items)

@@ -52,7 +52,7 @@ from transformers import get_scheduler
 from mxlora.config import TrainingConfig
 from mxlora.distributed import DistInfo, all_reduce_grads, shard_batch, shard_model
 from mxlora.engine.attention import Kind, build_masks, register
-from mxlora.engine.graphs import GraphedSteps, StepInputs
+from mxlora.engine.graphs import GraphedSteps, StepInputs, worth_capturing
 from mxlora.engine.loss import chunked_loss
 from mxlora.engine.memory import activations_fit, use_gradient_checkpointing
 from mxlora.engine.packing import PackedBatch, Step, bucketed, pack, plan_steps
@@ -400,7 +400,13 @@ class Loop:
                 block.compile(fullgraph=True, dynamic=True)
         stream = contextlib.nullcontext()
         if setup.cuda_graphs:
-            self.graphed = GraphedSteps(self._micro_step, self.device)
+            rows = self.train_rows["input_ids"]
+            lengths = worth_capturing(
+                bucketed(sum(len(rows[i]) for i in indices))
+                for step in self.plan[self.step :]
+                for indices in step.micro_batches
+            )
+            self.graphed = GraphedSteps(self._micro_step, self.device, lengths)
             stream = self.graphed.on_stream()
         try:
             with stream, loud_compile(setup.compiled):
