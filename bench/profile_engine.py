@@ -25,8 +25,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from mxlora.engine.loop import Loop, loud_compile, use_compile
-from mxlora.engine.memory import use_gradient_checkpointing
+from mxlora.engine.loop import Loop
 from mxlora.model.load import default_device, load_model, resolve_dtype
 from mxlora.model.lora import apply_lora
 from mxlora.recipes.bench import BenchConfig, load_bench_config, variant_config, workload_dataset
@@ -46,7 +45,7 @@ def profile_workload(
     Returns:
         ``wall_s`` (mean step time of the ``wall`` steps), ``tokens`` (their mean non-pad
         tokens), ``busy_s`` and ``launches`` (per profiled step, kernels only), ``compiled``,
-        ``checkpointing``, ``peak_gb`` and the profiler's ``table`` (top device time).
+        ``checkpointing``, ``cuda_graphs``, ``peak_gb`` and the profiler's ``table`` (top device time).
     """
     (workload,) = [w for w in bench.workloads if w.name == name]
     device = next(model.parameters()).device
@@ -80,17 +79,8 @@ def profile_workload(
             metrics,
             Path(folder),
         )
-        checkpointing = use_gradient_checkpointing(
-            run.gradient_checkpointing,
-            loop.causal_lm.config,
-            loop.longest,
-            dtype,
-            device,
-            run.memory_budget_gb,
-        )
-        compiled = use_compile(run.compile, device)
         metrics.begin(0)
-        with loop._attached(checkpointing, compiled), loud_compile(compiled):
+        with loop.prepared() as setup:
             for step in loop.plan[:warm]:
                 loop.train_step(step)
             _sync(device)
@@ -110,8 +100,9 @@ def profile_workload(
         "tokens": sum(loop.history.tokens[warm : warm + wall]) / wall,
         "busy_s": sum(e.self_device_time_total for e in kernels) / profiled / 1e6,
         "launches": sum(e.count for e in kernels) / profiled,
-        "compiled": compiled,
-        "checkpointing": checkpointing,
+        "compiled": setup.compiled,
+        "checkpointing": setup.checkpointing,
+        "cuda_graphs": setup.cuda_graphs,
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0,
         "table": events.table(
             sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=16
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"=== {name}: step {r['wall_s'] * 1e3:.0f} ms wall, {r['tokens']:.0f} tokens, "
             f"GPU busy {busy}, {r['launches']:.0f} kernel launches, compiled={r['compiled']}, "
-            f"checkpointing={r['checkpointing']}, peak {r['peak_gb']:.1f} GB",
+            f"checkpointing={r['checkpointing']}, cuda_graphs={r['cuda_graphs']}, peak {r['peak_gb']:.1f} GB",
             flush=True,
         )
         print(r["table"], flush=True)

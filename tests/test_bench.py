@@ -162,6 +162,9 @@ def test_shipped_configs_load():
         "seed",
         "default",
         "default-20gb",
+        "graphs-eager",
+        "graphs-compiled",
+        "eager",
         "hf-best",
         "seed-eager-experts",
         "mxfp4",
@@ -179,6 +182,12 @@ def test_shipped_configs_load():
     assert big.variants[1].overrides == []
     assert big.variants[2].overrides == ["train.memory_budget_gb=20"]
     assert variant_config(big, big.variants[2]).train.memory_budget_gb == 20
+    graphs = {v.name: variant_config(big, v).train for v in big.variants[3:6]}
+    assert {n: (t.compile, t.cuda_graphs) for n, t in graphs.items()} == {
+        "graphs-eager": (False, True),
+        "graphs-compiled": (True, True),
+        "eager": (False, False),
+    }
     epochs = {w.name: w for w in big.workloads if w.epoch}
     assert {name: (w.batch, w.data.select, w.data.test_size) for name, w in epochs.items()} == {
         "quotes-epoch": (4, 1000, 0.2),  # 800 train rows, as the notebook's quotes run

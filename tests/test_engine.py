@@ -8,7 +8,9 @@
 - packed attention (one sequence, document mask, sinks) equals the padded batch through
   transformers' eager attention, outputs and LoRA/sink gradients, sliding and full layers;
 - the sink formulation through the log-sum-exp equals the dense softmax with sinks, gradients
-  included (and a detached LSE would not);
+  included (and a detached LSE would not); so does SDPA with the sink key;
+- CUDA graphs' bookkeeping (static buffers per bucket, refilled and "replayed") trains exactly
+  what plain steps train (on the CPU, replays are eager calls on the static buffers);
 - chunked cross-entropy equals the full-logits one, forward and backward;
 - ``should_stop``, ``--resume``, OOM, compile and gradient-checkpointing decisions.
 """
@@ -29,9 +31,11 @@ from mxlora.engine.attention import (
     flex_sink_attention,
     reference_attention,
     register,
+    sdpa_mask,
+    sdpa_sink_attention,
 )
 from mxlora.engine.loss import chunked_loss, reference_loss
-from mxlora.engine.memory import use_gradient_checkpointing
+from mxlora.engine.memory import activations_fit, use_gradient_checkpointing
 from mxlora.engine.packing import epoch_order, pack, plan_steps
 from mxlora.engine.run_folder import COMPLETE_MARKER, TrainingError
 from mxlora.recipes.train import fit
@@ -167,8 +171,9 @@ def test_pack_restarts_positions_and_selects_assistant_targets():
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
     assert batch.doc_ids.tolist() == [0, 0, 0, 1, 1, -1, -1, -1]
     # Position p predicts token p + 1 of the same row, only where that token is trained.
-    assert batch.loss_positions.tolist() == [0, 1, 3]
-    assert batch.loss_targets.tolist() == [6, 7, 9]
+    # Padded to the packed length (ignored targets), so the shapes follow the bucket alone.
+    assert batch.loss_positions.tolist() == [0, 1, 3, 0, 0, 0, 0, 0]
+    assert batch.loss_targets.tolist() == [6, 7, 9, -100, -100, -100, -100, -100]
     assert (batch.tokens, batch.rows, batch.length) == (5, 2, 8)
 
 
@@ -219,6 +224,34 @@ def test_sinks_through_the_lse_equal_the_dense_softmax_with_gradients(window):
     assert not torch.allclose(wrong[0], expected[0], rtol=1e-3, atol=1e-4)  # q's gradient
 
 
+def _attention_and_grads(fn, mask, q, k, v, sinks, grad):
+    """``fn``'s output and the q/k/v/sink gradients of ``(out * grad).sum()``."""
+    for t in (q, k, v, sinks):
+        t.grad = None
+    out = fn(q, k, v, mask, sinks, 0.3)
+    (out * grad).sum().backward()
+    return [out.detach(), *(t.grad.clone() for t in (q, k, v, sinks))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_sdpa_with_the_sink_key_equals_the_reference_with_gradients(window, dtype):
+    """SDPA with the sink as an extra key/dimension == dense softmax with sinks: output and the
+    q, k, v and sink gradients; GQA (4 query heads on 2 kv heads), documents of unequal length,
+    padding (doc -1), head dim 8 (padded to 16 with the sink dimension)."""
+    docs = torch.cat([DOCS, torch.full((24,), -1, dtype=torch.int32)])
+    q, k, v, sinks = (t.detach().to(dtype).requires_grad_() for t in _qkv(length=64))
+    grad = torch.randn(1, 4, 64, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ours = _attention_and_grads(
+        sdpa_sink_attention, sdpa_mask(docs, window, dtype), q, k, v, sinks, grad
+    )
+    want = _attention_and_grads(reference_attention, dense_mask(docs, window), q, k, v, sinks, grad)
+    tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 3e-2)}[dtype]
+    for name, got, expected in zip(("out", "q", "k", "v", "sinks"), ours, want, strict=True):
+        assert got.abs().sum() > 0, name
+        torch.testing.assert_close(got, expected, rtol=tol[0], atol=tol[1], msg=name)
+
+
 @pytest.mark.parametrize("window", [None, 5])
 def test_flex_forward_equals_the_reference_on_cpu(window):
     """flex_attention + block mask + sinks == dense reference (forward; flex has no CPU
@@ -229,6 +262,45 @@ def test_flex_forward_equals_the_reference_on_cpu(window):
         flex = flex_sink_attention(q, k, v, block_mask(docs, window), sinks, 0.3)
         reference = reference_attention(q, k, v, dense_mask(docs, window), sinks, 0.3)
     torch.testing.assert_close(flex, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 128])
+def test_sdpa_on_cuda_equals_the_reference_in_linear_memory(window, dtype):
+    """On CUDA the SDPA path runs the memory-efficient kernel (only it is allowed: another
+    would raise): equal to the reference forward and backward at 640 tokens with gpt-oss-20b's
+    heads (64 query, 8 kv, dim 64), and at 4096 tokens its peak memory stays far below one
+    ``[heads, T, T]`` score tensor."""
+    length = 640
+    docs = torch.tensor([0] * 300 + [1] * 200 + [2] * 77 + [-1] * 63, dtype=torch.int32).cuda()
+    q, k, v, sinks = (t.detach().cuda().to(dtype).requires_grad_() for t in _qkv(64, 8, length, 64))
+    grad = torch.randn(1, 64, length, 64, device="cuda", dtype=dtype)
+    ours = _attention_and_grads(
+        sdpa_sink_attention, sdpa_mask(docs, window, dtype), q, k, v, sinks, grad
+    )
+    want = _attention_and_grads(reference_attention, dense_mask(docs, window), q, k, v, sinks, grad)
+    tol = {torch.float32: (1e-3, 1e-4), torch.bfloat16: (5e-2, 5e-2)}[dtype]
+    for name, got, expected in zip(("out", "q", "k", "v", "sinks"), ours, want, strict=True):
+        torch.testing.assert_close(
+            got.float(), expected.float(), rtol=tol[0], atol=tol[1], msg=name
+        )
+
+    length, heads = 4096, 64
+    docs = torch.tensor([0] * 1500 + [1] * 2000 + [2] * 500 + [-1] * 96, dtype=torch.int32).cuda()
+    q, k, v, sinks = (
+        t.detach().cuda().to(dtype).requires_grad_() for t in _qkv(heads, 8, length, 64)
+    )
+    mask = sdpa_mask(docs, window, dtype)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = sdpa_sink_attention(q, k, v, mask, sinks, 0.125)
+    out.sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    scores = heads * length * length * q.element_size()  # one [H, T, T] tensor: 2.1 GB in bf16
+    assert peak < scores / 4, f"peak {peak / 1e6:.0f} MB"
 
 
 @pytest.mark.gpu
@@ -270,7 +342,8 @@ def _lora_model(folder, seed=0):
     return model
 
 
-def test_packed_attention_equals_padded_attention(tmp_path):
+@pytest.mark.parametrize("kind", ["reference", "sdpa"])
+def test_packed_attention_equals_padded_attention(tmp_path, kind):
     """Rows of 37, 9 and 21 tokens: packed (one sequence, document mask, sinks) vs a padded
     batch through transformers' eager attention: same hidden states on every real token, same
     gradients of every LoRA factor and of layer 0's sinks; a 6-token window on layer 0."""
@@ -307,7 +380,7 @@ def test_packed_attention_equals_padded_attention(tmp_path):
     try:
         from mxlora.engine.attention import build_masks
 
-        masks = build_masks(batch.doc_ids, lm.config.sliding_window, use_flex=False)
+        masks = build_masks(batch.doc_ids, lm.config.sliding_window, kind, torch.float32)
         packed = lm.model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=masks
         ).last_hidden_state[0, : batch.tokens]
@@ -330,15 +403,23 @@ def test_packed_attention_equals_padded_attention(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_loss_equals_full_logits_loss(dtype):
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_chunked_loss_equals_full_logits_loss(dtype, chunk):
+    """Several checkpointed chunks, or one plain chunk; positions padded as pack pads them
+    (position 0, target -100) change neither the loss nor any gradient."""
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 16, generator=gen).to(dtype).requires_grad_()
     head = torch.nn.Linear(16, 999, bias=False).to(dtype)
     positions = torch.tensor([0, 3, 4, 5, 17, 18, 30, 31, 32, 33, 48])
     targets = torch.randint(0, 999, (positions.numel(),), generator=gen)
+    padded_positions = torch.cat([positions, torch.zeros(7, dtype=torch.long)])
+    padded_targets = torch.cat([targets, torch.full((7,), -100)])
     results = []
-    for fn in (reference_loss, lambda *a: chunked_loss(*a, chunk=3)):
-        loss = fn(hidden, head, positions, targets)
+    for fn, pos, tgt in (
+        (reference_loss, positions, targets),
+        (lambda *a: chunked_loss(*a, chunk=chunk), padded_positions, padded_targets),
+    ):
+        loss = fn(hidden, head, pos, tgt)
         hidden.grad, head.weight.grad = None, None
         loss.backward()
         results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
@@ -411,11 +492,14 @@ def test_out_of_memory_in_a_step_names_the_knobs(tmp_path, monkeypatch):
 
 
 def test_compile_failure_stops_the_run_with_a_message():
-    from mxlora.engine.loop import loud_compile, use_compile
+    from mxlora.engine.loop import COMPILE_MIN_TOKENS, loud_compile, use_compile
 
-    assert use_compile("auto", torch.device("cpu")) is False
-    assert use_compile("auto", torch.device("cuda")) is True
-    assert use_compile(True, torch.device("cpu")) and not use_compile(False, torch.device("cuda"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_compile("auto", cpu, 10**6) is False
+    # auto: compiled only where the longest bucket makes the compile pay.
+    assert use_compile("auto", cuda, COMPILE_MIN_TOKENS) is True
+    assert use_compile("auto", cuda, COMPILE_MIN_TOKENS - 128) is False
+    assert use_compile(True, cpu, 128) and not use_compile(False, cuda, 10**6)
 
     def breaks(x):
         torch._dynamo.graph_break()
@@ -445,6 +529,11 @@ def test_gradient_checkpointing_auto_follows_the_longest_batch_and_the_budget():
     assert decide("auto", 8192, 500.0) is False
     assert decide(True, 128, 500.0) is True and decide(False, 8192, 1.0) is False
     assert decide("auto", 8192, None) is False  # CPU without a budget: off, deterministically
+    # CUDA graphs' auto asks whether twice the activations fit (graph pool + a new bucket's
+    # eager first micro-batch): quotes-sized batches do in 20 GB, 4 x 2048 not even in 80.
+    assert activations_fit(config, 640, bf16, cpu, 20.0, copies=2) is True
+    assert activations_fit(config, 8192, bf16, cpu, 80.0, copies=2) is False
+    assert activations_fit(config, 640, bf16, cpu, None, copies=2) is None
 
 
 def test_engine_fields_parse_and_validate():
@@ -468,14 +557,80 @@ def test_engine_fields_parse_and_validate():
         train(engine="trl", compile=True)
     with pytest.raises(ConfigError, match="train.memory_budget_gb: must be > 0"):
         train(memory_budget_gb=0)
+    assert default.cuda_graphs == "auto" and train(cuda_graphs="false").cuda_graphs is False
+    with pytest.raises(ConfigError, match="train.cuda_graphs: true needs engine mxlora"):
+        train(engine="trl", cuda_graphs=True)
+    with pytest.raises(ConfigError, match="train.cuda_graphs: true is for single-process"):
+        train(cuda_graphs=True, fsdp=True)
+
+
+def test_cuda_graphs_decision_and_refusals():
+    from mxlora.engine.loop import use_cuda_graphs
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # auto: single-process CUDA without checkpointing, when twice the activations fit.
+    assert use_cuda_graphs("auto", cuda, False, False, True) is True
+    assert use_cuda_graphs("auto", cpu, False, False, None) is False
+    assert use_cuda_graphs("auto", cuda, True, False, True) is False
+    assert use_cuda_graphs("auto", cuda, False, True, True) is False
+    assert use_cuda_graphs("auto", cuda, False, False, False) is False
+    assert use_cuda_graphs(True, cuda, False, False, False) is True  # asked for: the user's call
+    assert use_cuda_graphs(False, cuda, False, False, True) is False
+    for args, reason in (
+        ((cpu, False, False), "needs a CUDA device"),
+        ((cuda, True, False), "single-process"),
+        ((cuda, False, True), "gradient checkpointing"),
+    ):
+        with pytest.raises(TrainingError, match=f"^train.cuda_graphs: true .*{reason}"):
+            use_cuda_graphs(True, *args, True)
+
+
+def test_only_lengths_met_often_enough_are_captured():
+    from mxlora.engine.graphs import MIN_USES, worth_capturing
+
+    lengths = [512] * MIN_USES + [640] * (MIN_USES - 1) + [1152] + [768] * (MIN_USES + 5)
+    assert worth_capturing(lengths) == {512, 768}
+
+
+def test_graphed_steps_train_exactly_what_plain_steps_train(both_engines, tmp_path, monkeypatch):
+    """CUDA graphs' bookkeeping on the CPU (replays are eager calls on the static buffers):
+    each bucket's first micro-batch runs on fresh buffers, later ones are copied into them
+    and "replayed", gradients stay allocated and are zeroed in place: the same losses, eval
+    losses and adapter, bit for bit, as the plain run."""
+    import mxlora.engine.loop as loop_module
+    from mxlora.engine.graphs import GraphedSteps
+
+    made = []
+
+    class Recorded(GraphedSteps):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(loop_module, "use_cuda_graphs", lambda *args: True)
+    monkeypatch.setattr(loop_module, "GraphedSteps", Recorded)
+    result = fit(quotes_config(tmp_path, "mxlora"))
+    plain_run, plain_lora = both_engines["mxlora"]
+    (graphed,) = made
+    # Only lengths met often enough are "captured"; the others ran plain eager steps.
+    assert graphed.replays > 0 and set(graphed.buckets) == graphed.lengths
+    ours, theirs = metrics(result.run_dir), metrics(plain_run)
+    keys = ("step", "loss", "grad_norm", "eval_loss")
+    assert [{k: r.get(k) for k in keys} for r in ours] == [
+        {k: r.get(k) for k in keys} for r in theirs
+    ]
+    assert json.loads((result.run_dir / "report.json").read_text())["cuda_graphs"] is True
+    for name, want in plain_lora.items():
+        torch.testing.assert_close(lora_state(result.model)[name], want, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_blocks", [False, True])
 def test_mxlora_engine_matches_trl_on_cuda_in_bf16(tmp_path, compile_blocks):
-    """On CUDA the engine runs flex_attention (block mask, sinks through the LSE) and, with
-    train.compile=true, compiled decoder blocks: same losses as TRL within bf16 noise. With
-    compile on, a block that cannot compile fails this test loudly (never a silent eager run)."""
+    """On CUDA the engine runs SDPA with the sink key and CUDA graphs (auto), or with
+    train.compile=true compiled decoder blocks with flex_attention (block mask, sinks through the
+    LSE) under CUDA graphs: same losses as TRL within bf16 noise. With compile on, a block that
+    cannot compile fails this test loudly (never a silent eager run)."""
     runs = {}
     for engine in ("trl", "mxlora"):
         extra = {"compile": compile_blocks} if engine == "mxlora" else {}
@@ -503,3 +658,36 @@ def test_compiled_blocks_train_what_eager_blocks_train(tmp_path):
     assert [r["eval_loss"] for r in ours if "eval_loss" in r] == pytest.approx(
         [r["eval_loss"] for r in theirs if "eval_loss" in r], rel=1e-5
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_blocks", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_train_what_eager_steps_train_on_cuda(tmp_path, dtype, compile_blocks):
+    """train.cuda_graphs=true (each bucket's micro-step captured once, then replayed) against
+    false, eager blocks (SDPA) or compiled ones (flex_attention): the same per-step losses, eval
+    losses and adapter; float32 up to the atomics' summation order (index_add, attention
+    backward), bf16 within its noise."""
+    runs = {}
+    for graphs in (False, True):
+        cfg = quotes_config(
+            tmp_path / str(graphs), "mxlora", cuda_graphs=graphs, compile=compile_blocks
+        )
+        cfg.model.dtype = dtype
+        result = fit(cfg)
+        report = json.loads((result.run_dir / "report.json").read_text())
+        assert (report["cuda_graphs"], report["compiled"]) == (graphs, compile_blocks)
+        rows = metrics(result.run_dir)
+        runs[graphs] = (
+            [r["loss"] for r in rows if "loss" in r],
+            [r["eval_loss"] for r in rows if "eval_loss" in r],
+            lora_state(result.model),
+        )
+    (losses, evals, lora), (g_losses, g_evals, g_lora) = runs[False], runs[True]
+    rel = 1e-5 if dtype == "float32" else 1e-2
+    assert len(g_losses) == 6
+    assert g_losses == pytest.approx(losses, rel=rel)
+    assert g_evals == pytest.approx(evals, rel=rel)
+    for name, want in lora.items():
+        err = ((g_lora[name] - want).norm() / want.norm()).item()
+        assert err < (1e-5 if dtype == "float32" else 2e-2), (name, err)

@@ -156,8 +156,15 @@ class TrainConfig:
             (:mod:`mxlora.engine.memory`).
         memory_budget_gb: device memory ``auto`` checkpointing plans for; ``None``: the whole
             device (on the CPU: checkpointing off).
-        compile: ``torch.compile`` each decoder block (mxlora engine); ``auto``: on CUDA only.
-            A block that fails to compile stops the run with a message, never a silent eager run.
+        compile: ``torch.compile`` each decoder block (mxlora engine); ``auto``: on CUDA when the
+            run's longest packed micro-batch is long enough for the compile to pay
+            (:data:`mxlora.engine.loop.COMPILE_MIN_TOKENS`). A block that fails to compile stops
+            the run with a message, never a silent eager run.
+        cuda_graphs: capture each packed length's forward + loss + backward as a CUDA graph and
+            replay it (mxlora engine; :mod:`mxlora.engine.graphs`): short steps stop paying
+            thousands of kernel launches. ``auto``: on CUDA in a single process (no launcher,
+            no FSDP) without gradient checkpointing, when the memory allows; ``true`` where it
+            cannot run stops the run saying why.
         logging_steps: log train metrics every N optimizer steps.
         eval: evaluate on the held-out rows at each epoch end (``epoch``), every
             ``eval_steps`` optimizer steps (``steps``), or never (``no``).
@@ -188,6 +195,7 @@ class TrainConfig:
     gradient_checkpointing: Auto | bool = "auto"
     memory_budget_gb: float | None = None
     compile: Auto | bool = "auto"
+    cuda_graphs: Auto | bool = "auto"
     logging_steps: int = 10
     eval: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int | None = None
@@ -221,6 +229,10 @@ class TrainConfig:
             raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
         if self.compile is True and self.engine != "mxlora":
             raise ConfigError(f"compile: true needs engine mxlora (engine is {self.engine!r})")
+        if self.cuda_graphs is True and self.engine != "mxlora":
+            raise ConfigError(f"cuda_graphs: true needs engine mxlora (engine is {self.engine!r})")
+        if self.cuda_graphs is True and self.fsdp:
+            raise ConfigError("cuda_graphs: true is for single-process runs, not fsdp: true")
         if self.fsdp and self.engine != "mxlora":
             raise ConfigError(f"fsdp: true needs engine mxlora (engine is {self.engine!r})")
         if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:

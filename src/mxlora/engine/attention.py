@@ -6,11 +6,21 @@ on gpt-oss's sliding layers, the key is fewer than ``sliding_window`` tokens bac
 has a learned sink logit that joins the softmax's denominator but carries no value (gpt-oss's
 ``sinks``), so a head can attend "nowhere".
 
-Two implementations behind one attention function, registered with transformers'
-``AttentionInterface`` under :data:`ATTN_NAME`; which runs follows the type of the mask handed in:
+Three implementations behind one attention function, registered with transformers'
+``AttentionInterface`` under :data:`ATTN_NAME`; which runs follows the type of the mask handed in
+(:func:`build_masks` makes the one a :data:`Kind` names):
 
 - :func:`reference_attention`: a dense ``[T, T]`` boolean mask and the softmax written out, as
   transformers' eager gpt-oss attention computes it (the oracle; any device, any shape).
+- :func:`sdpa_sink_attention`: ``scaled_dot_product_attention`` with an additive ``[T, T + 8]``
+  mask (float), no compile needed and no ``[heads, T, T]`` tensor (on CUDA the memory-efficient
+  kernel, O(T) memory besides the one shared mask). SDPA has no sink term; the sink becomes one
+  more key: every query gets one more dimension holding ``sink_h / scaling``, every real key a
+  0 there, and an extra "sink key" (1 in that dimension, 0 elsewhere, value 0) is visible to
+  every query. Its score is exactly ``sink_h``, so the softmax denominator gains ``exp(sink_h)``
+  and the sink key adds nothing to the output: the attention with sinks, and autograd gives
+  exact q/k/v gradients (and the sinks' gradient through the extra query dimension, should they
+  ever be trained; the seed's LoRA freezes them).
 - :func:`flex_sink_attention`: ``flex_attention`` with a block mask, so masked-out blocks are
   skipped and no ``[heads, T, T]`` score tensor exists. flex has no sink term; the sink is folded
   in afterwards through the log-sum-exp flex returns:
@@ -25,14 +35,23 @@ attend only among themselves, and never reach a real row, so no softmax row is e
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask
 from transformers import AttentionInterface
 
 # The name under which transformers finds this attention (``config._attn_implementation``).
 ATTN_NAME = "mxlora_packed"
+
+# Which implementation a run uses (see the module docstring).
+Kind = Literal["reference", "sdpa", "flex"]
+
+# Key slots appended to a packed sequence on the SDPA path: the first is the sink key, the rest
+# (masked out) keep the key length a multiple of 8, so the mask's rows stay 16-byte aligned as
+# the memory-efficient kernel wants them (an unaligned mask is copied padded on every call).
+SINK_SLOTS = 8
 
 
 def allowed(
@@ -63,15 +82,37 @@ def block_mask(doc_ids: torch.Tensor, window: int | None) -> BlockMask:
     return create_block_mask(mask_mod, None, None, length, length, device=doc_ids.device)
 
 
+def sdpa_mask(doc_ids: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """The additive ``[1, 1, T, T + SINK_SLOTS]`` mask of :func:`sdpa_sink_attention`: 0 where a
+    query may attend (its keys, and the sink key for every query), ``-inf`` elsewhere."""
+    allowed_keys = dense_mask(doc_ids, window)[0, 0]
+    slots = torch.zeros(doc_ids.numel(), SINK_SLOTS, dtype=torch.bool, device=doc_ids.device)
+    slots[:, 0] = True
+    visible = torch.cat([allowed_keys, slots], dim=1)
+    bias = torch.zeros(visible.shape, dtype=dtype, device=doc_ids.device)
+    return bias.masked_fill_(~visible, float("-inf"))[None, None]
+
+
 def build_masks(
-    doc_ids: torch.Tensor, sliding_window: int | None, use_flex: bool
+    doc_ids: torch.Tensor, sliding_window: int | None, kind: Kind, dtype: torch.dtype
 ) -> dict[str, Any]:
-    """The per-layer-type masks gpt-oss's decoder takes in place of its own causal masks."""
-    make = block_mask if use_flex else dense_mask
-    return {
-        "full_attention": make(doc_ids, None),
-        "sliding_attention": make(doc_ids, sliding_window),
-    }
+    """The per-layer-type masks gpt-oss's decoder takes in place of its own causal masks.
+
+    Args:
+        doc_ids: ``[T]`` row of each packed token (``-1`` on padding).
+        sliding_window: the sliding layers' window.
+        kind: the implementation the masks are for.
+        dtype: the attention's compute dtype (the SDPA mask's dtype must match the query's).
+    """
+
+    def make(window):
+        if kind == "flex":
+            return block_mask(doc_ids, window)
+        if kind == "sdpa":
+            return sdpa_mask(doc_ids, window, dtype)
+        return dense_mask(doc_ids, window)
+
+    return {"full_attention": make(None), "sliding_attention": make(sliding_window)}
 
 
 def reference_attention(
@@ -104,6 +145,52 @@ def reference_attention(
     logits = logits - logits.max(dim=-1, keepdim=True).values
     probs = torch.softmax(logits, dim=-1)[..., :-1]
     return probs.to(value.dtype) @ value
+
+
+def sdpa_sink_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`reference_attention` through ``scaled_dot_product_attention`` and the sink key
+    (see the module docstring); ``mask`` from :func:`sdpa_mask`.
+
+    The query/key head dimension grows by one (the sink dimension) and is zero-padded to a
+    multiple of 8 (the memory-efficient kernel's alignment); zeros add nothing to a score. GQA:
+    the keys and values are repeated per query head (O(T) memory, as the inputs). On CUDA only
+    the memory-efficient kernel may run (a silent fallback to the math kernel would build the
+    ``[B, H, T, T]`` scores).
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    pad = -(dim + 1) % 8
+    sink_dim = (sinks.float() / scaling).to(query.dtype).reshape(1, heads, 1, 1)
+    query = torch.cat(
+        [
+            query,
+            sink_dim.expand(batch, heads, length, 1),
+            query.new_zeros(batch, heads, length, pad),
+        ],
+        dim=-1,
+    )
+    sink_keys = key.new_zeros(batch, kv_heads, SINK_SLOTS, dim + 1 + pad)
+    sink_keys[:, :, 0, dim] = 1
+    key = torch.cat([F.pad(key, (0, 1 + pad)), sink_keys], dim=2)
+    value = torch.cat([value, value.new_zeros(batch, kv_heads, SINK_SLOTS, value.shape[-1])], 2)
+    groups = heads // kv_heads
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    mask = mask.to(query.dtype)  # a no-op when built for the compute dtype
+    if query.device.type != "cuda":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
 
 
 def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -169,7 +256,8 @@ def packed_attention(
     s_aux: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-interface signature; the mask comes from :func:`build_masks`.
+    """transformers' attention-interface signature; the mask comes from :func:`build_masks`
+    (a ``BlockMask``: flex; a float tensor: SDPA; a boolean tensor: the reference).
 
     Returns:
         ``([B, T, H, D], None)`` as transformers' attention functions do (no weights).
@@ -179,6 +267,8 @@ def packed_attention(
     sinks = s_aux if s_aux is not None else module.sinks
     if isinstance(attention_mask, BlockMask):
         out = flex_sink_attention(query, key, value, attention_mask, sinks, scaling)
+    elif attention_mask.dtype != torch.bool:
+        out = sdpa_sink_attention(query, key, value, attention_mask, sinks, scaling)
     else:
         out = reference_attention(query, key, value, attention_mask, sinks, scaling)
     return out.transpose(1, 2).contiguous(), None

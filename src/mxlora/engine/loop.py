@@ -1,4 +1,4 @@
-"""mxlora's training loop: the seed's semantics, packed rows, no full logits, compiled blocks.
+"""mxlora's training loop: the seed's semantics, packed rows, no full logits, few launches.
 
 Per optimizer step: the step's micro-batches (the Trainer's rows and order,
 :func:`mxlora.engine.packing.plan_steps`) are each packed into one sequence and run through the
@@ -7,9 +7,17 @@ decoder with the packed attention (:mod:`mxlora.engine.attention`, registered wi
 loss is the chunked cross-entropy over the assistant positions (:mod:`mxlora.engine.loss`),
 summed over the step and divided by the step's assistant-token count (TRL's
 ``num_items_in_batch``), so the step's loss is the mean cross-entropy over its assistant tokens.
-Then, as transformers' ``Trainer`` does: gradient clipping to ``train.max_grad_norm``, fused AdamW
-(betas 0.9 / 0.999, eps 1e-8: ``TrainingArguments``' defaults; ``train.weight_decay``), the
+A micro-batch's shapes follow its packed length (bucket) alone, so on CUDA its forward, loss and
+backward can be captured once per bucket as a CUDA graph and replayed
+(:mod:`mxlora.engine.graphs`, ``train.cuda_graphs``). Then, as transformers' ``Trainer``
+does: gradient clipping to ``train.max_grad_norm``, fused AdamW (betas 0.9 / 0.999, eps 1e-8: ``TrainingArguments``' defaults; ``train.weight_decay``), the
 scheduler from transformers' ``get_scheduler``, gradients zeroed.
+
+Per run (:meth:`Loop.prepared`): gradient checkpointing when the activations would not fit
+(:mod:`mxlora.engine.memory`); the decoder blocks compiled when the longest bucket is long enough
+for compiled code to pay its compile time (:func:`use_compile`); flex_attention under compiled
+blocks on CUDA (block-sparse: pays on long sequences), else SDPA with the sink key (no compile);
+CUDA graphs where they can run (:func:`use_cuda_graphs`).
 
 Under a launcher (torchrun, ``mxlora train --nproc N``; :mod:`mxlora.distributed`) the plan is
 the same global plan: each rank packs its contiguous share of every micro-batch
@@ -43,9 +51,10 @@ from transformers import get_scheduler
 
 from mxlora.config import TrainingConfig
 from mxlora.distributed import DistInfo, all_reduce_grads, shard_batch, shard_model
-from mxlora.engine.attention import build_masks, register
+from mxlora.engine.attention import Kind, build_masks, register
+from mxlora.engine.graphs import GraphedSteps, StepInputs, worth_capturing
 from mxlora.engine.loss import chunked_loss
-from mxlora.engine.memory import use_gradient_checkpointing
+from mxlora.engine.memory import activations_fit, use_gradient_checkpointing
 from mxlora.engine.packing import PackedBatch, Step, bucketed, pack, plan_steps
 from mxlora.engine.run_folder import (
     NonFiniteLossError,
@@ -62,6 +71,13 @@ from mxlora.report.writer import write_json
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
+# train.compile=auto compiles the decoder blocks when the run's longest packed micro-batch has at
+# least this many tokens. Below it the cold compile (minutes on gpt-oss-20b) costs more than a
+# short run's steps can win back: short steps are host-bound, and CUDA graphs remove that host
+# time without a compile; long steps are GPU-bound, where inductor's fusions and flex_attention's
+# block sparsity pay. To be calibrated from GPU measurements (docs/BENCHMARKS.md).
+COMPILE_MIN_TOKENS = 4096
+
 
 @dataclass
 class LoopResult:
@@ -74,6 +90,7 @@ class LoopResult:
         stopped: ``should_stop`` ended the run early (a checkpoint holds where it stopped).
         compiled: the decoder blocks ran under ``torch.compile``.
         gradient_checkpointing: activations were recomputed in the backward.
+        cuda_graphs: micro-steps were replayed from CUDA graphs (one per bucket).
         longest_tokens: tokens of the longest packed micro-batch (bucketed).
     """
 
@@ -84,6 +101,17 @@ class LoopResult:
     compiled: bool
     gradient_checkpointing: bool
     longest_tokens: int
+    cuda_graphs: bool = False
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a run decided (see :meth:`Loop.prepared`)."""
+
+    checkpointing: bool
+    compiled: bool
+    cuda_graphs: bool
+    attention: Kind
 
 
 @dataclass
@@ -95,9 +123,52 @@ class History:
     packed: list[int] = field(default_factory=list)
 
 
-def use_compile(setting: bool | str, device: torch.device) -> bool:
-    """Resolve ``train.compile``: ``auto`` compiles on CUDA only (CPU runs stay quick to start)."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
+def use_compile(setting: bool | str, device: torch.device, longest: int) -> bool:
+    """Resolve ``train.compile``: ``auto`` compiles on CUDA (CPU runs stay quick to start) when
+    the longest packed micro-batch has :data:`COMPILE_MIN_TOKENS` tokens or more."""
+    if setting == "auto":
+        return device.type == "cuda" and longest >= COMPILE_MIN_TOKENS
+    return bool(setting)
+
+
+def attention_kind(device: torch.device, compiled: bool) -> Kind:
+    """flex_attention under compiled blocks on CUDA (it needs compiling; its block sparsity pays
+    on long sequences), else SDPA with the sink key (flex has no backward on the CPU)."""
+    return "flex" if device.type == "cuda" and compiled else "sdpa"
+
+
+def use_cuda_graphs(
+    setting: bool | str,
+    device: torch.device,
+    distributed: bool,
+    checkpointing: bool,
+    fits_twice: bool | None,
+) -> bool:
+    """Resolve ``train.cuda_graphs``.
+
+    ``auto`` captures on CUDA in a single process without gradient checkpointing, when twice the
+    longest micro-batch's activations fit (``fits_twice``: the graphs' memory pool keeps the
+    largest bucket's activations while a new bucket's first micro-batch runs eagerly). ``true``
+    where it cannot work stops with the reason: the CPU has no CUDA graphs; several processes
+    talk between micro-steps (collectives, FSDP's gathers); checkpointing saves the CUDA RNG
+    state, which a capture forbids.
+    """
+    if setting == "auto":
+        return device.type == "cuda" and not distributed and not checkpointing and bool(fits_twice)
+    if not setting:
+        return False
+    if device.type != "cuda":
+        raise TrainingError(f"train.cuda_graphs: true needs a CUDA device (training on {device})")
+    if distributed:
+        raise TrainingError(
+            "train.cuda_graphs: true is for single-process runs (not under a launcher or FSDP)"
+        )
+    if checkpointing:
+        raise TrainingError(
+            "train.cuda_graphs: true cannot capture gradient checkpointing (it saves the CUDA "
+            "RNG state); set train.gradient_checkpointing=false or train.cuda_graphs=false"
+        )
+    return True
 
 
 @contextlib.contextmanager
@@ -123,9 +194,12 @@ def loud_compile(active: bool) -> Iterator[None]:
             raise
 
 
-def forward_loss(model: torch.nn.Module, batch: PackedBatch, use_flex: bool) -> torch.Tensor:
-    """Summed cross-entropy of one packed micro-batch (``model``: the ``...ForCausalLM``)."""
-    masks = build_masks(batch.doc_ids, model.config.sliding_window, use_flex)
+def forward_loss(
+    model: torch.nn.Module, batch: PackedBatch, attention: Kind, dtype: torch.dtype
+) -> torch.Tensor:
+    """Summed cross-entropy of one packed micro-batch (``model``: the ``...ForCausalLM``;
+    ``dtype``: the compute dtype, that of the attention's inputs)."""
+    masks = build_masks(batch.doc_ids, model.config.sliding_window, attention, dtype)
     out = model.model(
         input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=masks
     )
@@ -192,8 +266,8 @@ class Loop:
                 f"train.batch_size: {t.batch_size} rows per micro-batch cannot give each of "
                 f"{self.info.world_size} processes a row"
             )
-        # flex_attention has no backward on the CPU: the dense reference runs there.
-        self.use_flex = device.type == "cuda"
+        self.attention: Kind = "sdpa"  # decided per run (prepared)
+        self.graphed: GraphedSteps | None = None
         if sharded:
             shard_model(model, self.info)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -229,20 +303,11 @@ class Loop:
     ) -> LoopResult:
         """Train to the end of the plan (or until ``should_stop``); see the module docstring."""
         t = self.cfg.train
-        checkpointing = use_gradient_checkpointing(
-            t.gradient_checkpointing,
-            self.causal_lm.config,
-            self.longest,
-            self.dtype,
-            self.device,
-            t.memory_budget_gb,
-        )
-        compiled = use_compile(t.compile, self.device)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.metrics.begin(self.tokens, len(self.plan))
         stopped = False
-        with self._attached(checkpointing, compiled), loud_compile(compiled):
+        with self.prepared() as setup:
             window: list[float] = []
             for step in self.plan[self.step :]:
                 window.append(self.train_step(step))
@@ -275,9 +340,10 @@ class Loop:
             epoch=last.epoch_progress if last else 0.0,
             tokens=self.tokens,
             stopped=stopped,
-            compiled=compiled,
-            gradient_checkpointing=checkpointing,
+            compiled=setup.compiled,
+            gradient_checkpointing=setup.checkpointing,
             longest_tokens=self.longest,
+            cuda_graphs=setup.cuda_graphs,
         )
 
     def _agreed(self, should_stop: Callable[[], bool]) -> bool:
@@ -295,28 +361,89 @@ class Loop:
             return step.ends_epoch or step.number == len(self.plan)
         return t.eval == "steps" and step.number % t.eval_steps == 0
 
+    def decide(self) -> Setup:
+        """The run's checkpointing, compile, CUDA graphs and attention (see the module
+        docstring); ``true`` settings that cannot work here raise :class:`TrainingError`."""
+        t = self.cfg.train
+        config = self.causal_lm.config
+        checkpointing = use_gradient_checkpointing(
+            t.gradient_checkpointing,
+            config,
+            self.longest,
+            self.dtype,
+            self.device,
+            t.memory_budget_gb,
+        )
+        compiled = use_compile(t.compile, self.device, self.longest)
+        fits_twice = activations_fit(
+            config, self.longest, self.dtype, self.device, t.memory_budget_gb, copies=2
+        )
+        graphs = use_cuda_graphs(
+            t.cuda_graphs, self.device, self.info.distributed, checkpointing, fits_twice
+        )
+        return Setup(checkpointing, compiled, graphs, attention_kind(self.device, compiled))
+
     @contextlib.contextmanager
-    def _attached(self, checkpointing: bool, compiled: bool) -> Iterator[None]:
-        """The packed attention, checkpointing and compiled blocks for the loop's duration."""
+    def prepared(self) -> Iterator[Setup]:
+        """For the loop's duration: the packed attention, checkpointing, compiled blocks (a
+        failing compile stops the run with a message) and, with CUDA graphs, the graphed
+        micro-step, gradients allocated once and everything on the graphs' stream."""
+        setup = self.decide()
         lm = self.causal_lm
         before = lm.config._attn_implementation
         lm.set_attn_implementation(register())
-        if checkpointing:
+        self.attention = setup.attention
+        if setup.checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if compiled:
+        if setup.compiled:
             for block in lm.model.layers:
                 block.compile(fullgraph=True, dynamic=True)
+        stream = contextlib.nullcontext()
+        if setup.cuda_graphs:
+            rows = self.train_rows["input_ids"]
+            lengths = worth_capturing(
+                bucketed(sum(len(rows[i]) for i in indices))
+                for step in self.plan[self.step :]
+                for indices in step.micro_batches
+            )
+            self.graphed = GraphedSteps(self._micro_step, self.device, lengths)
+            stream = self.graphed.on_stream()
         try:
-            yield
+            with stream, loud_compile(setup.compiled):
+                if setup.cuda_graphs:
+                    for p in self.params:  # the captured backward accumulates into these
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                yield setup
         finally:
+            self.graphed = None
             lm.set_attn_implementation(before)
-            if checkpointing:
+            if setup.checkpointing:
                 lm.gradient_checkpointing_disable()
+            if setup.compiled:
+                # Undo Module.compile, so a later run on this model (bench workloads share it)
+                # decides for itself and never runs SDPA inside blocks compiled for flex.
+                for block in lm.model.layers:
+                    block._compiled_call_impl = None
 
     def _autocast(self):
+        # No cast cache: a cast cached during a CUDA graph capture would be replayed stale.
         return torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+            self.device.type,
+            dtype=self.dtype,
+            enabled=self.dtype != torch.float32,
+            cache_enabled=False,
         )
+
+    def _micro_step(self, inputs: StepInputs) -> torch.Tensor:
+        """Forward, loss and backward of one packed micro-batch, what a CUDA graph captures
+        (no host sync): its summed cross-entropy times its weight over the step's assistant
+        tokens, backpropagated into the ``.grad``s; returns that loss, detached."""
+        with self._autocast():
+            total = forward_loss(self.causal_lm, inputs.batch, self.attention, self.dtype)
+            loss = total * inputs.weight / inputs.items
+        loss.backward()
+        return loss.detach()
 
     def _pack(self, rows: dict[str, list[list[int]]], indices: list[int]) -> PackedBatch:
         return pack(
@@ -367,11 +494,11 @@ class Loop:
         try:
             losses = []
             for batch, (_, scale) in zip(batches, shares, strict=True):
-                with self._autocast():
-                    loss = forward_loss(self.causal_lm, batch.to(self.device), self.use_flex)
-                    loss = loss * scale / items if scale != 1 else loss / items
-                loss.backward()
-                losses.append(loss.detach())
+                if self.graphed is not None:
+                    losses.append(self.graphed(batch, scale, items))
+                else:
+                    inputs = StepInputs.create(batch, scale, items, self.device)
+                    losses.append(self._micro_step(inputs))
             stacked = torch.stack(losses)
             if self.info.distributed:
                 # Each rank's loss is its share of the global mean: the sum is the step's loss.
@@ -397,7 +524,8 @@ class Loop:
         self.learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Kept allocated under CUDA graphs: the captured backward adds into these tensors.
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # time the work, not its queueing
         self.metrics.step_done(time.perf_counter() - start)
@@ -426,7 +554,9 @@ class Loop:
             here, scale = self._share(indices)
             batch = self._pack(self.eval_rows, here)
             with self._autocast():
-                total = forward_loss(self.causal_lm, batch.to(self.device), self.use_flex)
+                total = forward_loss(
+                    self.causal_lm, batch.to(self.device), self.attention, self.dtype
+                )
             weighted.append(total * scale / items * len(indices))
             count += len(indices)
         self.model.train()

@@ -33,6 +33,35 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int) -> int:
     return per_layer * config.num_hidden_layers * dtype_bytes
 
 
+def free_budget_gb(device: torch.device, budget_gb: float | None) -> float | None:
+    """Device memory left for activations: ``budget_gb`` (default: the CUDA device's total)
+    minus what is allocated now (the weights); ``None`` on the CPU without a budget."""
+    if budget_gb is None:
+        if device.type != "cuda":
+            return None
+        budget_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    used_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0.0
+    return max(budget_gb - used_gb, 0.0)
+
+
+def activations_fit(
+    config: Any,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    budget_gb: float | None,
+    copies: int = 1,
+) -> bool | None:
+    """Whether ``copies`` x the activations of a ``tokens``-long micro-batch (no checkpointing)
+    fit :data:`HEADROOM` of the free budget; ``None`` when there is no budget to read (CPU)."""
+    free = free_budget_gb(device, budget_gb)
+    if free is None:
+        return None
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    need_gb = copies * activation_bytes_per_token(config, dtype_bytes) * tokens / GB
+    return need_gb <= HEADROOM * free
+
+
 def use_gradient_checkpointing(
     setting: bool | str,
     config: Any,
@@ -54,11 +83,4 @@ def use_gradient_checkpointing(
     """
     if setting != "auto":
         return bool(setting)
-    if budget_gb is None:
-        if device.type != "cuda":
-            return False
-        budget_gb = torch.cuda.get_device_properties(device).total_memory / GB
-    used_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0.0
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    need_gb = activation_bytes_per_token(config, dtype_bytes) * tokens / GB
-    return need_gb > HEADROOM * max(budget_gb - used_gb, 0.0)
+    return activations_fit(config, tokens, dtype, device, budget_gb) is False

@@ -9,7 +9,10 @@ what is left). tests/test_engine.py checks the order against the Trainer's own d
 A micro-batch's rows are concatenated into one sequence with positions restarting at 0 per row
 (padding-free), then padded to a multiple of ``bucket`` tokens so compiled code sees few shapes.
 The loss positions are those whose next token is an assistant (completion) token of the same
-row: the hidden state at position ``p`` predicts token ``p + 1``.
+row: the hidden state at position ``p`` predicts token ``p + 1``. They are padded to the packed
+length (target :data:`IGNORE`, which the cross-entropy skips), so every tensor a micro-batch
+feeds the model and the loss has a shape set by its bucket alone: one packed length, one set of
+shapes (what a CUDA graph per bucket needs, and what keeps compiled code from recompiling).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 
 # Packed lengths are rounded up to a multiple of this (flex_attention's block size).
 BUCKET = 128
+# The target of a padding loss position: cross-entropy's ``ignore_index`` (no loss, no gradient).
+IGNORE = -100
 
 
 @dataclass
@@ -99,8 +104,8 @@ class PackedBatch:
         input_ids: ``[1, L]`` token ids, ``L`` a multiple of the bucket; padding is ``pad_id``.
         position_ids: ``[1, L]`` positions restarting at 0 for every row (0 on padding).
         doc_ids: ``[L]`` int32 row index within the batch, ``-1`` on padding.
-        loss_positions: ``[N]`` positions whose next token carries loss.
-        loss_targets: ``[N]`` those next tokens.
+        loss_positions: ``[L]`` positions whose next token carries loss, then ``0`` up to ``L``.
+        loss_targets: ``[L]`` those next tokens, then :data:`IGNORE` up to ``L``.
         tokens: non-pad tokens.
         rows: rows packed.
     """
@@ -164,13 +169,15 @@ def pack(
                 loss_pos.append(start + i - 1)
                 targets.append(row_ids[i])
     tokens = len(ids)
-    pad = bucketed(tokens, bucket) - tokens
+    length = bucketed(tokens, bucket)
+    pad = length - tokens
+    unused = length - len(loss_pos)
     return PackedBatch(
         input_ids=torch.tensor([ids + [pad_id] * pad]),
         position_ids=torch.tensor([positions + [0] * pad]),
         doc_ids=torch.tensor(docs + [-1] * pad, dtype=torch.int32),
-        loss_positions=torch.tensor(loss_pos, dtype=torch.long),
-        loss_targets=torch.tensor(targets, dtype=torch.long),
+        loss_positions=torch.tensor(loss_pos + [0] * unused, dtype=torch.long),
+        loss_targets=torch.tensor(targets + [IGNORE] * unused, dtype=torch.long),
         tokens=tokens,
         rows=len(input_ids),
     )

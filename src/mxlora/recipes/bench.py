@@ -629,6 +629,7 @@ def _time_mxlora(model, tokenizer, cfg, dataset, device, run_dir, info=None):
     result = loop.run()
     extra = {
         "compiled": result.compiled,
+        "cuda_graphs": result.cuda_graphs,
         "gradient_checkpointing": result.gradient_checkpointing,
     }
     loss = statistics.fmean(loop.history.losses)
@@ -656,7 +657,7 @@ def _time_trl(model, tokenizer, cfg, dataset, device, run_dir, info=None):
     trainer.remove_callback(PrinterCallback)
     output = trainer.train()
     padded = trainer.padded_tokens_per_step()
-    extra = {"compiled": False, "gradient_checkpointing": checkpointing}
+    extra = {"compiled": False, "cuda_graphs": False, "gradient_checkpointing": checkpointing}
     return timer.times, timer.tokens, padded, output.training_loss, extra
 
 

@@ -169,6 +169,7 @@ class EngineStats:
     stopped: bool
     gradient_checkpointing: bool
     compiled: bool
+    cuda_graphs: bool = False
 
 
 def train(
@@ -331,6 +332,7 @@ def fit(
             "dtype": str(dtype).removeprefix("torch."),
             "gradient_checkpointing": stats.gradient_checkpointing,
             "compiled": stats.compiled,
+            "cuda_graphs": stats.cuda_graphs,
             "steps": stats.steps,
             "epochs": stats.epoch,
             "train_rows": len(data.train),
@@ -437,6 +439,7 @@ class Engine:
             stopped=result.stopped,
             gradient_checkpointing=result.gradient_checkpointing,
             compiled=result.compiled,
+            cuda_graphs=result.cuda_graphs,
         )
 
     def trl(self, checkpoint: Path | None, should_stop: Callable[[], bool]) -> EngineStats:

@@ -1,0 +1,175 @@
+"""CUDA graphs of the training micro-step, one per packed length (bucket).
+
+A short-row step of gpt-oss is host-bound: thousands of kernel launches, each cheap on the GPU.
+Since a packed micro-batch's shapes depend on its bucket alone (:mod:`mxlora.engine.packing`),
+forward, loss and backward of one micro-batch can be captured once per bucket into a
+``torch.cuda.CUDAGraph`` and replayed: one launch instead of thousands.
+
+:class:`GraphedSteps` keeps, per bucket, static input buffers (:class:`StepInputs`) and the
+graph. Only buckets the run trains at least :data:`MIN_USES` times are captured
+(:func:`worth_capturing`; the plan is known in advance): a capture costs about one eager
+micro-step of host time and each replay saves about one, so a bucket met once or twice (the
+longest batches of an epoch, typically) runs eagerly. The first micro-batch of a bucket runs eagerly on those buffers (it is the warm-up
+PyTorch's docs prescribe before a capture, and its result is the real one: loss and gradients
+count), then the same call is captured (capture runs nothing). Later micro-batches of that bucket
+are copied into the buffers (``copy_``) and the graph is replayed. Rules the caller keeps:
+
+- everything runs on one side stream (:attr:`GraphedSteps.stream`): warm-up and capture must not
+  use the default stream, and one stream keeps the caching allocator from splitting memory;
+- the trainable parameters' ``.grad`` exist before the first call and are zeroed in place
+  (``zero_grad(set_to_none=False)``): the captured backward accumulates into those tensors;
+- no host sync inside the step (a ``.item()`` or ``.tolist()`` there fails the capture); the
+  caller reads the losses after the replays;
+- autocast runs with ``cache_enabled=False`` (a cast cached in one capture must not leak into the
+  next).
+
+All buckets' graphs share one memory pool: a graph's memory holds only temporaries (inputs,
+gradients and the loss live outside it), so graphs run one after another can reuse it.
+
+On the CPU (tests) the same bookkeeping runs with eager calls in place of replays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mxlora.engine.packing import PackedBatch
+from mxlora.engine.run_folder import TrainingError
+
+# A packed length is captured when the run trains it at least this often (module docstring).
+MIN_USES = 3
+
+
+def worth_capturing(lengths: Iterable[int]) -> set[int]:
+    """The packed lengths among the run's micro-batch ``lengths`` met :data:`MIN_USES` times or
+    more."""
+    return {length for length, uses in Counter(lengths).items() if uses >= MIN_USES}
+
+
+@dataclass
+class StepInputs:
+    """What one micro-step reads, on the device.
+
+    Attributes:
+        batch: the packed micro-batch (its tensors; ``tokens``/``rows`` are host bookkeeping).
+        weight: 0-dim fp32, this process's weight for the micro-batch (1, or 0 for a rank's
+            stand-in row).
+        items: 0-dim fp32, the optimizer step's assistant-token count (the loss's divisor).
+    """
+
+    batch: PackedBatch
+    weight: torch.Tensor
+    items: torch.Tensor
+
+    @classmethod
+    def create(
+        cls, batch: PackedBatch, weight: float, items: int, device: torch.device
+    ) -> StepInputs:
+        """Fresh device tensors holding ``batch``, ``weight`` and ``items``."""
+        scalar = {"dtype": torch.float32, "device": device}
+        return cls(
+            batch.to(device),
+            torch.full((), float(weight), **scalar),
+            torch.full((), float(items), **scalar),
+        )
+
+    def fill(self, batch: PackedBatch, weight: float, items: int) -> None:
+        """Copy a micro-batch of the same packed length into these buffers (in place)."""
+        mine = self.batch
+        for name in ("input_ids", "position_ids", "doc_ids", "loss_positions", "loss_targets"):
+            getattr(mine, name).copy_(getattr(batch, name), non_blocking=True)
+        mine.tokens, mine.rows = batch.tokens, batch.rows
+        self.weight.fill_(float(weight))
+        self.items.fill_(float(items))
+
+
+@dataclass
+class _Bucket:
+    inputs: StepInputs
+    loss: torch.Tensor  # the captured step writes its loss here
+    graph: torch.cuda.CUDAGraph | None  # None on the CPU
+
+
+class GraphedSteps:
+    """Forward + loss + backward of a micro-batch, captured and replayed per packed length.
+
+    Args:
+        step: runs one micro-step on :class:`StepInputs` (backward included) and returns its
+            loss, detached; no host sync inside.
+        device: the training device; on a CPU device nothing is captured (the replays are
+            eager calls on the same static buffers, for tests).
+        lengths: the packed lengths to capture (:func:`worth_capturing`); others run eagerly.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[StepInputs], torch.Tensor],
+        device: torch.device,
+        lengths: Collection[int],
+    ) -> None:
+        self.step = step
+        self.device = device
+        self.lengths = set(lengths)
+        self.buckets: dict[int, _Bucket] = {}
+        self.cuda = device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.replays = 0
+
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Run the caller's work (every step, eager and replayed) on :attr:`stream`, ordered
+        after what the current stream queued before and before what it queues after."""
+        if self.stream is None:
+            yield
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            current.wait_stream(self.stream)
+
+    def __call__(self, batch: PackedBatch, weight: float, items: int) -> torch.Tensor:
+        """The micro-step on ``batch`` (host tensors); its loss, a tensor of its own."""
+        if batch.length not in self.lengths:
+            return self.step(StepInputs.create(batch, weight, items, self.device))
+        bucket = self.buckets.get(batch.length)
+        if bucket is None:
+            return self._first(batch, weight, items)
+        bucket.inputs.fill(batch, weight, items)
+        self.replays += 1
+        if bucket.graph is None:
+            bucket.loss.copy_(self.step(bucket.inputs))
+        else:
+            bucket.graph.replay()
+        return bucket.loss.clone()  # the next replay overwrites the static one
+
+    def _first(self, batch: PackedBatch, weight: float, items: int) -> torch.Tensor:
+        """Run a new bucket's first micro-batch eagerly on its static buffers, then capture."""
+        inputs = StepInputs.create(batch, weight, items, self.device)
+        loss = self.step(inputs)
+        static_loss = torch.empty_like(loss)
+        graph = None
+        if self.cuda:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                    static_loss.copy_(self.step(inputs))
+            except RuntimeError as e:
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise TrainingError(
+                    f"train.cuda_graphs: capturing the micro-step of packed length "
+                    f"{batch.length} failed ({type(e).__name__}: {first}); set "
+                    f"train.cuda_graphs=false to train without CUDA graphs"
+                ) from e
+        self.buckets[batch.length] = _Bucket(inputs, static_loss, graph)
+        return loss
