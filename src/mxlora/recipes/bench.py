@@ -565,6 +565,12 @@ def time_workload(
     cfg = dataclasses.replace(cfg, train=run)
     rows = workload.batch * (warmup + (steps or 0))
     dataset = workload_dataset(workload, tokenizer, cfg.train.max_len, rows, bench.seed)
+    if cfg.train.fsdp:
+        from mxlora.distributed import shard_model
+
+        # Sharded before the peaks are reset (the loop's own call is then a no-op): the peak is
+        # training's, not that of sharding a model each rank generated whole.
+        shard_model(model, info)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
