@@ -26,7 +26,6 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from mxlora.engine.loop import Loop, loud_compile, use_compile
-from mxlora.engine.memory import use_gradient_checkpointing
 from mxlora.model.load import default_device, load_model, resolve_dtype
 from mxlora.model.lora import apply_lora
 from mxlora.recipes.bench import BenchConfig, load_bench_config, variant_config, workload_dataset
@@ -80,15 +79,8 @@ def profile_workload(
             metrics,
             Path(folder),
         )
-        checkpointing = use_gradient_checkpointing(
-            run.gradient_checkpointing,
-            loop.causal_lm.config,
-            loop.longest,
-            dtype,
-            device,
-            run.memory_budget_gb,
-        )
         compiled = use_compile(run.compile, device)
+        checkpointing = loop.checkpointed_blocks(compiled)
         metrics.begin(0)
         with loop._attached(checkpointing, compiled), loud_compile(compiled):
             for step in loop.plan[:warm]:
@@ -111,7 +103,7 @@ def profile_workload(
         "busy_s": sum(e.self_device_time_total for e in kernels) / profiled / 1e6,
         "launches": sum(e.count for e in kernels) / profiled,
         "compiled": compiled,
-        "checkpointing": checkpointing,
+        "checkpointing": f"{checkpointing} of {len(loop.causal_lm.model.layers)}",
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0,
         "table": events.table(
             sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=16

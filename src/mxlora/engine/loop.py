@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -39,14 +40,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import get_scheduler
 
 from mxlora.config import TrainingConfig
 from mxlora.distributed import DistInfo, all_reduce_grads, shard_batch, shard_model
 from mxlora.engine.attention import build_masks, register
 from mxlora.engine.loss import chunked_loss
-from mxlora.engine.memory import use_gradient_checkpointing
-from mxlora.engine.packing import PackedBatch, Step, bucketed, pack, plan_steps
+from mxlora.engine.memory import checkpointed_blocks
+from mxlora.engine.packing import (
+    PackedBatch,
+    Step,
+    bucketed,
+    longest_packed,
+    pack,
+    plan_steps,
+)
 from mxlora.engine.run_folder import (
     NonFiniteLossError,
     TrainingError,
@@ -55,6 +64,7 @@ from mxlora.engine.run_folder import (
     nonfinite_message,
     oom_message,
 )
+from mxlora.model.load import held_experts
 from mxlora.report.metrics import MetricsLog
 from mxlora.report.writer import write_json
 
@@ -73,7 +83,9 @@ class LoopResult:
         tokens: non-pad tokens trained, whole run.
         stopped: ``should_stop`` ended the run early (a checkpoint holds where it stopped).
         compiled: the decoder blocks ran under ``torch.compile``.
-        gradient_checkpointing: activations were recomputed in the backward.
+        checkpointed: decoder blocks (the first ones) that recomputed their activations in the
+            backward (:mod:`mxlora.engine.memory`).
+        blocks: decoder blocks of the model.
         longest_tokens: tokens of the longest packed micro-batch (bucketed).
     """
 
@@ -82,8 +94,14 @@ class LoopResult:
     tokens: int
     stopped: bool
     compiled: bool
-    gradient_checkpointing: bool
+    checkpointed: int
+    blocks: int
     longest_tokens: int
+
+    @property
+    def checkpointed_blocks(self) -> str:
+        """``"k of n"``, as reports show it."""
+        return f"{self.checkpointed} of {self.blocks}"
 
 
 @dataclass
@@ -126,8 +144,13 @@ def loud_compile(active: bool) -> Iterator[None]:
 def forward_loss(model: torch.nn.Module, batch: PackedBatch, use_flex: bool) -> torch.Tensor:
     """Summed cross-entropy of one packed micro-batch (``model``: the ``...ForCausalLM``)."""
     masks = build_masks(batch.doc_ids, model.config.sliding_window, use_flex)
+    # No KV cache: training never reads one, and a checkpointed block's recompute would append
+    # its keys and values a second time.
     out = model.model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=masks
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=masks,
+        use_cache=False,
     )
     hidden = out.last_hidden_state[0]
     return chunked_loss(hidden, model.lm_head, batch.loss_positions, batch.loss_targets)
@@ -182,11 +205,7 @@ class Loop:
         self.plan: list[Step] = plan_steps(
             len(train_rows["input_ids"]), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed
         )
-        self.longest = max(
-            bucketed(sum(len(train_rows["input_ids"][i]) for i in rows))
-            for step in self.plan
-            for rows in step.micro_batches
-        )
+        self.longest = longest_packed([len(ids) for ids in train_rows["input_ids"]], self.plan)
         if self.info.world_size > 1 and t.batch_size < self.info.world_size:
             raise TrainingError(
                 f"train.batch_size: {t.batch_size} rows per micro-batch cannot give each of "
@@ -229,20 +248,13 @@ class Loop:
     ) -> LoopResult:
         """Train to the end of the plan (or until ``should_stop``); see the module docstring."""
         t = self.cfg.train
-        checkpointing = use_gradient_checkpointing(
-            t.gradient_checkpointing,
-            self.causal_lm.config,
-            self.longest,
-            self.dtype,
-            self.device,
-            t.memory_budget_gb,
-        )
         compiled = use_compile(t.compile, self.device)
+        checkpointed = self.checkpointed_blocks(compiled)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.metrics.begin(self.tokens, len(self.plan))
         stopped = False
-        with self._attached(checkpointing, compiled), loud_compile(compiled):
+        with self._attached(checkpointed, compiled), loud_compile(compiled):
             window: list[float] = []
             for step in self.plan[self.step :]:
                 window.append(self.train_step(step))
@@ -276,7 +288,8 @@ class Loop:
             tokens=self.tokens,
             stopped=stopped,
             compiled=compiled,
-            gradient_checkpointing=checkpointing,
+            checkpointed=checkpointed,
+            blocks=len(self.causal_lm.model.layers),
             longest_tokens=self.longest,
         )
 
@@ -295,23 +308,33 @@ class Loop:
             return step.ends_epoch or step.number == len(self.plan)
         return t.eval == "steps" and step.number % t.eval_steps == 0
 
+    def checkpointed_blocks(self, compiled: bool) -> int:
+        """``train.gradient_checkpointing`` resolved for this run's longest micro-batch
+        (:func:`mxlora.engine.memory.checkpointed_blocks`)."""
+        t = self.cfg.train
+        return checkpointed_blocks(
+            t.gradient_checkpointing,
+            self.model,
+            held_experts(self.model),
+            self.longest,
+            self.dtype,
+            self.device,
+            t.memory_budget_gb,
+            compiled,
+        )
+
     @contextlib.contextmanager
-    def _attached(self, checkpointing: bool, compiled: bool) -> Iterator[None]:
-        """The packed attention, checkpointing and compiled blocks for the loop's duration."""
+    def _attached(self, checkpointed: int, compiled: bool) -> Iterator[None]:
+        """The packed attention, compiled blocks and checkpointing of the first
+        ``checkpointed`` blocks for the loop's duration."""
         lm = self.causal_lm
         before = lm.config._attn_implementation
         lm.set_attn_implementation(register())
-        if checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if compiled:
-            for block in lm.model.layers:
-                block.compile(fullgraph=True, dynamic=True)
         try:
-            yield
+            with blocks_attached(lm.model.layers, checkpointed, compiled):
+                yield
         finally:
             lm.set_attn_implementation(before)
-            if checkpointing:
-                lm.gradient_checkpointing_disable()
 
     def _autocast(self):
         return torch.autocast(
@@ -504,6 +527,42 @@ class Loop:
             self.optimizer,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
+
+
+@contextlib.contextmanager
+def blocks_attached(
+    blocks: torch.nn.ModuleList, checkpointed: int, compiled: bool
+) -> Iterator[None]:
+    """Checkpoint the first ``checkpointed`` decoder blocks and compile them all, for the
+    duration (compilation stays).
+
+    A checkpointed block's forward is set on the instance: non-reentrant
+    ``torch.utils.checkpoint`` around the (compiled) class forward. Module hooks (FSDP2's) stay
+    outside the recompute, and the recompute runs the same compiled graph. The other blocks
+    compile whole (``Module.compile``). ``fullgraph=True``: a graph break is an error
+    (:func:`loud_compile`).
+    """
+    chosen = list(blocks)[:checkpointed]
+    for index, block in enumerate(blocks):
+        if index < checkpointed:
+            forward = block.forward
+            if compiled:
+                forward = torch.compile(forward, fullgraph=True, dynamic=True)
+            block.forward = functools.partial(recomputed, forward)
+        elif compiled:
+            block.compile(fullgraph=True, dynamic=True)
+    try:
+        yield
+    finally:
+        for block in chosen:
+            del block.forward  # the class's forward again
+
+
+def recomputed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``forward(*args, **kwargs)`` keeping only its inputs; the backward runs it again
+    (non-reentrant ``torch.utils.checkpoint``, which takes keyword arguments and non-tensor
+    inputs such as block masks)."""
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -135,6 +135,14 @@ def bucketed(length: int, bucket: int = BUCKET) -> int:
     return max(math.ceil(length / bucket), 1) * bucket
 
 
+def longest_packed(lengths: Sequence[int], plan: Sequence[Step]) -> int:
+    """Tokens of the plan's longest micro-batch once packed (bucketed): what the memory plan
+    (:mod:`mxlora.engine.memory`) sizes for. ``lengths``: each train row's token count."""
+    return max(
+        bucketed(sum(lengths[i] for i in rows)) for step in plan for rows in step.micro_batches
+    )
+
+
 def pack(
     input_ids: Sequence[Sequence[int]],
     completion_masks: Sequence[Sequence[int]],
