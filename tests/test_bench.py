@@ -162,6 +162,7 @@ def test_shipped_configs_load():
         "seed",
         "default",
         "default-20gb",
+        "default-24gb",
         "hf-best",
         "seed-eager-experts",
         "mxfp4",
@@ -179,6 +180,7 @@ def test_shipped_configs_load():
     assert big.variants[1].overrides == []
     assert big.variants[2].overrides == ["train.memory_budget_gb=20"]
     assert variant_config(big, big.variants[2]).train.memory_budget_gb == 20
+    assert variant_config(big, big.variants[3]).train.memory_budget_gb == 24
     epochs = {w.name: w for w in big.workloads if w.epoch}
     assert {name: (w.batch, w.data.select, w.data.test_size) for name, w in epochs.items()} == {
         "quotes-epoch": (4, 1000, 0.2),  # 800 train rows, as the notebook's quotes run
