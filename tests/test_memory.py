@@ -262,3 +262,27 @@ def test_first_k_compiled_blocks_checkpointed_train_alike_on_cuda():
         assert loss == pytest.approx(loss0, rel=1e-2)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, grads0[name], rtol=5e-2, atol=1e-3, msg=name)
+
+
+def test_the_plan_sizes_for_the_longest_share_a_process_packs(tmp_path):
+    """Under a launcher each process packs its share of a micro-batch: the memory plan sizes
+    for the longest share, not the whole micro-batch (which no process holds)."""
+    from mxlora.config import TrainingConfig, from_dict
+    from mxlora.distributed import DistInfo
+    from mxlora.engine.loop import Loop
+    from mxlora.report.metrics import MetricsLog
+
+    peft, _ = tiny_model("mxfp4", "float32", layers="tiny:layers=2")
+    lengths = [300, 100, 50, 250]  # one micro-batch of 4; shares [300, 100] and [50, 250]
+    rows = {"input_ids": [[5] * n for n in lengths], "completion_mask": [[1] * n for n in lengths]}
+    cfg = from_dict(TrainingConfig, {"train": {"batch_size": 4, "seed": 0}})
+    cpu = torch.device("cpu")
+
+    def longest(world_size: int) -> int:
+        metrics = MetricsLog(tmp_path / f"metrics-{world_size}.jsonl", cpu, print_lines=False)
+        info = DistInfo(rank=0, world_size=world_size)
+        args = (cfg, peft, rows, None, 0, cpu, torch.float32, metrics, tmp_path)
+        return Loop(*args, info=info).longest
+
+    assert longest(1) == 768  # 700 tokens, bucketed to 128
+    assert longest(2) == 512  # the larger share: 400 tokens

@@ -86,7 +86,7 @@ class LoopResult:
         checkpointed: decoder blocks (the first ones) that recomputed their activations in the
             backward (:mod:`mxlora.engine.memory`).
         blocks: decoder blocks of the model.
-        longest_tokens: tokens of the longest packed micro-batch (bucketed).
+        longest_tokens: tokens of the longest packed micro-batch a process runs (bucketed).
     """
 
     steps: int
@@ -205,7 +205,9 @@ class Loop:
         self.plan: list[Step] = plan_steps(
             len(train_rows["input_ids"]), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed
         )
-        self.longest = longest_packed([len(ids) for ids in train_rows["input_ids"]], self.plan)
+        self.longest = longest_packed(
+            [len(ids) for ids in train_rows["input_ids"]], self.plan, self._shares
+        )
         if self.info.world_size > 1 and t.batch_size < self.info.world_size:
             raise TrainingError(
                 f"train.batch_size: {t.batch_size} rows per micro-batch cannot give each of "
@@ -366,6 +368,11 @@ class Loop:
         if len(indices) < info.world_size:
             return (indices, 1) if info.is_main else (indices[:1], 0)
         return shard_batch(indices, info), 1
+
+    def _shares(self, indices: list[int]) -> list[list[int]]:
+        """Every rank's rows of a global (micro-)batch."""
+        ranks = range(self.info.world_size)
+        return [self._share(indices, dataclasses.replace(self.info, rank=r))[0] for r in ranks]
 
     def _packed_over_ranks(self, indices: list[int]) -> int:
         """Packed (bucketed) tokens of a micro-batch summed over the ranks' weighted shares (on
