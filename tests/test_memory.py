@@ -22,6 +22,7 @@ from mxlora.engine.loop import blocks_attached, forward_loss
 from mxlora.engine.memory import (
     GB,
     HEADROOM,
+    all_blocks,
     block_costs,
     checkpointed_blocks,
     loss_bytes,
@@ -203,6 +204,10 @@ def test_auto_checkpoints_the_fewest_blocks_that_fit(gpt_oss_20b):
     assert peak_bytes(costs, k, 8192, extra) <= free * GB < peak_bytes(costs, k - 1, 8192, extra)
     # Eager blocks keep about twice as much: more of them recompute under the same budget.
     assert decide("auto", 8192, 30.0, compiled=False) > k
+    # TRL's padded step takes the loss from full logits: at 4 x 1024 it needs checkpointing
+    # (all blocks) under a budget the chunked loss fits without.
+    assert decide("auto", 4096, 52.0, compiled=False) == 0
+    assert all_blocks("auto", model, "mxfp4", 4096, bf16, cpu, 52.0, held_gb)
     # A larger budget never checkpoints more.
     counts = [decide("auto", 8192, b) for b in (20, 24, 30, 40, 60, 80)]
     assert counts == sorted(counts, reverse=True)

@@ -192,12 +192,14 @@ def block_costs(
     return [block_cost(config, lora, experts, dtype, compiled) for lora in block_loras(model)]
 
 
-def loss_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
-    """The loss chunk's logits at their peak (:mod:`mxlora.engine.loss`)."""
+def loss_bytes(config: Any, tokens: int, dtype: torch.dtype, full_logits: bool = False) -> int:
+    """The loss's logits at their peak: one chunk of :mod:`mxlora.engine.loss`, or every
+    position's (``full_logits``: the model-computed logits TRL's step takes the loss from)."""
     from mxlora.engine.loss import CHUNK
 
     d = torch.empty((), dtype=dtype).element_size()
-    return min(CHUNK, tokens) * config.vocab_size * (d + LOSS_BYTES_PER_LOGIT_FP32 * FP32)
+    rows = tokens if full_logits else min(CHUNK, tokens)
+    return rows * config.vocab_size * (d + LOSS_BYTES_PER_LOGIT_FP32 * FP32)
 
 
 def trainable_bytes(model: torch.nn.Module) -> int:
@@ -208,13 +210,17 @@ def trainable_bytes(model: torch.nn.Module) -> int:
 
 
 def peak_bytes(costs: list[BlockCost], checkpointed: int, tokens: int, extra: int) -> int:
-    """Estimated activation peak with the first ``checkpointed`` blocks checkpointed: every
-    block's saved tensors (a checkpointed one: its input), plus ``extra`` (the loss chunk) or the
-    recompute of the largest checkpointed block, whichever is larger."""
-    kept = sum(c.checkpointed_per_token * tokens for c in costs[:checkpointed])
-    kept += sum(c.saved(tokens) for c in costs[checkpointed:])
+    """Estimated activation peak with the first ``checkpointed`` blocks checkpointed.
+
+    The larger of two moments: the end of the forward (every block's saved tensors, a
+    checkpointed one's input only, plus ``extra``, the loss's logits), and the recompute of a
+    checkpointed block in the backward, which comes after every later block's backward has
+    freed its tensors (the checkpointed inputs plus that block's saved tensors).
+    """
+    inputs = sum(c.checkpointed_per_token * tokens for c in costs[:checkpointed])
+    kept = inputs + sum(c.saved(tokens) for c in costs[checkpointed:])
     recompute = max((c.saved(tokens) for c in costs[:checkpointed]), default=0)
-    return kept + max(extra, recompute)
+    return max(kept + extra, inputs + recompute)
 
 
 def plan_checkpointing(
@@ -254,6 +260,7 @@ def checkpointed_blocks(
     budget_gb: float | None,
     compiled: bool,
     held_gb: float | None = None,
+    full_logits: bool = False,
 ) -> int:
     """Resolve ``train.gradient_checkpointing`` to a number of blocks (the first ones).
 
@@ -269,6 +276,7 @@ def checkpointed_blocks(
         compiled: the blocks run under ``torch.compile`` (they save about half as much).
         held_gb: device memory already held (the weights); ``None``: what CUDA has allocated
             on ``device`` (0 elsewhere).
+        full_logits: the loss is taken from every position's logits (TRL), not a chunk.
     """
     costs = block_costs(model, experts, dtype, compiled)
     if setting != "auto":
@@ -282,7 +290,7 @@ def checkpointed_blocks(
     config = decoder_layers(model)[0].self_attn.config
     free_gb = HEADROOM * budget_gb - held_gb - trainable_bytes(model) / GB
     return plan_checkpointing(
-        setting, costs, tokens, loss_bytes(config, tokens, dtype), max(free_gb, 0.0)
+        setting, costs, tokens, loss_bytes(config, tokens, dtype, full_logits), max(free_gb, 0.0)
     )
 
 
@@ -296,9 +304,10 @@ def all_blocks(
     budget_gb: float | None,
     held_gb: float | None = None,
 ) -> bool:
-    """The all-or-nothing form (TRL's ``gradient_checkpointing``, eager blocks): on when
-    :func:`checkpointed_blocks` would checkpoint any block."""
+    """The all-or-nothing form for TRL's padded step (its ``gradient_checkpointing``): eager
+    blocks and the loss from full logits; on when :func:`checkpointed_blocks` would checkpoint
+    any block. Eager attention's ``[rows, heads, length, length]`` scores are not counted."""
     blocks = checkpointed_blocks(
-        setting, model, experts, tokens, dtype, device, budget_gb, False, held_gb
+        setting, model, experts, tokens, dtype, device, budget_gb, False, held_gb, True
     )
     return blocks > 0
