@@ -107,8 +107,11 @@ def flex_forward_on_cpu(monkeypatch):
     monkeypatch.setattr(flex_module, "_validate_device", lambda *args, **kwargs: None)
 
 
-def assert_estimate_matches(experts: str, compiled: bool, dropout: float = 0.0) -> None:
-    peft, lm = tiny_model(experts, "bfloat16", dropout)
+def assert_estimate_matches(
+    experts: str, compiled: bool, dropout: float = 0.0, dtype: str = "bfloat16"
+) -> None:
+    peft, lm = tiny_model(experts, dtype, dropout)
+    compute = getattr(torch, dtype)
     if compiled:
         # AOTAutograd with the min-cut partitioner inductor uses (what is saved, what is
         # recomputed), without generating code.
@@ -116,8 +119,8 @@ def assert_estimate_matches(experts: str, compiled: bool, dropout: float = 0.0) 
             block.compile(backend="aot_eager_decomp_partition", fullgraph=True, dynamic=True)
     packed = batch([600, 300, 124])  # 1024 tokens, three documents
     tokens = packed.input_ids.numel()
-    measured = saved_bytes_per_block(lm, packed, True, torch.bfloat16)
-    costs = block_costs(peft, experts, torch.bfloat16, compiled)
+    measured = saved_bytes_per_block(lm, packed, True, compute)
+    costs = block_costs(peft, experts, compute, compiled)
     if not dropout:
         assert costs[1].per_token > costs[2].per_token  # expert LoRA keeps more
     # Block 0 is left out: its input carries no gradient (frozen embeddings), so its first norm
@@ -133,10 +136,16 @@ def assert_estimate_matches(experts: str, compiled: bool, dropout: float = 0.0) 
 
 
 @pytest.mark.parametrize(
-    ("experts", "dropout"), [("mxfp4", 0.0), ("dequantize-bf16", 0.0), ("mxfp4", 0.1)]
+    ("experts", "dropout", "dtype"),
+    [
+        ("mxfp4", 0.0, "bfloat16"),
+        ("dequantize-bf16", 0.0, "bfloat16"),
+        ("mxfp4", 0.1, "bfloat16"),
+        ("mxfp4", 0.0, "float32"),
+    ],
 )
-def test_estimate_is_what_an_eager_block_saves(flex_forward_on_cpu, experts, dropout):
-    assert_estimate_matches(experts, compiled=False, dropout=dropout)
+def test_estimate_is_what_an_eager_block_saves(flex_forward_on_cpu, experts, dropout, dtype):
+    assert_estimate_matches(experts, compiled=False, dropout=dropout, dtype=dtype)
 
 
 @pytest.mark.slow

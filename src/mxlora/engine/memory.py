@@ -19,16 +19,22 @@ the engine's configuration (packed flex attention, MXFP4 or dense experts, LoRA 
 :func:`torch.autograd.graph.saved_tensors_hooks` sees them (tests/test_memory.py pins it to the
 measured bytes):
 
-* eager blocks: each norm's fp32 copy and ``rsqrt``; the attention input kept by the LoRA
-  factors, each LoRA factor's rank-wide middle; flex's ``q, k, v, out`` with its fp32 log-sum-exp
-  and running max, the sink scale, ``o_proj``'s input; the router's top-k indices and scores;
-  the experts' sort order, ``gate_up`` output, the gate's four intermediates, the expert outputs
-  and routing weights, and with expert LoRA the gathered input / gated activation and the
-  factors' middles (MXFP4) or the dense ``W + ΔW`` that PEFT forms (dequantized experts: a
-  per-block constant, ``E x in x out``);
-* compiled blocks (``torch.compile``): AOTAutograd's partitioner recomputes the cheap pointwise
-  work in the backward, so the norms keep their compute-dtype input and the gate's
-  intermediates, flex's running max and the sink scale are not kept (about half of eager).
+* both: flex's ``q, k, v, out`` and fp32 log-sum-exp; each LoRA factor's rank-wide middle
+  (one byte a value more for a dropout mask); the router's top-k indices and scores; the
+  experts' sort order and token index, ``gate_up`` output, expert outputs and routing weights;
+  with expert LoRA the projection's gathered input and the factors' middles (MXFP4), or the
+  dense ``W + ΔW`` PEFT forms (dequantized experts: a per-block constant, ``E x in x out``);
+* eager blocks: each norm's fp32 copy of its input and ``rsqrt``; each adapted attention
+  projection's own copy of its input (PEFT casts it to the fp32 LoRA weights, autocast back);
+  flex's running max and the sink scale; the gate's four intermediates; the combine's source
+  (MXFP4) or one more index (dense);
+* compiled blocks (``torch.compile``): AOTAutograd's partitioner recomputes the cheap
+  pointwise work in the backward instead: the norms keep their input in the compute dtype and
+  ``rsqrt``, the attention and MLP inputs are kept once, and nothing of the gate or the sink
+  scale is kept (about half of eager).
+
+The peak is the larger of the end of the forward (all of the above plus the loss's logits) and
+a checkpointed block's recompute (:func:`peak_bytes`).
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ GB = 1e9
 # Share of the budget the estimate may fill: allocator slack and the backward's own transients
 # (one block's activation gradients) take the rest.
 HEADROOM = 0.9
-# Bytes per logit of the loss chunk at its peak (its backward): the logits in the compute dtype,
-# their fp32 copy, log-softmax and gradient.
+# fp32 tensors per logit of the loss at its peak (the chunk's backward), besides the logits in the
+# compute dtype: their fp32 copy, the log-softmax and its gradient.
 LOSS_BYTES_PER_LOGIT_FP32 = 3
 FP32 = 4
 INT64 = 8
@@ -59,7 +65,7 @@ class BlockLora:
     Attributes:
         attention: rank of each adapted attention projection, by name (``q_proj`` ...).
         experts: rank of each adapted expert projection (``gate_up_proj``, ``down_proj``).
-        dropout: LoRA dropout (each adapted projection keeps its dropped input and mask).
+        dropout: LoRA dropout (each adapted projection keeps its mask).
     """
 
     attention: dict[str, int]
