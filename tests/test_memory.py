@@ -4,8 +4,9 @@
   (``saved_tensors_hooks``, storages counted once, parameters excluded) in the engine's
   configuration: bf16 autocast, packed flex attention with its block masks, LoRA on attention
   and experts, MXFP4 and dequantized experts, eager (default tier) and compiled (slow tier);
-- on gpt-oss-20b at 4 x 2048 the estimate reproduces the H100's measured peaks with no and with
-  every block checkpointed, and ``auto`` picks the fewest blocks that fit the budget;
+- the estimate reproduces the H100's measured peaks (gpt-oss-20b at 4 x 2048 with no and with
+  every block checkpointed, gpt-oss-120b at 4 x 1024 with every block), and ``auto`` picks the
+  fewest blocks that fit the budget;
 - checkpointing the first k of n blocks leaves the loss and LoRA gradients unchanged (fp32) and
   keeps nothing of exactly those blocks.
 """
@@ -158,35 +159,47 @@ def test_estimate_is_what_a_compiled_block_saves(flex_forward_on_cpu):
         torch._dynamo.reset()
 
 
-@pytest.fixture(scope="module")
-def gpt_oss_20b():
-    """gpt-oss-20b with the seed's LoRA on the meta device, and its frozen weights' bytes."""
+def meta_gpt_oss(name: str, expert_layers: list[int]):
+    """A full-size gpt-oss with the seed's LoRA on the meta device, and its weights' bytes."""
     from transformers import AutoModelForCausalLM, GptOssConfig
 
-    from mxlora.model.configs import gpt_oss_20b_config
+    from mxlora.model import configs
     from mxlora.recipes.dryrun import weights_and_adapter
 
-    raw = {k: v for k, v in gpt_oss_20b_config().items() if k != "quantization_config"}
+    raw = getattr(configs, f"gpt_oss_{name}_config")()
+    raw = {k: v for k, v in raw.items() if k != "quantization_config"}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(GptOssConfig(**raw), dtype=torch.bfloat16)
-    model = apply_lora(model, LoraConfig())
+    model = apply_lora(model, LoraConfig(experts=ExpertTargets(layers=expert_layers)))
     weights, _, lora = weights_and_adapter(model, "mxfp4", torch.bfloat16)
     return model, (weights + lora) / GB
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_20b():
+    return meta_gpt_oss("20b", [7, 15, 23])
+
+
+def estimated_peak_gb(model, held_gb: float, tokens: int, checkpointed: int, compiled: bool):
+    costs = block_costs(model, "mxfp4", torch.bfloat16, compiled)
+    extra = loss_bytes(model.config, tokens, torch.bfloat16)
+    activations = peak_bytes(costs, checkpointed, tokens, extra)
+    return held_gb + (trainable_bytes(model) + activations) / GB
 
 
 def test_estimate_reproduces_the_h100_peaks_of_4x2048(gpt_oss_20b):
     """docs/BENCHMARKS.md, H100, 4 x 2048 packed (8192 tokens), compiled blocks: 41.3 GB peak
     allocated without checkpointing, 17.9 GB with every block checkpointed."""
     model, held_gb = gpt_oss_20b
-    costs = block_costs(model, "mxfp4", torch.bfloat16, compiled=True)
-    extra = loss_bytes(model.config, 8192, torch.bfloat16)
+    assert estimated_peak_gb(model, held_gb, 8192, 0, True) == pytest.approx(41.3, rel=0.05)
+    assert estimated_peak_gb(model, held_gb, 8192, 24, True) == pytest.approx(17.9, rel=0.05)
 
-    def peak_gb(checkpointed: int) -> float:
-        activations = peak_bytes(costs, checkpointed, 8192, extra)
-        return held_gb + (trainable_bytes(model) + activations) / GB
 
-    assert peak_gb(0) == pytest.approx(41.3, rel=0.05)
-    assert peak_gb(24) == pytest.approx(17.9, rel=0.05)
+def test_estimate_reproduces_the_h100_peak_of_120b():
+    """docs/BENCHMARKS.md, gpt-oss-120b on one H100, 4 x 1024, eager blocks, every block
+    checkpointed: 69.4 GB peak allocated."""
+    model, held_gb = meta_gpt_oss("120b", [11, 23, 35])
+    assert estimated_peak_gb(model, held_gb, 4096, 36, False) == pytest.approx(69.4, rel=0.05)
 
 
 def test_auto_checkpoints_the_fewest_blocks_that_fit(gpt_oss_20b):
