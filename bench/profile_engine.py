@@ -101,7 +101,7 @@ def profile_workload(
         "busy_s": sum(e.self_device_time_total for e in kernels) / profiled / 1e6,
         "launches": sum(e.count for e in kernels) / profiled,
         "compiled": setup.compiled,
-        "checkpointing": setup.checkpointing,
+        "checkpointing": f"{setup.checkpointed} of {len(loop.causal_lm.model.layers)}",
         "cuda_graphs": setup.cuda_graphs,
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0,
         "table": events.table(

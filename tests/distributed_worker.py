@@ -3,8 +3,8 @@
 ``python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py
 OUT``. Every rank builds the same tiny gpt-oss (fp32, MXFP4 experts, the seed-style LoRA) and
 trains on its share of the same global batches, once replicated (LoRA gradients all-reduced) and
-once FSDP2-sharded with gradient checkpointing; rank 0 saves the global losses, one step's full LoRA gradients and the
-local shapes of the sharded expert tensors to ``OUT``. The test module computes the one-process
+once FSDP2-sharded with its first decoder block checkpointed as the engine does it; rank 0
+saves the global losses, one step's full LoRA gradients and the local shapes of the sharded expert tensors to ``OUT``. The test module computes the one-process
 reference with the same :func:`build_model` and :func:`global_batches` and compares.
 """
 
@@ -25,6 +25,8 @@ from mxlora.distributed import (
     shard_model,
     teardown,
 )
+from mxlora.engine.loop import blocks_attached
+from mxlora.engine.memory import decoder_layers
 from mxlora.model.load import load_weights
 from mxlora.model.lora import apply_lora
 
@@ -102,19 +104,21 @@ def main(out: str) -> None:
     except ValueError as e:
         assert str(e) == "rank 0 failed", e
     dp_losses, dp_grads = train(build_model(), info, sharded=False)
-    # Sharded as the training loop runs it: train mode, non-reentrant gradient checkpointing
-    # (each layer's forward recomputed, its parameters all-gathered again, in backward).
+    # Sharded as the training loop runs it: train mode, the first decoder block checkpointed
+    # (non-reentrant checkpoint around its forward, inside FSDP2's hooks: the backward's unshard
+    # gathers its parameters before the recompute), the others not.
     model = build_model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     model = shard_model(model, info)
     experts = model.get_base_model().model.layers[0].mlp.experts
     local = {
         name: (tuple(t.to_local().shape), str(t.dtype), type(t).__name__)
         for name, t in experts.named_parameters()
     }
-    fsdp_losses, fsdp_grads = train(model, info, sharded=True)
+    layers = decoder_layers(model)
+    with blocks_attached(layers, 1, compiled=False):
+        assert "forward" in vars(layers[0]) and "forward" not in vars(layers[1])
+        fsdp_losses, fsdp_grads = train(model, info, sharded=True)
     if info.is_main:
         torch.save(
             {

@@ -112,8 +112,8 @@ def check_every_variant_and_workload_measured(bench_run):
     assert packed["tokens_per_step"] == quotes["tokens_per_step"]
     assert packed["padded_tokens_per_step"] % 128 == 0
     assert packed["padded_tokens_per_step"] - packed["tokens_per_step"] < 128
-    assert (packed["compiled"], packed["gradient_checkpointing"]) == (False, False)  # CPU
-    assert (quotes["compiled"], quotes["gradient_checkpointing"]) == (False, True)
+    assert (packed["compiled"], packed["checkpointed_blocks"]) == (False, "0 of 24")  # CPU
+    assert (quotes["compiled"], quotes["checkpointed_blocks"]) == (False, "24 of 24")
 
 
 def check_variants_train_the_same_model(bench_run):
@@ -162,6 +162,7 @@ def test_shipped_configs_load():
         "seed",
         "default",
         "default-20gb",
+        "default-24gb",
         "graphs-eager",
         "graphs-compiled",
         "eager",
@@ -182,7 +183,8 @@ def test_shipped_configs_load():
     assert big.variants[1].overrides == []
     assert big.variants[2].overrides == ["train.memory_budget_gb=20"]
     assert variant_config(big, big.variants[2]).train.memory_budget_gb == 20
-    graphs = {v.name: variant_config(big, v).train for v in big.variants[3:6]}
+    assert variant_config(big, big.variants[3]).train.memory_budget_gb == 24
+    graphs = {v.name: variant_config(big, v).train for v in big.variants[4:7]}
     assert {n: (t.compile, t.cuda_graphs) for n, t in graphs.items()} == {
         "graphs-eager": (False, True),
         "graphs-compiled": (True, True),
@@ -255,7 +257,7 @@ def test_profile_engine_times_and_counts_the_loop_steps(tmp_path):
     assert figures["tokens"] == 3 * 16
     assert figures["wall_s"] > 0
     assert figures["busy_s"] == 0 and figures["launches"] == 0
-    assert not figures["compiled"] and not figures["checkpointing"]
+    assert not figures["compiled"] and figures["checkpointing"] == "0 of 24"
     assert "aten::" in figures["table"]
 
 

@@ -12,9 +12,12 @@ import yaml
 
 from mxlora.cli import main
 from mxlora.config import TrainingConfig, from_dict, load_config
-from mxlora.model.load import load_weights
+from mxlora.data import prepare_data
+from mxlora.engine.memory import HEADROOM, block_costs, loss_bytes, peak_bytes, trainable_bytes
+from mxlora.engine.packing import longest_packed, plan_steps
+from mxlora.model.load import load_tokenizer, load_weights
 from mxlora.model.lora import apply_lora, count_parameters
-from mxlora.recipes.dryrun import dry_run, estimate_memory, meta_model
+from mxlora.recipes.dryrun import dry_run, estimate_memory, meta_model, weights_and_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny:layers=4"
@@ -65,7 +68,7 @@ def test_weights_estimate_is_the_loaded_models_bytes(tmp_path, experts):
     held = sum(p.numel() * p.element_size() for p in real.parameters() if not p.requires_grad)
     held += sum(b.numel() * b.element_size() for b in real.buffers())
     meta = apply_lora(meta_model(TINY), cfg.lora)
-    estimate = estimate_memory(meta, experts, torch.float32, batch_tokens=0)
+    estimate = estimate_memory(meta, experts, torch.float32, tokens=0)
     assert estimate["weights_gb"] * 1e9 == pytest.approx(held, rel=1e-9)
     # Same trainable and logical total parameter counts as the real (dequantized) model.
     if experts == "dequantize-bf16":
@@ -76,13 +79,60 @@ def test_weights_estimate_is_the_loaded_models_bytes(tmp_path, experts):
 
 
 def test_dry_run_activations_follow_the_longest_batch(tmp_path):
-    result = dry_run(tiny_config(tmp_path), torch.device("cpu"))
-    longest = result["data"]["splits"]["train"]["total_tokens"]["max"]
-    meta = apply_lora(meta_model(TINY), tiny_config(tmp_path).lora)
-    expected = estimate_memory(meta, "mxfp4", torch.float32, 4 * longest)
-    assert result["memory"] == pytest.approx(expected)
-    c = meta.config
-    per_token = (c.vocab_size + c.num_hidden_layers * c.hidden_size) * 4
-    assert result["memory"]["activations_gb"] * 1e9 == pytest.approx(4 * longest * per_token)
+    """engine=mxlora: the run's longest packed micro-batch through the engine's own block
+    estimate, checkpointing resolved as the run resolves it (CPU, no budget: none)."""
+    cfg = tiny_config(tmp_path)
+    result = dry_run(cfg, torch.device("cpu"))
+    meta = apply_lora(meta_model(TINY), cfg.lora)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.train.max_len)
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    t = cfg.train
+    tokens = longest_packed(
+        lengths, plan_steps(len(lengths), t.batch_size, t.grad_accum, t.epochs, -1, t.seed)
+    )
+    memory = result["memory"]
+    assert (memory["tokens"], memory["checkpointed_blocks"]) == (tokens, "0 of 4")
+    assert tokens % 128 == 0  # packed and bucketed
+    costs = block_costs(meta, "mxfp4", torch.float32, compiled=False)
+    activations = peak_bytes(costs, 0, tokens, loss_bytes(meta.config, tokens, torch.float32))
+    assert memory["activations_gb"] * 1e9 == pytest.approx(activations)
     assert (result["experts"], result["dtype"]) == ("mxfp4", "float32")
     assert not (tmp_path / "quotes").exists()
+
+
+def test_dry_run_trl_pads_and_checkpoints_every_block_or_none(tmp_path):
+    """engine=trl: batch_size rows padded to the longest, full logits, and the same decision
+    as the run (``auto``: all blocks when any would need it)."""
+    cfg = tiny_config(tmp_path)
+    cfg.train.engine = "trl"
+    result = dry_run(cfg, torch.device("cpu"))
+    longest = result["data"]["splits"]["train"]["total_tokens"]["max"]
+    c = meta_model(TINY).config
+    memory = result["memory"]
+    assert (memory["tokens"], memory["checkpointed_blocks"]) == (4 * longest, "0 of 4")
+    assert memory["activations_gb"] * 1e9 == pytest.approx(4 * longest * c.vocab_size * 4)
+    cfg.train.memory_budget_gb = 0.01  # far below the weights: every block
+    memory = dry_run(cfg, torch.device("cpu"))["memory"]
+    assert memory["checkpointed_blocks"] == "4 of 4"
+    per_token = (c.vocab_size + c.num_hidden_layers * c.hidden_size) * 4
+    assert memory["activations_gb"] * 1e9 == pytest.approx(4 * longest * per_token)
+
+
+def test_dry_run_mxlora_plans_partial_checkpointing_under_a_budget(tmp_path):
+    """A budget that fits the activations with exactly two of the four blocks checkpointed:
+    the dry run reports the run's own count (one place decides)."""
+    cfg = tiny_config(tmp_path)
+    first = dry_run(cfg, torch.device("cpu"))["memory"]
+    meta = apply_lora(meta_model(TINY), cfg.lora)
+    weights, _, lora = weights_and_adapter(meta, "mxfp4", torch.float32)
+    tokens = first["tokens"]
+    costs = block_costs(meta, "mxfp4", torch.float32, compiled=False)
+    extra = loss_bytes(meta.config, tokens, torch.float32)
+    two = peak_bytes(costs, 2, tokens, extra)
+    assert peak_bytes(costs, 1, tokens, extra) > two > peak_bytes(costs, 3, tokens, extra)
+    cfg.train.memory_budget_gb = (weights + lora + trainable_bytes(meta) + two) / HEADROOM / 1e9
+    memory = dry_run(cfg, torch.device("cpu"))["memory"]
+    assert memory["checkpointed_blocks"] == "2 of 4"
+    assert memory["activations_gb"] * 1e9 == pytest.approx(two)
+    cfg.train.memory_budget_gb = 1e-4
+    assert dry_run(cfg, torch.device("cpu"))["memory"]["checkpointed_blocks"] == "4 of 4"

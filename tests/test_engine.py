@@ -12,7 +12,7 @@
 - CUDA graphs' bookkeeping (static buffers per bucket, refilled and "replayed") trains exactly
   what plain steps train (on the CPU, replays are eager calls on the static buffers);
 - chunked cross-entropy equals the full-logits one, forward and backward;
-- ``should_stop``, ``--resume``, OOM, compile and gradient-checkpointing decisions.
+- ``should_stop``, ``--resume``, OOM and compile decisions (checkpointing: test_memory.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from mxlora.engine.attention import (
     sdpa_sink_attention,
 )
 from mxlora.engine.loss import chunked_loss, reference_loss
-from mxlora.engine.memory import activations_fit, use_gradient_checkpointing
 from mxlora.engine.packing import epoch_order, pack, plan_steps
 from mxlora.engine.run_folder import COMPLETE_MARKER, TrainingError
 from mxlora.recipes.train import fit
@@ -120,7 +119,7 @@ def test_mxlora_engine_trains_what_trl_trains(both_engines):
         torch.testing.assert_close(our_lora[name], theirs_t, rtol=0, atol=1e-4, msg=name)
     report = json.loads((our_run / "report.json").read_text())
     assert report["engine"] == "mxlora" and report["steps"] == 6
-    assert report["compiled"] is False and report["gradient_checkpointing"] is False
+    assert report["compiled"] is False and report["checkpointed_blocks"] == "0 of 2"
     assert report["train_time_s"] > 0 and report["tokens_per_s"] > 0
     assert report["train_tokens"] == train_ours[-1]["tokens"]
     assert (our_run / "adapter" / "adapter_model.safetensors").is_file()
@@ -509,31 +508,6 @@ def test_compile_failure_stops_the_run_with_a_message():
     message = r"^train.compile: torch.compile .* train.compile=false"
     with pytest.raises(TrainingError, match=message), loud_compile(True):
         compiled(torch.ones(2))
-
-
-def test_gradient_checkpointing_auto_follows_the_longest_batch_and_the_budget():
-    from transformers import GptOssConfig
-
-    from mxlora.model.configs import gpt_oss_20b_config
-
-    raw = {k: v for k, v in gpt_oss_20b_config().items() if k != "quantization_config"}
-    config = GptOssConfig(**raw)
-    cpu, bf16 = torch.device("cpu"), torch.bfloat16
-
-    def decide(setting, tokens, budget):
-        return use_gradient_checkpointing(setting, config, tokens, bf16, cpu, budget)
-
-    # gpt-oss-20b: the seed's quotes step (4 rows, ~600 tokens) fits 20 GB, 4 x 2048 does not.
-    assert decide("auto", 640, 20.0) is False
-    assert decide("auto", 8192, 20.0) is True
-    assert decide("auto", 8192, 500.0) is False
-    assert decide(True, 128, 500.0) is True and decide(False, 8192, 1.0) is False
-    assert decide("auto", 8192, None) is False  # CPU without a budget: off, deterministically
-    # CUDA graphs' auto asks whether twice the activations fit (graph pool + a new bucket's
-    # eager first micro-batch): quotes-sized batches do in 20 GB, 4 x 2048 not even in 80.
-    assert activations_fit(config, 640, bf16, cpu, 20.0, copies=2) is True
-    assert activations_fit(config, 8192, bf16, cpu, 80.0, copies=2) is False
-    assert activations_fit(config, 640, bf16, cpu, None, copies=2) is None
 
 
 def test_engine_fields_parse_and_validate():

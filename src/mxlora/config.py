@@ -151,11 +151,14 @@ class TrainConfig:
         min_lr_rate: floor of ``cosine_with_min_lr`` as a fraction of ``lr``.
         engine: who runs the training step (see ``Engine``); same data, order, loss, optimizer
             and schedule either way.
-        gradient_checkpointing: recompute activations in backward (always non-reentrant);
-            ``auto`` decides per run from the longest micro-batch and ``memory_budget_gb``
-            (:mod:`mxlora.engine.memory`).
-        memory_budget_gb: device memory ``auto`` checkpointing plans for; ``None``: the whole
-            device (on the CPU: checkpointing off).
+        gradient_checkpointing: recompute decoder blocks' activations in backward (always
+            non-reentrant): ``true`` every block, ``false`` none; ``auto`` decides per run from
+            the longest micro-batch and ``memory_budget_gb`` (:mod:`mxlora.engine.memory`): the
+            mxlora engine checkpoints the fewest (first) blocks that fit, TRL every block or
+            none. Reports name the count (``checkpointed_blocks: "k of n"``).
+        memory_budget_gb: device memory ``auto`` checkpointing plans for (peak allocated, less
+            a margin: ``mxlora.engine.memory.HEADROOM``); ``None``: the whole device (on the
+            CPU: checkpointing off).
         compile: ``torch.compile`` each decoder block (mxlora engine); ``auto``: on CUDA when the
             run's longest packed micro-batch is long enough for the compile to pay
             (:data:`mxlora.engine.loop.COMPILE_MIN_TOKENS`). A block that fails to compile stops

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -47,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import get_scheduler
 
 from mxlora.config import TrainingConfig
@@ -54,8 +56,15 @@ from mxlora.distributed import DistInfo, all_reduce_grads, shard_batch, shard_mo
 from mxlora.engine.attention import Kind, build_masks, register
 from mxlora.engine.graphs import GraphedSteps, StepInputs, worth_capturing
 from mxlora.engine.loss import chunked_loss
-from mxlora.engine.memory import activations_fit, use_gradient_checkpointing
-from mxlora.engine.packing import PackedBatch, Step, bucketed, pack, plan_steps
+from mxlora.engine.memory import activations_fit, checkpointed_blocks
+from mxlora.engine.packing import (
+    PackedBatch,
+    Step,
+    bucketed,
+    longest_packed,
+    pack,
+    plan_steps,
+)
 from mxlora.engine.run_folder import (
     NonFiniteLossError,
     TrainingError,
@@ -64,6 +73,7 @@ from mxlora.engine.run_folder import (
     nonfinite_message,
     oom_message,
 )
+from mxlora.model.load import held_experts
 from mxlora.report.metrics import MetricsLog
 from mxlora.report.writer import write_json
 
@@ -89,9 +99,11 @@ class LoopResult:
         tokens: non-pad tokens trained, whole run.
         stopped: ``should_stop`` ended the run early (a checkpoint holds where it stopped).
         compiled: the decoder blocks ran under ``torch.compile``.
-        gradient_checkpointing: activations were recomputed in the backward.
+        checkpointed: decoder blocks (the first ones) that recomputed their activations in the
+            backward (:mod:`mxlora.engine.memory`).
+        blocks: decoder blocks of the model.
+        longest_tokens: tokens of the longest packed micro-batch a process runs (bucketed).
         cuda_graphs: micro-steps were replayed from CUDA graphs (one per bucket).
-        longest_tokens: tokens of the longest packed micro-batch (bucketed).
     """
 
     steps: int
@@ -99,16 +111,22 @@ class LoopResult:
     tokens: int
     stopped: bool
     compiled: bool
-    gradient_checkpointing: bool
+    checkpointed: int
+    blocks: int
     longest_tokens: int
     cuda_graphs: bool = False
+
+    @property
+    def checkpointed_blocks(self) -> str:
+        """``"k of n"``, as reports show it."""
+        return f"{self.checkpointed} of {self.blocks}"
 
 
 @dataclass(frozen=True)
 class Setup:
     """What a run decided (see :meth:`Loop.prepared`)."""
 
-    checkpointing: bool
+    checkpointed: int
     compiled: bool
     cuda_graphs: bool
     attention: Kind
@@ -200,8 +218,13 @@ def forward_loss(
     """Summed cross-entropy of one packed micro-batch (``model``: the ``...ForCausalLM``;
     ``dtype``: the compute dtype, that of the attention's inputs)."""
     masks = build_masks(batch.doc_ids, model.config.sliding_window, attention, dtype)
+    # No KV cache: training never reads one, and a checkpointed block's recompute would append
+    # its keys and values a second time.
     out = model.model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=masks
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=masks,
+        use_cache=False,
     )
     hidden = out.last_hidden_state[0]
     return chunked_loss(hidden, model.lm_head, batch.loss_positions, batch.loss_targets)
@@ -256,10 +279,8 @@ class Loop:
         self.plan: list[Step] = plan_steps(
             len(train_rows["input_ids"]), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed
         )
-        self.longest = max(
-            bucketed(sum(len(train_rows["input_ids"][i]) for i in rows))
-            for step in self.plan
-            for rows in step.micro_batches
+        self.longest = longest_packed(
+            [len(ids) for ids in train_rows["input_ids"]], self.plan, self._shares
         )
         if self.info.world_size > 1 and t.batch_size < self.info.world_size:
             raise TrainingError(
@@ -341,7 +362,8 @@ class Loop:
             tokens=self.tokens,
             stopped=stopped,
             compiled=setup.compiled,
-            gradient_checkpointing=setup.checkpointing,
+            checkpointed=setup.checkpointed,
+            blocks=len(self.causal_lm.model.layers),
             longest_tokens=self.longest,
             cuda_graphs=setup.cuda_graphs,
         )
@@ -365,39 +387,43 @@ class Loop:
         """The run's checkpointing, compile, CUDA graphs and attention (see the module
         docstring); ``true`` settings that cannot work here raise :class:`TrainingError`."""
         t = self.cfg.train
-        config = self.causal_lm.config
-        checkpointing = use_gradient_checkpointing(
+        compiled = use_compile(t.compile, self.device, self.longest)
+        experts = held_experts(self.model)
+        checkpointed = checkpointed_blocks(
             t.gradient_checkpointing,
-            config,
+            self.model,
+            experts,
             self.longest,
             self.dtype,
             self.device,
             t.memory_budget_gb,
+            compiled,
         )
-        compiled = use_compile(t.compile, self.device, self.longest)
         fits_twice = activations_fit(
-            config, self.longest, self.dtype, self.device, t.memory_budget_gb, copies=2
+            self.model,
+            experts,
+            self.longest,
+            self.dtype,
+            self.device,
+            t.memory_budget_gb,
+            compiled,
+            copies=2,
         )
         graphs = use_cuda_graphs(
-            t.cuda_graphs, self.device, self.info.distributed, checkpointing, fits_twice
+            t.cuda_graphs, self.device, self.info.distributed, checkpointed > 0, fits_twice
         )
-        return Setup(checkpointing, compiled, graphs, attention_kind(self.device, compiled))
+        return Setup(checkpointed, compiled, graphs, attention_kind(self.device, compiled))
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator[Setup]:
-        """For the loop's duration: the packed attention, checkpointing, compiled blocks (a
-        failing compile stops the run with a message) and, with CUDA graphs, the graphed
-        micro-step, gradients allocated once and everything on the graphs' stream."""
+        """For the loop's duration: the packed attention, the first blocks checkpointed, the
+        blocks compiled (a failing compile stops the run with a message) and, with CUDA graphs,
+        the graphed micro-step, gradients allocated once and everything on the graphs' stream."""
         setup = self.decide()
         lm = self.causal_lm
         before = lm.config._attn_implementation
         lm.set_attn_implementation(register())
         self.attention = setup.attention
-        if setup.checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if setup.compiled:
-            for block in lm.model.layers:
-                block.compile(fullgraph=True, dynamic=True)
         stream = contextlib.nullcontext()
         if setup.cuda_graphs:
             rows = self.train_rows["input_ids"]
@@ -409,7 +435,11 @@ class Loop:
             self.graphed = GraphedSteps(self._micro_step, self.device, lengths)
             stream = self.graphed.on_stream()
         try:
-            with stream, loud_compile(setup.compiled):
+            with (
+                blocks_attached(lm.model.layers, setup.checkpointed, setup.compiled),
+                stream,
+                loud_compile(setup.compiled),
+            ):
                 if setup.cuda_graphs:
                     for p in self.params:  # the captured backward accumulates into these
                         if p.grad is None:
@@ -418,13 +448,6 @@ class Loop:
         finally:
             self.graphed = None
             lm.set_attn_implementation(before)
-            if setup.checkpointing:
-                lm.gradient_checkpointing_disable()
-            if setup.compiled:
-                # Undo Module.compile, so a later run on this model (bench workloads share it)
-                # decides for itself and never runs SDPA inside blocks compiled for flex.
-                for block in lm.model.layers:
-                    block._compiled_call_impl = None
 
     def _autocast(self):
         # No cast cache: a cast cached during a CUDA graph capture would be replayed stale.
@@ -470,6 +493,11 @@ class Loop:
         if len(indices) < info.world_size:
             return (indices, 1) if info.is_main else (indices[:1], 0)
         return shard_batch(indices, info), 1
+
+    def _shares(self, indices: list[int]) -> list[list[int]]:
+        """Every rank's rows of a global (micro-)batch."""
+        ranks = range(self.info.world_size)
+        return [self._share(indices, dataclasses.replace(self.info, rank=r))[0] for r in ranks]
 
     def _packed_over_ranks(self, indices: list[int]) -> int:
         """Packed (bucketed) tokens of a micro-batch summed over the ranks' weighted shares (on
@@ -634,6 +662,46 @@ class Loop:
             self.optimizer,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
+
+
+@contextlib.contextmanager
+def blocks_attached(
+    blocks: torch.nn.ModuleList, checkpointed: int, compiled: bool
+) -> Iterator[None]:
+    """Checkpoint the first ``checkpointed`` decoder blocks and compile them all, for the
+    duration.
+
+    A checkpointed block's forward is set on the instance: non-reentrant
+    ``torch.utils.checkpoint`` around the (compiled) class forward. Module hooks (FSDP2's) stay
+    outside the recompute, and the recompute runs the same compiled graph. The other blocks
+    compile whole (``Module.compile``). ``fullgraph=True``: a graph break is an error
+    (:func:`loud_compile`).
+    """
+    for index, block in enumerate(blocks):
+        if index < checkpointed:
+            forward = block.forward
+            if compiled:
+                forward = torch.compile(forward, fullgraph=True, dynamic=True)
+            block.forward = functools.partial(recomputed, forward)
+        elif compiled:
+            block.compile(fullgraph=True, dynamic=True)
+    try:
+        yield
+    finally:
+        for index, block in enumerate(blocks):
+            if index < checkpointed:
+                del block.forward  # the class's forward again
+            elif compiled:
+                # Undo Module.compile, so that a later run on this model (bench workloads share
+                # it) decides for itself and never runs SDPA inside blocks compiled for flex.
+                block._compiled_call_impl = None
+
+
+def recomputed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``forward(*args, **kwargs)`` keeping only its inputs; the backward runs it again
+    (non-reentrant ``torch.utils.checkpoint``, which takes keyword arguments and non-tensor
+    inputs such as block masks)."""
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -1,86 +1,348 @@
-"""Whether to recompute activations (gradient checkpointing), decided per run.
+"""How many decoder blocks recompute their activations (gradient checkpointing), decided per run.
 
-Checkpointing trades one more forward per step for not keeping the decoder blocks' activations.
-Short rows (the seed's quotes: ~130 tokens a row) keep little, so recomputing them is pure loss;
-4 x 2048 tokens keep tens of GB on gpt-oss-20b. ``train.gradient_checkpointing: auto`` estimates
-the activations the longest packed micro-batch keeps without checkpointing and turns it on when
-they would not fit the memory left under ``train.memory_budget_gb`` (default: the device's
-memory) after the weights already loaded.
+Checkpointing a block trades one more forward of it per step for keeping only its input instead
+of every tensor its backward needs. Short rows (the seed's quotes: ~130 tokens a row) keep
+little, so recomputing them is pure loss; 4 x 2048 tokens keep tens of GB on gpt-oss-20b.
+``train.gradient_checkpointing: auto`` checkpoints the fewest blocks that make the longest packed
+micro-batch fit ``train.memory_budget_gb`` (default: the device's memory): the weights already
+loaded, the LoRA gradients and AdamW moments, the saved tensors of the blocks that are not
+checkpointed, the inputs of those that are, and the loss chunk's logits, within
+:data:`HEADROOM` of the budget. ``true`` checkpoints every block, ``false`` none.
 
-The estimate counts the tensors a gpt-oss block saves for its backward per token, in the training
-dtype: about ten hidden-size tensors (norms, residuals, projections' inputs), the q/k/v/attention
-outputs, and per routed expert its gate_up output, activation and down input. It is an estimate
-(allocator slack, the loss chunk and autograd bookkeeping come on top), hence the headroom factor.
+The checkpointed blocks are the *first* ``k``: the backward runs the blocks last to first, so by
+the time it recomputes block ``j < k`` every later block's saved tensors are already freed, and
+the recompute never adds to the memory peak at the end of the forward; checkpointing the last
+blocks instead would recompute while everything else is still held.
+
+The estimate counts, per block and token, the tensors a gpt-oss block saves for its backward in
+the engine's configuration (packed flex attention, MXFP4 or dense experts, LoRA attached), as
+:func:`torch.autograd.graph.saved_tensors_hooks` sees them (tests/test_memory.py pins it to the
+measured bytes):
+
+* both: flex's ``q, k, v, out`` and fp32 log-sum-exp; each LoRA factor's rank-wide middle
+  (one byte a value more for a dropout mask); the router's top-k indices and scores; the
+  experts' sort order and token index, ``gate_up`` output, expert outputs and routing weights;
+  with expert LoRA the projection's gathered input and the factors' middles (MXFP4), or the
+  dense ``W + ΔW`` PEFT forms (dequantized experts: a per-block constant, ``E x in x out``);
+* eager blocks: each norm's fp32 copy of its input and ``rsqrt``; each adapted attention
+  projection's own copy of its input (PEFT casts it to the fp32 LoRA weights, autocast back);
+  flex's running max and the sink scale; the gate's four intermediates; the combine's source
+  (MXFP4) or one more index (dense);
+* compiled blocks (``torch.compile``): AOTAutograd's partitioner recomputes the cheap
+  pointwise work in the backward instead: the norms keep their input in the compute dtype and
+  ``rsqrt``, the attention and MLP inputs are kept once, and nothing of the gate or the sink
+  scale is kept (about half of eager).
+
+The peak is the larger of the end of the forward (all of the above plus the loss's logits) and
+a checkpointed block's recompute (:func:`peak_bytes`).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 GB = 1e9
-# Share of the free budget the estimated activations may take before checkpointing turns on.
-HEADROOM = 0.6
+# Share of the budget the estimate may fill: allocator slack and the backward's own transients
+# (one block's activation gradients) take the rest.
+HEADROOM = 0.9
+# fp32 tensors per logit of the loss at its peak (the chunk's backward), besides the logits in the
+# compute dtype: their fp32 copy, the log-softmax and its gradient.
+LOSS_BYTES_PER_LOGIT_FP32 = 3
+FP32 = 4
+INT64 = 8
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
-def activation_bytes_per_token(config: Any, dtype_bytes: int) -> int:
-    """Bytes one token's activations take across all decoder blocks without checkpointing."""
-    hidden = config.hidden_size
-    attention = (config.num_attention_heads * 2 + config.num_key_value_heads * 2) * config.head_dim
-    experts = config.num_experts_per_tok * (3 * config.intermediate_size + hidden)
-    per_layer = 10 * hidden + attention + experts + config.num_local_experts
-    return per_layer * config.num_hidden_layers * dtype_bytes
+@dataclass(frozen=True)
+class BlockLora:
+    """The LoRA a decoder block carries (what changes the tensors it saves).
+
+    Attributes:
+        attention: rank of each adapted attention projection, by name (``q_proj`` ...).
+        experts: rank of each adapted expert projection (``gate_up_proj``, ``down_proj``).
+        dropout: LoRA dropout (each adapted projection keeps its mask).
+    """
+
+    attention: dict[str, int]
+    experts: dict[str, int]
+    dropout: float = 0.0
 
 
-def free_budget_gb(device: torch.device, budget_gb: float | None) -> float | None:
-    """Device memory left for activations: ``budget_gb`` (default: the CUDA device's total)
-    minus what is allocated now (the weights); ``None`` on the CPU without a budget."""
+@dataclass(frozen=True)
+class BlockCost:
+    """Bytes one decoder block keeps for its backward.
+
+    Attributes:
+        per_token: saved tensors per token, not checkpointed.
+        fixed: saved tensors independent of the length (dense ``W + ΔW`` of LoRA'd experts).
+        checkpointed_per_token: what it keeps per token when checkpointed (its input).
+    """
+
+    per_token: int
+    fixed: int
+    checkpointed_per_token: int
+
+    def saved(self, tokens: int) -> int:
+        """Bytes kept without checkpointing for ``tokens`` tokens."""
+        return self.per_token * tokens + self.fixed
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a gpt-oss causal LM, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def block_loras(model: torch.nn.Module) -> list[BlockLora]:
+    """Per decoder block, the ranks of its LoRA layers (PEFT ``LoraLayer``, the MXFP4 expert
+    wrappers included), active adapters summed."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    loras = []
+    for layer in decoder_layers(model):
+        attention: dict[str, int] = {}
+        experts: dict[str, int] = {}
+        dropout = 0.0
+        for name, module in layer.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            rank = sum(module.r[a] for a in module.active_adapters if a in module.r)
+            if not rank:
+                continue
+            for adapter, drop in module.lora_dropout.items():
+                if adapter in module.active_adapters:
+                    dropout = max(dropout, getattr(drop, "p", 0.0))
+            last = name.rsplit(".", 1)[-1]
+            if last in ATTENTION:
+                attention[last] = attention.get(last, 0) + rank
+            elif getattr(module, "parameter_name", None) in EXPERT_PROJECTIONS:
+                experts[module.parameter_name] = experts.get(module.parameter_name, 0) + rank
+        loras.append(BlockLora(attention, experts, dropout))
+    return loras
+
+
+def block_cost(
+    config: Any, lora: BlockLora, experts: str, dtype: torch.dtype, compiled: bool
+) -> BlockCost:
+    """What one gpt-oss decoder block saves for its backward (module docstring).
+
+    Args:
+        config: the model's (transformers) ``GptOssConfig``.
+        lora: the block's LoRA (:func:`block_loras`).
+        experts: ``mxfp4`` or ``dequantize-bf16`` (how the expert weights are held).
+        dtype: the compute dtype (the autocast dtype; the weights' dtype in fp32).
+        compiled: the block runs under ``torch.compile``.
+    """
+    d = torch.empty((), dtype=dtype).element_size()
+    h, k = config.hidden_size, config.num_experts_per_tok
+    inter, heads, kv, hd = (
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": heads * hd}
+    # Both norms: compiled, the input in the compute dtype and rsqrt, plus the MLP's normalized
+    # input; eager, the fp32 copy of the input and rsqrt.
+    per = 2 * (d * h + FP32) + d * h if compiled else 2 * (FP32 * h + FP32)
+    # Attention LoRA: each factor's rank-wide middle; the projection's input for the factors'
+    # gradients: eager under autocast, each adapted projection keeps its own copy (PEFT casts
+    # the input to the fp32 LoRA weights, autocast back), else the input is shared.
+    if compiled or d == FP32:
+        if set(lora.attention) - {"o_proj"}:
+            per += d * h
+        if "o_proj" in lora.attention:
+            per += d * widths["o_proj"]
+    for name, rank in lora.attention.items():
+        per += d * rank
+        if not compiled and d != FP32:
+            per += d * widths[name]
+        if lora.dropout:
+            per += widths[name]  # the dropout mask (one byte a value)
+    # Flex attention: q, k, v, out and the fp32 log-sum-exp; eager also its running max and
+    # the sink scale (fp32 and in the compute dtype).
+    per += d * hd * (2 * heads + 2 * kv) + FP32 * heads
+    if not compiled:
+        per += 2 * FP32 * heads + d * heads
+    # Router: top-k indices and softmax scores.
+    per += INT64 * k + d * k
+    # Experts, per routed (token, expert): sort order and token index, the gate_up output
+    # (2I wide), the expert output and its routing weight; eager also the gate's four
+    # intermediates, and either the index_add source (MXFP4) or one more index (dense).
+    per += 2 * INT64 * k + d * k * (2 * inter + h + 1)
+    if not compiled:
+        per += 4 * d * k * inter + (d * k * h if experts == "mxfp4" else INT64 * k)
+    fixed = 0
+    pad = 8  # MXFP4 expert LoRA pads the rank to a multiple of 8 (grouped GEMM strides)
+    ins = {"gate_up_proj": h, "down_proj": inter}
+    outs = {"gate_up_proj": 2 * inter, "down_proj": h}
+    for proj, rank in lora.experts.items():
+        per += d * k * ins[proj]  # the projection's (gathered) input, for the LoRA gradients
+        if experts == "mxfp4":
+            per += d * k * math.ceil(rank / pad) * pad
+        else:
+            fixed += d * config.num_local_experts * ins[proj] * outs[proj]
+    return BlockCost(per_token=per, fixed=fixed, checkpointed_per_token=d * h)
+
+
+def block_costs(
+    model: torch.nn.Module, experts: str, dtype: torch.dtype, compiled: bool
+) -> list[BlockCost]:
+    """:func:`block_cost` of each decoder block of ``model`` (meta device is fine)."""
+    config = decoder_layers(model)[0].self_attn.config
+    return [block_cost(config, lora, experts, dtype, compiled) for lora in block_loras(model)]
+
+
+def loss_bytes(config: Any, tokens: int, dtype: torch.dtype, full_logits: bool = False) -> int:
+    """The loss's logits at their peak: one chunk of :mod:`mxlora.engine.loss`, or every
+    position's (``full_logits``: the model-computed logits TRL's step takes the loss from)."""
+    from mxlora.engine.loss import CHUNK
+
+    d = torch.empty((), dtype=dtype).element_size()
+    rows = tokens if full_logits else min(CHUNK, tokens)
+    return rows * config.vocab_size * (d + LOSS_BYTES_PER_LOGIT_FP32 * FP32)
+
+
+def trainable_bytes(model: torch.nn.Module) -> int:
+    """The LoRA tensors' gradients and AdamW's two fp32 moments (allocated at the first step)."""
+    return sum(
+        p.numel() * (p.element_size() + 2 * FP32) for p in model.parameters() if p.requires_grad
+    )
+
+
+def peak_bytes(costs: list[BlockCost], checkpointed: int, tokens: int, extra: int) -> int:
+    """Estimated activation peak with the first ``checkpointed`` blocks checkpointed.
+
+    The larger of two moments: the end of the forward (every block's saved tensors, a
+    checkpointed one's input only, plus ``extra``, the loss's logits), and the recompute of a
+    checkpointed block in the backward, which comes after every later block's backward has
+    freed its tensors (the checkpointed inputs plus that block's saved tensors).
+    """
+    inputs = sum(c.checkpointed_per_token * tokens for c in costs[:checkpointed])
+    kept = inputs + sum(c.saved(tokens) for c in costs[checkpointed:])
+    recompute = max((c.saved(tokens) for c in costs[:checkpointed]), default=0)
+    return max(kept + extra, inputs + recompute)
+
+
+def plan_checkpointing(
+    setting: bool | str,
+    costs: list[BlockCost],
+    tokens: int,
+    extra_bytes: int,
+    free_gb: float | None,
+) -> int:
+    """How many decoder blocks (the first ones) to checkpoint.
+
+    Args:
+        setting: ``train.gradient_checkpointing`` (``True``: all, ``False``: none, ``"auto"``).
+        costs: the blocks' :class:`BlockCost`.
+        tokens: tokens of the longest micro-batch.
+        extra_bytes: what else the step adds at its peak (the loss chunk).
+        free_gb: memory the activations may take (the budget's :data:`HEADROOM` share less what
+            is already held); ``None``: no budget (nothing is checkpointed).
+    """
+    if setting != "auto":
+        return len(costs) if setting else 0
+    if free_gb is None:
+        return 0
+    for checkpointed in range(len(costs) + 1):
+        if peak_bytes(costs, checkpointed, tokens, extra_bytes) <= free_gb * GB:
+            return checkpointed
+    return len(costs)
+
+
+def checkpointed_blocks(
+    setting: bool | str,
+    model: torch.nn.Module,
+    experts: str,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    budget_gb: float | None,
+    compiled: bool,
+    held_gb: float | None = None,
+    full_logits: bool = False,
+) -> int:
+    """Resolve ``train.gradient_checkpointing`` to a number of blocks (the first ones).
+
+    Args:
+        setting: the config value (``True``, ``False`` or ``"auto"``).
+        model: the model with its LoRA attached (meta device is fine).
+        experts: how its experts are held (``mxfp4``, ``dequantize-bf16``).
+        tokens: tokens of the longest micro-batch (packed, or padded rows x longest row).
+        dtype: the training (compute) dtype.
+        device: the training device.
+        budget_gb: ``train.memory_budget_gb``; ``None``: the CUDA device's total memory, and on
+            the CPU (no fixed budget to read) nothing is checkpointed.
+        compiled: the blocks run under ``torch.compile`` (they save about half as much).
+        held_gb: device memory already held (the weights); ``None``: what CUDA has allocated
+            on ``device`` (0 elsewhere).
+        full_logits: the loss is taken from every position's logits (TRL), not a chunk.
+    """
+    costs = block_costs(model, experts, dtype, compiled)
+    if setting != "auto":
+        return plan_checkpointing(setting, costs, tokens, 0, None)
+    if budget_gb is None:
+        if device.type != "cuda":
+            return 0
+        budget_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    if held_gb is None:
+        held_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0.0
+    config = decoder_layers(model)[0].self_attn.config
+    free_gb = HEADROOM * budget_gb - held_gb - trainable_bytes(model) / GB
+    return plan_checkpointing(
+        setting, costs, tokens, loss_bytes(config, tokens, dtype, full_logits), max(free_gb, 0.0)
+    )
+
+
+def all_blocks(
+    setting: bool | str,
+    model: torch.nn.Module,
+    experts: str,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    budget_gb: float | None,
+    held_gb: float | None = None,
+) -> bool:
+    """The all-or-nothing form for TRL's padded step (its ``gradient_checkpointing``): eager
+    blocks and the loss from full logits; on when :func:`checkpointed_blocks` would checkpoint
+    any block. Eager attention's ``[rows, heads, length, length]`` scores are not counted."""
+    blocks = checkpointed_blocks(
+        setting, model, experts, tokens, dtype, device, budget_gb, False, held_gb, True
+    )
+    return blocks > 0
+
+
+def activations_fit(
+    model: torch.nn.Module,
+    experts: str,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    budget_gb: float | None,
+    compiled: bool,
+    copies: int = 1,
+    held_gb: float | None = None,
+) -> bool | None:
+    """Whether ``copies`` x the peak of a ``tokens``-long micro-batch with no block checkpointed
+    (its saved tensors and the loss chunk) fit the budget left as :func:`checkpointed_blocks`
+    counts it; ``None`` where there is no budget to read (the CPU without
+    ``train.memory_budget_gb``). CUDA graphs ask for 2 copies: the graphs' shared pool keeps the
+    largest bucket's activations while a new bucket's first micro-batch runs eagerly."""
     if budget_gb is None:
         if device.type != "cuda":
             return None
         budget_gb = torch.cuda.get_device_properties(device).total_memory / GB
-    used_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0.0
-    return max(budget_gb - used_gb, 0.0)
-
-
-def activations_fit(
-    config: Any,
-    tokens: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    budget_gb: float | None,
-    copies: int = 1,
-) -> bool | None:
-    """Whether ``copies`` x the activations of a ``tokens``-long micro-batch (no checkpointing)
-    fit :data:`HEADROOM` of the free budget; ``None`` when there is no budget to read (CPU)."""
-    free = free_budget_gb(device, budget_gb)
-    if free is None:
-        return None
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    need_gb = copies * activation_bytes_per_token(config, dtype_bytes) * tokens / GB
-    return need_gb <= HEADROOM * free
-
-
-def use_gradient_checkpointing(
-    setting: bool | str,
-    config: Any,
-    tokens: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    budget_gb: float | None,
-) -> bool:
-    """Resolve ``train.gradient_checkpointing`` (``True``, ``False`` or ``"auto"``).
-
-    Args:
-        setting: the config value.
-        config: the model's (transformers) config.
-        tokens: tokens of the longest micro-batch (packed, or padded rows x longest row).
-        dtype: the training dtype.
-        device: the training device.
-        budget_gb: ``train.memory_budget_gb``; ``None``: the CUDA device's total memory, and on
-            the CPU (no fixed budget to read) checkpointing stays off.
-    """
-    if setting != "auto":
-        return bool(setting)
-    return activations_fit(config, tokens, dtype, device, budget_gb) is False
+    if held_gb is None:
+        held_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0.0
+    costs = block_costs(model, experts, dtype, compiled)
+    config = decoder_layers(model)[0].self_attn.config
+    need = copies * peak_bytes(costs, 0, tokens, loss_bytes(config, tokens, dtype))
+    free_gb = HEADROOM * budget_gb - held_gb - trainable_bytes(model) / GB
+    return need <= max(free_gb, 0.0) * GB

@@ -18,7 +18,7 @@ shapes (what a CUDA graph per bucket needs, and what keeps compiled code from re
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +138,29 @@ class PackedBatch:
 def bucketed(length: int, bucket: int = BUCKET) -> int:
     """``length`` rounded up to a multiple of ``bucket``."""
     return max(math.ceil(length / bucket), 1) * bucket
+
+
+def longest_packed(
+    lengths: Sequence[int],
+    plan: Sequence[Step],
+    split: Callable[[list[int]], list[list[int]]] | None = None,
+) -> int:
+    """Tokens of the plan's longest micro-batch once packed (bucketed): what the memory plan
+    (:mod:`mxlora.engine.memory`) sizes for.
+
+    Args:
+        lengths: each train row's token count.
+        plan: the run's steps (:func:`plan_steps`).
+        split: the rows each process packs of a micro-batch (several processes); default: one
+            process packs them all.
+    """
+    split = split or (lambda rows: [rows])
+    return max(
+        bucketed(sum(lengths[i] for i in share))
+        for step in plan
+        for rows in step.micro_batches
+        for share in split(rows)
+    )
 
 
 def pack(

@@ -636,7 +636,7 @@ def _time_mxlora(model, tokenizer, cfg, dataset, device, run_dir, info=None):
     extra = {
         "compiled": result.compiled,
         "cuda_graphs": result.cuda_graphs,
-        "gradient_checkpointing": result.gradient_checkpointing,
+        "checkpointed_blocks": result.checkpointed_blocks,
     }
     loss = statistics.fmean(loop.history.losses)
     return recorder.times, loop.history.tokens, loop.history.packed, loss, extra
@@ -647,7 +647,7 @@ def _time_trl(model, tokenizer, cfg, dataset, device, run_dir, info=None):
     from transformers import PrinterCallback
 
     from mxlora.model.load import resolve_dtype
-    from mxlora.recipes.train import padded_checkpointing, sft_config
+    from mxlora.recipes.train import all_or_none, padded_checkpointing, sft_config
 
     dtype = resolve_dtype(cfg.model.dtype, device)
     checkpointing = padded_checkpointing(cfg, model, dataset["input_ids"], dtype, device)
@@ -663,7 +663,11 @@ def _time_trl(model, tokenizer, cfg, dataset, device, run_dir, info=None):
     trainer.remove_callback(PrinterCallback)
     output = trainer.train()
     padded = trainer.padded_tokens_per_step()
-    extra = {"compiled": False, "cuda_graphs": False, "gradient_checkpointing": checkpointing}
+    extra = {
+        "compiled": False,
+        "cuda_graphs": False,
+        "checkpointed_blocks": all_or_none(checkpointing, model),
+    }
     return timer.times, timer.tokens, padded, output.training_loss, extra
 
 

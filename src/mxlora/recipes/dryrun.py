@@ -11,12 +11,19 @@ The memory estimate comes from sizes alone, for the device a run would use:
 * weights: every non-expert tensor in the run's dtype; the experts as held (``mxfp4``: 4.25 bits
   a weight, 16 bytes of FP4 values plus one e8m0 scale per 32; ``dequantize-bf16``: the dtype);
 * adapter: LoRA weights and their gradients in the dtype, AdamW's two float32 moments;
-* activations of the largest batch (``batch_size`` rows padded to the longest kept row): the
-  logits in the compute dtype and one checkpointed hidden state per layer; attention scores,
-  the recomputed layer, the loss's float32 temporaries and allocator slack come on top. For
-  gpt-oss-20b at 4 x 2048 in bf16 this gives 46.4 GB (seed, dequantized experts) and 18.4 GB
-  (MXFP4 experts) against 52.4 GB (eager attention) and 18.2 GB (flex_attention) measured
-  allocated on the H100 (docs/BENCHMARKS.md).
+* activations, per engine, with ``train.gradient_checkpointing`` resolved by the same decision
+  the run takes (:mod:`mxlora.engine.memory`; ``auto`` plans against ``memory_budget_gb``, or
+  the device's memory, after these weights):
+
+  - ``mxlora``: the longest micro-batch once packed (the run's own plan of rows), each decoder
+    block's saved tensors (checkpointed blocks: their input) plus the loss chunk
+    (:func:`mxlora.engine.memory.peak_bytes`), compiled or eager as ``train.compile`` resolves;
+  - ``trl``: ``batch_size`` rows padded to the longest kept row, the full logits in the compute
+    dtype and, checkpointed (all blocks or none), one hidden state per layer; attention scores,
+    the recomputed layer, the loss's float32 temporaries and allocator slack come on top. For
+    gpt-oss-20b at 4 x 2048 in bf16 this gives 46.4 GB (seed, dequantized experts) and 18.4 GB
+    (MXFP4 experts) against 52.4 GB (eager attention) and 18.2 GB (flex_attention) measured
+    allocated on the H100 (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -25,8 +32,17 @@ from typing import Any
 
 import torch
 
-from mxlora.config import TrainingConfig, dump_config
+from mxlora.config import Engine, TrainingConfig, dump_config
 from mxlora.data import prepare_data
+from mxlora.engine.memory import (
+    all_blocks,
+    block_costs,
+    checkpointed_blocks,
+    decoder_layers,
+    loss_bytes,
+    peak_bytes,
+)
+from mxlora.engine.packing import longest_packed, plan_steps
 from mxlora.model.load import (
     default_device,
     load_tokenizer,
@@ -65,12 +81,33 @@ def _is_expert_weight(name: str) -> bool:
     return ".mlp.experts." in name and name.rsplit(".", 1)[-1] in EXPERT_WEIGHTS
 
 
+def weights_and_adapter(
+    model: torch.nn.Module, experts: str, dtype: torch.dtype
+) -> tuple[float, float, float]:
+    """Bytes of the frozen weights, of the LoRA tensors (weights, gradients, AdamW moments) and
+    of the LoRA weights alone (held before the first step), from sizes (module docstring)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = adapter = lora = 0.0
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # LoRA: weight + gradient in dtype, AdamW's exp_avg and exp_avg_sq
+            adapter += p.numel() * (2 * size + 8)
+            lora += p.numel() * size
+        elif _is_expert_weight(name) and experts == "mxfp4":
+            weights += p.numel() * MXFP4_BYTES_PER_WEIGHT
+        else:
+            weights += p.numel() * size
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    return weights, adapter, lora
+
+
 def estimate_memory(
     model: torch.nn.Module,
     experts: str,
     dtype: torch.dtype,
-    batch_tokens: int,
-    gradient_checkpointing: bool = True,
+    tokens: int,
+    engine: Engine = "trl",
+    checkpointed: int = 0,
+    compiled: bool = False,
 ) -> dict[str, float]:
     """Training memory in GB (10^9 bytes) from sizes alone (module docstring).
 
@@ -78,26 +115,25 @@ def estimate_memory(
         model: the LoRA-wrapped model (meta device is fine).
         experts: resolved expert holding, ``mxfp4`` or ``dequantize-bf16``.
         dtype: the run's compute dtype.
-        batch_tokens: tokens of the largest batch (padded): batch size x longest row.
-        gradient_checkpointing: one hidden state per layer is kept for the backward pass.
+        tokens: tokens of the largest micro-batch: packed (``mxlora``) or batch size x longest
+            row (``trl``).
+        engine: ``train.engine``.
+        checkpointed: decoder blocks checkpointed (``trl``: all or none).
+        compiled: the blocks run compiled (``mxlora``).
 
     Returns:
         ``{"weights_gb", "adapter_gb", "activations_gb", "total_gb"}``.
     """
-    size = torch.empty((), dtype=dtype).element_size()
-    weights = adapter = 0.0
-    for name, p in model.named_parameters():
-        if p.requires_grad:  # LoRA: weight + gradient in dtype, AdamW's exp_avg and exp_avg_sq
-            adapter += p.numel() * (2 * size + 8)
-        elif _is_expert_weight(name) and experts == "mxfp4":
-            weights += p.numel() * MXFP4_BYTES_PER_WEIGHT
-        else:
-            weights += p.numel() * size
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    weights, adapter, _ = weights_and_adapter(model, experts, dtype)
     c = model.config
-    logits = batch_tokens * c.vocab_size * size
-    hidden = c.num_hidden_layers * batch_tokens * c.hidden_size * size
-    activations = logits + (hidden if gradient_checkpointing else 0)
+    if engine == "mxlora":
+        costs = block_costs(model, experts, dtype, compiled)
+        activations = peak_bytes(costs, checkpointed, tokens, loss_bytes(c, tokens, dtype))
+    else:
+        size = torch.empty((), dtype=dtype).element_size()
+        logits = tokens * c.vocab_size * size
+        hidden = c.num_hidden_layers * tokens * c.hidden_size * size
+        activations = logits + (hidden if checkpointed else 0)
     return {
         "weights_gb": weights / GB,
         "adapter_gb": adapter / GB,
@@ -126,11 +162,46 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = apply_lora(model, cfg.lora)
     trainable, total = count_parameters(model)
-    # The largest batch a run meets: batch_size rows padded to the longest kept train row.
-    longest = data.report["splits"]["train"]["total_tokens"]["max"]
-    memory = estimate_memory(
-        model, experts, dtype, cfg.train.batch_size * longest, cfg.train.gradient_checkpointing
-    )
+    t = cfg.train
+    weights, _, lora = weights_and_adapter(model, experts, dtype)
+    held_gb = (weights + lora) / GB  # what the run holds when it decides
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    blocks = len(decoder_layers(model))
+    compiled = False
+    if t.engine == "mxlora":
+        from mxlora.engine.loop import use_compile
+
+        plan = plan_steps(len(lengths), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed)
+        tokens = longest_packed(lengths, plan)
+        compiled = use_compile(t.compile, device, tokens)
+        checkpointed = checkpointed_blocks(
+            t.gradient_checkpointing,
+            model,
+            experts,
+            tokens,
+            dtype,
+            device,
+            t.memory_budget_gb,
+            compiled,
+            held_gb,
+        )
+    else:
+        # TRL's largest batch: batch_size rows padded to the longest kept train row.
+        tokens = t.batch_size * max(lengths)
+        on = all_blocks(
+            t.gradient_checkpointing,
+            model,
+            experts,
+            tokens,
+            dtype,
+            device,
+            t.memory_budget_gb,
+            held_gb,
+        )
+        checkpointed = blocks if on else 0
+    memory = estimate_memory(model, experts, dtype, tokens, t.engine, checkpointed, compiled)
+    memory["tokens"] = tokens
+    memory["checkpointed_blocks"] = f"{checkpointed} of {blocks}"
     return {
         "config": dump_config(cfg),
         "device": str(device),
@@ -165,8 +236,8 @@ def format_dry_run(result: dict[str, Any]) -> str:
         f"  parameters: {p['trainable']:,} trainable of {p['total']:,} "
         f"({100 * p['trainable'] / p['total']:.4f} %)",
         f"  memory estimate: {m['total_gb']:.2f} GB = weights {m['weights_gb']:.2f} + "
-        f"adapter and AdamW {m['adapter_gb']:.2f} + logits and checkpointed activations "
-        f"{m['activations_gb']:.2f}",
+        f"adapter and AdamW {m['adapter_gb']:.2f} + activations {m['activations_gb']:.2f} "
+        f"({m['tokens']} tokens a micro-batch, checkpointed blocks {m['checkpointed_blocks']})",
         "",
         "dry run: nothing trained, nothing written",
     ]

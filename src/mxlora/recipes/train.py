@@ -54,7 +54,7 @@ from mxlora.config import (
 from mxlora.data import PreparedData, prepare_data
 from mxlora.data.prepare import describe_data
 from mxlora.distributed import DistInfo, barrier, launched, on_main, relaunch, setup, teardown
-from mxlora.engine.memory import use_gradient_checkpointing
+from mxlora.engine.memory import all_blocks, decoder_layers
 from mxlora.engine.run_folder import (
     COMPLETE_MARKER,
     NonFiniteLossError,
@@ -167,7 +167,7 @@ class EngineStats:
     epoch: float
     tokens: int
     stopped: bool
-    gradient_checkpointing: bool
+    checkpointed_blocks: str
     compiled: bool
     cuda_graphs: bool = False
 
@@ -330,7 +330,7 @@ def fit(
             "engine": cfg.train.engine,
             "experts": experts,
             "dtype": str(dtype).removeprefix("torch."),
-            "gradient_checkpointing": stats.gradient_checkpointing,
+            "checkpointed_blocks": stats.checkpointed_blocks,
             "compiled": stats.compiled,
             "cuda_graphs": stats.cuda_graphs,
             "steps": stats.steps,
@@ -437,7 +437,7 @@ class Engine:
             epoch=result.epoch,
             tokens=result.tokens,
             stopped=result.stopped,
-            gradient_checkpointing=result.gradient_checkpointing,
+            checkpointed_blocks=result.checkpointed_blocks,
             compiled=result.compiled,
             cuda_graphs=result.cuda_graphs,
         )
@@ -483,7 +483,7 @@ class Engine:
             epoch=state.epoch,
             tokens=state.num_input_tokens_seen,
             stopped=state.global_step < state.max_steps,
-            gradient_checkpointing=checkpointing,
+            checkpointed_blocks=all_or_none(checkpointing, model),
             compiled=False,
         )
 
@@ -545,16 +545,24 @@ def padded_checkpointing(
     device: torch.device,
 ) -> bool:
     """``train.gradient_checkpointing`` resolved for TRL's padded batches, whose worst
-    micro-batch is ``batch_size`` rows of the longest row's length."""
+    micro-batch is ``batch_size`` rows of the longest row's length. TRL checkpoints every
+    block or none: on when ``auto`` would checkpoint any block of the (eager) model."""
     longest = cfg.train.batch_size * max(len(ids) for ids in input_ids)
-    return use_gradient_checkpointing(
+    return all_blocks(
         cfg.train.gradient_checkpointing,
-        model.get_base_model().config,
+        model,
+        held_experts(model),
         longest,
         dtype,
         device,
         cfg.train.memory_budget_gb,
     )
+
+
+def all_or_none(checkpointing: bool, model: torch.nn.Module) -> str:
+    """The report's ``checkpointed_blocks`` (``"k of n"``) of an all-or-nothing setting."""
+    blocks = len(decoder_layers(model))
+    return f"{blocks if checkpointing else 0} of {blocks}"
 
 
 def sft_config(
@@ -568,7 +576,7 @@ def sft_config(
     """TRL's ``SFTConfig`` from our training section (the seed's hyperparameters).
 
     ``gradient_checkpointing`` is the resolved ``train.gradient_checkpointing`` (its ``auto``
-    depends on the data and device: :func:`mxlora.engine.memory.use_gradient_checkpointing`).
+    depends on the data and device: :func:`padded_checkpointing`).
     """
     t = cfg.train
     # TRL 1.x adds gpt-oss's router load-balancing loss (coefficient 0.9 from the model config)
