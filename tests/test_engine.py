@@ -273,17 +273,27 @@ def test_sdpa_on_cuda_equals_the_reference_in_linear_memory(window, dtype):
     ``[heads, T, T]`` score tensor."""
     length = 640
     docs = torch.tensor([0] * 300 + [1] * 200 + [2] * 77 + [-1] * 63, dtype=torch.int32).cuda()
-    q, k, v, sinks = (t.detach().cuda().to(dtype).requires_grad_() for t in _qkv(64, 8, length, 64))
-    grad = torch.randn(1, 64, length, 64, device="cuda", dtype=dtype)
-    ours = _attention_and_grads(
-        sdpa_sink_attention, sdpa_mask(docs, window, dtype), q, k, v, sinks, grad
-    )
-    want = _attention_and_grads(reference_attention, dense_mask(docs, window), q, k, v, sinks, grad)
-    tol = {torch.float32: (1e-3, 1e-4), torch.bfloat16: (5e-2, 5e-2)}[dtype]
-    for name, got, expected in zip(("out", "q", "k", "v", "sinks"), ours, want, strict=True):
-        torch.testing.assert_close(
-            got.float(), expected.float(), rtol=tol[0], atol=tol[1], msg=name
-        )
+    base = [t.detach().cuda() for t in _qkv(64, 8, length, 64)]
+    grad = torch.randn(1, 64, length, 64, device="cuda")
+
+    def run(fn, mask, precision):
+        q, k, v, sinks = (t.to(precision).requires_grad_() for t in base)
+        return _attention_and_grads(fn, mask, q, k, v, sinks, grad.to(precision))
+
+    ours = run(sdpa_sink_attention, sdpa_mask(docs, window, dtype), dtype)
+    exact = run(reference_attention, dense_mask(docs, window), torch.float32)
+    names = ("out", "q", "k", "v", "sinks")
+    if dtype == torch.float32:
+        for name, got, expected in zip(names, ours, exact, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4, msg=name)
+    else:
+        # bf16: against the fp32 oracle, no further off than the reference itself in bf16
+        # (two bf16 computations differ from each other by about their own rounding).
+        rounded = run(reference_attention, dense_mask(docs, window), dtype)
+        for name, got, ref, expected in zip(names, ours, rounded, exact, strict=True):
+            ours_err = (got.float() - expected).norm() / expected.norm()
+            ref_err = (ref.float() - expected).norm() / expected.norm()
+            assert ours_err <= 2 * ref_err + 1e-3, (name, ours_err.item(), ref_err.item())
 
     length, heads = 4096, 64
     docs = torch.tensor([0] * 1500 + [1] * 2000 + [2] * 500 + [-1] * 96, dtype=torch.int32).cuda()
