@@ -552,21 +552,22 @@ def test_cuda_graphs_decision_and_refusals():
     from mxlora.engine.loop import use_cuda_graphs
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # auto: single-process CUDA without checkpointing, when twice the activations fit.
-    assert use_cuda_graphs("auto", cuda, False, False, True) is True
-    assert use_cuda_graphs("auto", cpu, False, False, None) is False
-    assert use_cuda_graphs("auto", cuda, True, False, True) is False
-    assert use_cuda_graphs("auto", cuda, False, True, True) is False
-    assert use_cuda_graphs("auto", cuda, False, False, False) is False
-    assert use_cuda_graphs(True, cuda, False, False, False) is True  # asked for: the user's call
-    assert use_cuda_graphs(False, cuda, False, False, True) is False
+    # auto: single-process CUDA, eager blocks, no checkpointing, when twice the activations fit.
+    assert use_cuda_graphs("auto", cuda, False, False, False, True) is True
+    assert use_cuda_graphs("auto", cpu, False, False, False, None) is False
+    assert use_cuda_graphs("auto", cuda, True, False, False, True) is False
+    assert use_cuda_graphs("auto", cuda, False, True, False, True) is False
+    assert use_cuda_graphs("auto", cuda, False, False, True, True) is False  # compiled blocks
+    assert use_cuda_graphs("auto", cuda, False, False, False, False) is False
+    assert use_cuda_graphs(True, cuda, False, False, True, False) is True  # the user's call
+    assert use_cuda_graphs(False, cuda, False, False, False, True) is False
     for args, reason in (
         ((cpu, False, False), "needs a CUDA device"),
         ((cuda, True, False), "single-process"),
         ((cuda, False, True), "gradient checkpointing"),
     ):
         with pytest.raises(TrainingError, match=f"^train.cuda_graphs: true .*{reason}"):
-            use_cuda_graphs(True, *args, True)
+            use_cuda_graphs(True, *args, False, True)
 
 
 def test_only_lengths_met_often_enough_are_captured():

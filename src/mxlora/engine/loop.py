@@ -160,19 +160,28 @@ def use_cuda_graphs(
     device: torch.device,
     distributed: bool,
     checkpointing: bool,
+    compiled: bool,
     fits_twice: bool | None,
 ) -> bool:
     """Resolve ``train.cuda_graphs``.
 
-    ``auto`` captures on CUDA in a single process without gradient checkpointing, when twice the
-    longest micro-batch's activations fit (``fits_twice``: the graphs' memory pool keeps the
-    largest bucket's activations while a new bucket's first micro-batch runs eagerly). ``true``
+    ``auto`` captures on CUDA in a single process without gradient checkpointing, around eager
+    blocks (the launch-bound short steps; compiled blocks run the long, GPU-bound ones, where a
+    graph saves little), when twice the longest micro-batch's activations fit (``fits_twice``:
+    the graphs' memory pool keeps the largest bucket's activations while a new bucket's first
+    micro-batch runs eagerly). ``true`` (with compiled blocks too, if asked)
     where it cannot work stops with the reason: the CPU has no CUDA graphs; several processes
     talk between micro-steps (collectives, FSDP's gathers); checkpointing saves the CUDA RNG
     state, which a capture forbids.
     """
     if setting == "auto":
-        return device.type == "cuda" and not distributed and not checkpointing and bool(fits_twice)
+        return (
+            device.type == "cuda"
+            and not distributed
+            and not checkpointing
+            and not compiled
+            and bool(fits_twice)
+        )
     if not setting:
         return False
     if device.type != "cuda":
@@ -410,7 +419,12 @@ class Loop:
             copies=2,
         )
         graphs = use_cuda_graphs(
-            t.cuda_graphs, self.device, self.info.distributed, checkpointed > 0, fits_twice
+            t.cuda_graphs,
+            self.device,
+            self.info.distributed,
+            checkpointed > 0,
+            compiled,
+            fits_twice,
         )
         return Setup(checkpointed, compiled, graphs, attention_kind(self.device, compiled))
 
