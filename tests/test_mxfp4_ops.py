@@ -23,6 +23,9 @@ from mxlora.model.load import load_weights
 from mxlora.model.lora import apply_lora
 from mxlora.mxfp4 import dequantize_mxfp4
 from mxlora.mxfp4.ops import (
+    _compute_dtype,
+    _lookup,
+    _tables,
     dequantize_mxfp4_torch,
     grouped_mm,
     mxfp4_grouped_mm,
@@ -67,13 +70,20 @@ def test_torch_path_matches_reference(shape, dname, transpose):
         assert y.abs().max() > 0 and dx.abs().max() > 0
 
 
+def _lookup_eager(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    """What the torch path compiles on CUDA (``_lookup``), run eagerly."""
+    return _lookup(blocks, scales, *_tables(_compute_dtype(dtype), blocks.device), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_torch_dequantizer_is_exact(dtype):
-    """Every code in every byte position, under every scale byte (255, NaN in OCP MX, included)."""
+@pytest.mark.parametrize("dequantize", [dequantize_mxfp4_torch, _lookup_eager], ids=["cpu", "cuda"])
+def test_torch_dequantizer_is_exact(dtype, dequantize):
+    """Every code in every byte position, under every scale byte (255, NaN in OCP MX, included):
+    the CPU's single lookup and the lookups + product compiled on CUDA."""
     # Row s: all 256 bytes (every code pair) in 16 groups, each scaled by the byte s.
     blocks = torch.arange(256, dtype=torch.uint8).view(16, 16).repeat(256, 1, 1)
     scales = torch.arange(256, dtype=torch.int32).to(torch.uint8)[:, None].repeat(1, 16)
-    got = dequantize_mxfp4_torch(blocks, scales, dtype)
+    got = dequantize(blocks, scales, dtype)
     expected = dequantize_mxfp4(blocks, scales, dtype)
     assert got.dtype == dtype and got.shape == (256, 16 * 32)
     assert torch.equal(got.isnan(), expected.isnan())
@@ -131,10 +141,13 @@ def _trainer(experts: str):
     return step
 
 
-#: How much slower (CPU time) the mxfp4 step may be. The issue asks for no slower (1.0); on the
-#: tiny model the expert layers are overhead-bound and dequantizing each projection twice a step
-#: (forward, input gradient) measures 1.08-1.13x here, so the bound guards against regressions
-#: (the per-expert reference loop this path replaced was several times slower).
+#: How much slower (CPU time) the mxfp4 step may be. The issue asks for no slower (1.0), which
+#: this path cannot reach on the tiny model: it does what the dequantized mode does plus one
+#: dequantization per projection and direction (96 a step), and on layers this small each costs
+#: about as much as the matmul it feeds (one gather of pre-scaled pairs, ~0.1-0.15 ms in a step,
+#: where the dequantized mode's weights are ready). Measured on a busy 2-core machine: 1.02-1.13x
+#: (min of steps), with repeated A/A runs of one mode spreading 0.94-1.08x; the bound guards
+#: against regressions (the per-expert reference loop this path replaced was several times slower).
 MAX_SLOWDOWN = 1.25
 
 

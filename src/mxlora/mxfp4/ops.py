@@ -148,15 +148,30 @@ def _tables(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     return pairs, pow2
 
 
-def dequantize_mxfp4_torch(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """Dequantize packed MXFP4 to ``dtype [..., out, in]`` with two table lookups and a product.
+@functools.cache
+def _scaled_pairs(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every (scale byte, block byte)'s two values, ``[256 * 256]`` machine words (int64 holding
+    two fp32, int32 two bf16) indexed by ``scale << 8 | byte``: the products of
+    :func:`_tables`, computed once (512 KiB in fp32)."""
+    pairs, pow2 = _tables(dtype, device)
+    table = (pow2[:, None, None] * pairs[None]).reshape(-1, 2).contiguous()
+    return table.view(torch.int64 if table.element_size() == 4 else torch.int32).view(-1)
 
-    Bit for bit :func:`dequantize_mxfp4`: the product of an e2m1 value and a power of two is
-    exact in fp32 and bf16 (same exponent range, at most 2 significant bits) or overflows to inf
-    as ``ldexp`` does, so those compute in place; other dtypes compute in fp32 and round.
-    Vectorized, no data-dependent shapes: ``torch.compile`` fuses it into one kernel.
+
+def dequantize_mxfp4_torch(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """Dequantize packed MXFP4 to ``dtype [..., out, in]`` with one table lookup, in eager mode.
+
+    Each byte's two values, already scaled, are one word of :func:`_scaled_pairs` at ``scale <<
+    8 | byte``: one integer pass to form the index and one 1-D gather, the fewest eager passes
+    (the CPU's path, where each pass costs as much as its arithmetic on small layers). Bit for
+    bit :func:`dequantize_mxfp4`: the product of an e2m1 value and a power of two is exact in
+    fp32 and bf16 (same exponent range, at most 2 significant bits) or overflows to inf as
+    ``ldexp`` does; other dtypes take the fp32 values and round.
     """
-    return _lookup(blocks, scales, *_tables(_compute_dtype(dtype), blocks.device), dtype)
+    words = _scaled_pairs(_compute_dtype(dtype), blocks.device)
+    index = (scales.int().unsqueeze(-1) << 8) | blocks  # int32 [..., out, in // 32, 16]
+    values = words.index_select(0, index.view(-1)).view(_compute_dtype(dtype))
+    return values.view(*scales.shape[:-1], -1).to(dtype)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -164,7 +179,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _lookup(blocks: Tensor, scales: Tensor, pairs: Tensor, pow2: Tensor, dtype) -> Tensor:
-    # index_select, not advanced indexing: several times faster in eager on the CPU.
+    """:func:`dequantize_mxfp4_torch` as two small lookups and a product: what ``torch.compile``
+    fuses into one elementwise kernel (CUDA), no 64k-entry table to read."""
     values = pairs.index_select(0, blocks.reshape(-1).int()).view(*scales.shape, 32)
     w = values * pow2.index_select(0, scales.reshape(-1).int()).view(*scales.shape, 1)
     return w.flatten(-2).to(dtype)
@@ -177,7 +193,8 @@ def _compiled_lookup():
 
 
 def _dequantize_torch(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """:func:`dequantize_mxfp4_torch`, compiled on CUDA (not on ROCm: no Triton trusted there)."""
+    """:func:`_lookup` compiled on CUDA (not on ROCm: no Triton trusted there), else
+    :func:`dequantize_mxfp4_torch` in eager mode."""
     if blocks.is_cuda and torch.version.hip is None:
         tables = _tables(_compute_dtype(dtype), blocks.device)
         return _compiled_lookup()(blocks, scales, *tables, dtype)
