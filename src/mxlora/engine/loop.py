@@ -161,6 +161,7 @@ def use_cuda_graphs(
     distributed: bool,
     checkpointing: bool,
     compiled: bool,
+    dtype: torch.dtype,
     fits_twice: bool | None,
 ) -> bool:
     """Resolve ``train.cuda_graphs``.
@@ -169,10 +170,11 @@ def use_cuda_graphs(
     blocks (the launch-bound short steps; compiled blocks run the long, GPU-bound ones, where a
     graph saves little), when twice the longest micro-batch's activations fit (``fits_twice``:
     the graphs' memory pool keeps the largest bucket's activations while a new bucket's first
-    micro-batch runs eagerly). ``true`` (with compiled blocks too, if asked)
+    micro-batch runs eagerly), in bf16. ``true`` (with compiled blocks too, if asked)
     where it cannot work stops with the reason: the CPU has no CUDA graphs; several processes
     talk between micro-steps (collectives, FSDP's gathers); checkpointing saves the CUDA RNG
-    state, which a capture forbids.
+    state, which a capture forbids; outside bf16, torch's ``grouped_mm`` on CUDA copies its
+    offsets to the host (its non-bf16 fallback), which a capture forbids too.
     """
     if setting == "auto":
         return (
@@ -180,6 +182,7 @@ def use_cuda_graphs(
             and not distributed
             and not checkpointing
             and not compiled
+            and dtype == torch.bfloat16
             and bool(fits_twice)
         )
     if not setting:
@@ -194,6 +197,11 @@ def use_cuda_graphs(
         raise TrainingError(
             "train.cuda_graphs: true cannot capture gradient checkpointing (it saves the CUDA "
             "RNG state); set train.gradient_checkpointing=false or train.cuda_graphs=false"
+        )
+    if dtype != torch.bfloat16:
+        raise TrainingError(
+            f"train.cuda_graphs: true needs bf16 (model.dtype is {dtype}: torch's grouped_mm "
+            "copies its offsets to the host in other dtypes); set train.cuda_graphs=false"
         )
     return True
 
@@ -424,6 +432,7 @@ class Loop:
             self.info.distributed,
             checkpointed > 0,
             compiled,
+            self.dtype,
             fits_twice,
         )
         return Setup(checkpointed, compiled, graphs, attention_kind(self.device, compiled))
