@@ -246,9 +246,20 @@ class TrainConfig:
 
 
 # Fields that `mxlora train --resume RUN_DIR key=value` may change: they decide what is logged,
-# evaluated and saved, never what the optimizer computes, so the resumed run ends exactly as the
-# uninterrupted one would. Any other change is refused, naming the field.
-RESUME_SAFE_FIELDS = frozenset({"train.logging_steps", "train.save_steps", "train.eval"})
+# evaluated, saved and kept, or whether the same kernels are replayed from CUDA graphs, never
+# what the optimizer computes, so the resumed run ends exactly as the uninterrupted one would.
+# Any other change is refused, naming the field.
+RESUME_SAFE_FIELDS = frozenset(
+    {
+        "train.logging_steps",
+        "train.save_steps",
+        "train.save_total_limit",
+        "train.eval",
+        "train.eval_steps",
+        "train.report_to",
+        "train.cuda_graphs",
+    }
+)
 
 
 @dataclass
