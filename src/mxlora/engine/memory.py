@@ -287,17 +287,28 @@ def checkpointed_blocks(
     costs = block_costs(model, experts, dtype, compiled)
     if setting != "auto":
         return plan_checkpointing(setting, costs, tokens, 0, None)
+    free_gb = _free_gb(model, device, budget_gb, held_gb)
+    if free_gb is None:
+        return 0
+    config = decoder_layers(model)[0].self_attn.config
+    return plan_checkpointing(
+        setting, costs, tokens, loss_bytes(config, tokens, dtype, full_logits), free_gb
+    )
+
+
+def _free_gb(
+    model: torch.nn.Module, device: torch.device, budget_gb: float | None, held_gb: float | None
+) -> float | None:
+    """What the activations may use: :data:`HEADROOM` of the budget (``None``: the CUDA
+    device's total memory) less the memory held (``None``: what CUDA has allocated) and the
+    trainable parameters' gradients and AdamW moments; ``None`` on the CPU without a budget."""
     if budget_gb is None:
         if device.type != "cuda":
-            return 0
+            return None
         budget_gb = torch.cuda.get_device_properties(device).total_memory / GB
     if held_gb is None:
         held_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0.0
-    config = decoder_layers(model)[0].self_attn.config
-    free_gb = HEADROOM * budget_gb - held_gb - trainable_bytes(model) / GB
-    return plan_checkpointing(
-        setting, costs, tokens, loss_bytes(config, tokens, dtype, full_logits), max(free_gb, 0.0)
-    )
+    return max(HEADROOM * budget_gb - held_gb - trainable_bytes(model) / GB, 0.0)
 
 
 def all_blocks(
@@ -335,14 +346,10 @@ def activations_fit(
     counts it; ``None`` where there is no budget to read (the CPU without
     ``train.memory_budget_gb``). CUDA graphs ask for 2 copies: the graphs' shared pool keeps the
     largest bucket's activations while a new bucket's first micro-batch runs eagerly."""
-    if budget_gb is None:
-        if device.type != "cuda":
-            return None
-        budget_gb = torch.cuda.get_device_properties(device).total_memory / GB
-    if held_gb is None:
-        held_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0.0
+    free_gb = _free_gb(model, device, budget_gb, held_gb)
+    if free_gb is None:
+        return None
     costs = block_costs(model, experts, dtype, compiled)
     config = decoder_layers(model)[0].self_attn.config
     need = copies * peak_bytes(costs, 0, tokens, loss_bytes(config, tokens, dtype))
-    free_gb = HEADROOM * budget_gb - held_gb - trainable_bytes(model) / GB
-    return need <= max(free_gb, 0.0) * GB
+    return need <= free_gb * GB
