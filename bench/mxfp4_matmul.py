@@ -11,23 +11,34 @@ directions (forward ``x · Wᵀ``, input gradient ``dy · W``), over the rows on
 * ``torch``: the op's no-Triton backend (whole projection dequantized by torch ops, compiled,
   then ``grouped_mm``), what CPUs, ROCm and older GPUs run;
 * ``triton``: :func:`mxlora.mxfp4.triton_kernels.grouped_mxfp4_matmul_triton`, dequantization
-  fused into the grouped GEMM, at every size (autotuned first, outside the timing);
+  fused into the grouped GEMM, at every size (the training config for the size class);
 * ``reference``: one expert dequantized to bf16 at a time, then a matmul;
 * ``bf16_grouped_mm``: torch's grouped GEMM on weights dequantized to bf16 beforehand (what the
   seed's ``grouped_mm`` experts run; the same math without 4-bit weights, 3.8x their memory).
 
-Also times the Triton dequantizer alone (effective bandwidth: packed bytes read + bf16 written).
-Prints milliseconds and TFLOP/s (``2 · rows · in · out`` a call) and each method's largest error
-relative to the largest bf16 ``grouped_mm`` output; ``--json`` also writes the rows
-(``device``, ``tokens``, ``results``: ``projection``, ``direction``, ``method``, ``ms``, ...).
+Also times the Triton dequantizer alone (effective bandwidth: packed bytes read + bf16 written)
+and checks it decodes every code under every finite scale bit for bit (its bf16 arithmetic runs
+on the GPU only). Prints milliseconds and TFLOP/s (``2 · rows · in · out`` a call) and each
+method's largest error relative to the largest bf16 ``grouped_mm`` output; ``--json`` also
+writes the rows (``device``, ``tokens``, ``results``: ``projection``, ``direction``, ``method``,
+``ms``, ...), ``--json-dir`` one such file per ``--tokens`` value.
+
+``--configs`` also times the fused kernel at each fixed tile config of
+:data:`mxlora.mxfp4.triton_kernels.CONFIGS` (what ``TRAINING_CONFIGS`` is chosen from) beside bf16
+``grouped_mm``, and prints one line per config with its time on each projection and direction
+and the sum of the four over bf16's sum: the table the small-M default is chosen from.
+``--compile-jobs N`` compiles every config first in N processes (Triton compiles serially).
 
     python bench/mxfp4_matmul.py --tokens 8192 --json bench/results/mxfp4_matmul-8192.json
+    python bench/mxfp4_matmul.py --tokens 530 1536 8192 --methods default,bf16_grouped_mm \
+        --configs --compile-jobs 12 --json-dir OUT
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +51,8 @@ from mxlora.mxfp4 import dequantize_mxfp4, ops, quantize_mxfp4
 from mxlora.mxfp4.kernels import resolve_backend
 
 METHODS = ("default", "torch", "triton", "reference", "bf16_grouped_mm")
+#: Where it runs (a module constant so that a CPU test can run its logic in Triton's interpreter).
+DEVICE = "cuda"
 
 
 def routed_counts(tokens: int, experts: int, top_k: int, device: str) -> tuple[int, ...]:
@@ -50,16 +63,41 @@ def routed_counts(tokens: int, experts: int, top_k: int, device: str) -> tuple[i
     return tuple(torch.bincount(chosen, minlength=experts).tolist())
 
 
-def time_ms(fn: Callable[[], Tensor]) -> float:
+def time_ms(fn: Callable[[], Tensor], quick: bool = False) -> float:
     from triton.testing import do_bench
 
+    if quick:  # the per-config sweep: many timings, each a sub-millisecond kernel
+        return do_bench(fn, warmup=10, rep=50, return_mode="median")
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def projection_shapes() -> tuple[tuple[str, int, int], ...]:
+    """``(name, out, in)`` of gpt-oss-20b's two expert projections."""
+    config = gpt_oss_20b_config()
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    return (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter))
+
+
+def batch_counts(tokens: int, device: str) -> tuple[int, ...]:
+    config = gpt_oss_20b_config()
+    return routed_counts(tokens, config["num_local_experts"], config["num_experts_per_tok"], device)
+
+
 def bench_projection(
-    name: str, n_out: int, n_in: int, counts: tuple[int, ...], device: str
-) -> tuple[list[dict], dict]:
-    from mxlora.mxfp4.triton_kernels import dequantize_mxfp4_triton, grouped_mxfp4_matmul_triton
+    name: str,
+    n_out: int,
+    n_in: int,
+    counts: tuple[int, ...],
+    device: str,
+    methods: tuple[str, ...] = METHODS,
+    configs: bool = False,
+) -> tuple[list[dict], dict, list[dict]]:
+    from mxlora.mxfp4.triton_kernels import (
+        CONFIGS,
+        DEQUANTIZE_CONFIGS,
+        dequantize_mxfp4_triton,
+        grouped_mxfp4_matmul_triton,
+    )
 
     gen = torch.Generator(device).manual_seed(1)
     experts, rows = len(counts), sum(counts)
@@ -69,10 +107,28 @@ def bench_projection(
     dense = dequantize_mxfp4(blocks, scales, torch.bfloat16)  # [E, out, in], for grouped_mm only
     offsets = ops.offsets_from_counts(counts, device)
     backend = resolve_backend(device)
-    results = []
+    results, per_config = [], []
     for transpose in (False, True):
         width = n_out if transpose else n_in
         x = torch.randn(rows, width, generator=gen, device=device).to(torch.bfloat16)
+        bf16 = dense if transpose else dense.transpose(-1, -2)
+        truth = ops._aten_grouped_mm(x, bf16, offsets).float()
+        direction = "input_grad" if transpose else "forward"
+        if configs:
+            bf16_ms = time_ms(lambda x=x, b=bf16: ops._aten_grouped_mm(x, b, offsets), quick=True)
+            for index, config in enumerate(CONFIGS):
+
+                def fused(x=x, t=transpose, c=config) -> Tensor:
+                    return grouped_mxfp4_matmul_triton(
+                        x, blocks, scales, offsets, transpose=t, config=c
+                    )
+
+                error = ((fused().float() - truth).abs().max() / truth.abs().max()).item()
+                ms = time_ms(fused, quick=True)
+                per_config.append(
+                    dict(projection=name, direction=direction, config=index, rows=rows, ms=ms,
+                         bf16_ms=bf16_ms, max_rel_error=error)
+                )  # fmt: skip
         calls = {
             "default": lambda x=x, t=transpose: ops.mxfp4_grouped_mm(
                 x, blocks, scales, offsets, t, backend
@@ -86,12 +142,10 @@ def bench_projection(
             "reference": lambda x=x, t=transpose: ops.grouped_mxfp4_matmul_reference(
                 x, blocks, scales, counts, transpose=t
             ),
-            "bf16_grouped_mm": lambda x=x, t=transpose: ops._aten_grouped_mm(
-                x, dense if t else dense.transpose(-1, -2), offsets
-            ),
+            "bf16_grouped_mm": lambda x=x, b=bf16: ops._aten_grouped_mm(x, b, offsets),
         }
-        outputs = {method: fn() for method, fn in calls.items()}  # also autotunes / compiles
-        truth = outputs["bf16_grouped_mm"].float()
+        calls = {method: calls[method] for method in methods}
+        outputs = {method: fn() for method, fn in calls.items()}  # also compiles
         flops = 2 * rows * n_in * n_out
         for method, fn in calls.items():
             ms = time_ms(fn)
@@ -99,7 +153,7 @@ def bench_projection(
             results.append(
                 dict(
                     projection=name,
-                    direction="input_grad" if transpose else "forward",
+                    direction=direction,
                     method=method,
                     rows=rows,
                     n_in=n_in,
@@ -117,53 +171,191 @@ def bench_projection(
     ms = time_ms(lambda: dequantize_mxfp4_triton(blocks, scales, torch.bfloat16))
     moved = blocks.numel() + scales.numel() + 2 * dense.numel()
     dequantize = dict(projection=name, ms=ms, effective_gb_per_s=moved / ms / 1e6)
-    return results, dequantize
+    if configs:
+        for tile in DEQUANTIZE_CONFIGS:
+            ms = time_ms(lambda t=tile: dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, t))
+            dequantize[f"config {tile}"] = round(moved / ms / 1e6)
+    return results, dequantize, per_config
 
 
-def run(tokens: int) -> tuple[list[dict], list[dict]]:
+def run(
+    tokens: int, methods: tuple[str, ...] = METHODS, configs: bool = False
+) -> tuple[list[dict], list[dict], list[dict]]:
     """Benchmark both projections and directions at gpt-oss-20b shapes on the current GPU."""
-    config = gpt_oss_20b_config()
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    counts = routed_counts(
-        tokens, config["num_local_experts"], config["num_experts_per_tok"], "cuda"
-    )
-    results, dequantize = [], []
-    for name, n_out, n_in in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
-        rows, deq = bench_projection(name, n_out, n_in, counts, "cuda")
+    counts = batch_counts(tokens, DEVICE)
+    results, dequantize, per_config = [], [], []
+    for name, n_out, n_in in projection_shapes():
+        rows, deq, swept = bench_projection(name, n_out, n_in, counts, DEVICE, methods, configs)
         results += rows
         dequantize.append(deq)
-    return results, dequantize
+        per_config += [dict(tokens=tokens, **r) for r in swept]
+    return results, dequantize, per_config
+
+
+def dequantizer_exact() -> bool:
+    """Whether the Triton dequantizer decodes every byte under every scale byte but 255 (the
+    NaN encoding) bit for bit as the reference, in bf16."""
+    from mxlora.mxfp4.triton_kernels import dequantize_mxfp4_triton
+
+    blocks = torch.arange(256, dtype=torch.uint8, device=DEVICE).view(16, 16).repeat(255, 1, 1)
+    scales = torch.arange(255, device=DEVICE).to(torch.uint8)[:, None].repeat(1, 16)
+    expected = dequantize_mxfp4(blocks, scales, torch.bfloat16)
+    return torch.equal(dequantize_mxfp4_triton(blocks, scales, torch.bfloat16), expected)
+
+
+def _compile_one(job: tuple[int, int | None, str, bool]) -> None:
+    """Compile (by launching once) config ``index`` for one shape, or with ``index`` None the
+    dequantizer (each of its configs), in a child process: the compiled kernels land in
+    Triton's on-disk cache, where the parent then finds them."""
+    from mxlora.mxfp4.triton_kernels import (
+        CONFIGS,
+        DEQUANTIZE_CONFIGS,
+        dequantize_mxfp4_triton,
+        grouped_mxfp4_matmul_triton,
+    )
+
+    tokens, index, name, transpose = job
+    counts = batch_counts(tokens, DEVICE)
+    _, n_out, n_in = next(p for p in projection_shapes() if p[0] == name)
+    blocks = torch.zeros(len(counts), n_out, n_in // 32, 16, dtype=torch.uint8, device=DEVICE)
+    scales = torch.zeros(len(counts), n_out, n_in // 32, dtype=torch.uint8, device=DEVICE)
+    x = torch.zeros(sum(counts), n_out if transpose else n_in, dtype=torch.bfloat16, device=DEVICE)
+    offsets = ops.offsets_from_counts(counts, DEVICE)
+    if index is None:
+        for tile in DEQUANTIZE_CONFIGS:
+            dequantize_mxfp4_triton(blocks, scales, torch.bfloat16, tile)
+    else:
+        grouped_mxfp4_matmul_triton(
+            x, blocks, scales, offsets, transpose=transpose, config=CONFIGS[index]
+        )
+    torch.cuda.synchronize()
+
+
+def precompile(tokens: list[int], jobs: int) -> None:
+    """Compile every config for every shape the sweep launches, and the dequantizer, in ``jobs``
+    processes."""
+    from mxlora.mxfp4.triton_kernels import CONFIGS
+
+    # Projections outermost: shapes that specialize alike (gpt-oss-20b's two projections) then
+    # find the first one's kernels in the cache instead of compiling them again side by side.
+    work = [(tokens[0], None, name, False) for name, _, _ in projection_shapes()]
+    work += [
+        (t, i, name, transpose)
+        for name, _, _ in projection_shapes()
+        for t in tokens
+        for i in range(len(CONFIGS))
+        for transpose in (False, True)
+    ]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        pool.map(_compile_one, work, chunksize=1)
+
+
+def config_label(config) -> str:
+    """A config in one short line: tile sizes, warps, stages, variant."""
+    return (
+        f"m{config.block_m} n{config.block_n} k{config.block_k} g{config.group_m} "
+        f"w{config.num_warps} s{config.num_stages}"
+    )
+
+
+def print_configs(per_config: list[dict]) -> None:
+    """One line per config: ms on each (projection, direction), and sum / bf16's sum."""
+    from mxlora.mxfp4.triton_kernels import CONFIGS
+
+    for tokens in sorted({r["tokens"] for r in per_config}):
+        rows = [r for r in per_config if r["tokens"] == tokens]
+        shapes = list(dict.fromkeys((r["projection"], r["direction"]) for r in rows))
+        bf16 = {(r["projection"], r["direction"]): r["bf16_ms"] for r in rows}
+        print(f"\nfused kernel per config, {tokens} tokens (ms; bf16 grouped_mm first)")
+        head = " ".join(f"{p[:7]}/{d[:3]:>3}" for p, d in shapes)
+        print(f"{'config':62} {head}  sum/bf16  max_err")
+        print(f"{'bf16_grouped_mm':62} " + " ".join(f"{bf16[s]:11.3f}" for s in shapes))
+        best = {}
+        for index, config in enumerate(CONFIGS):
+            mine = {(r["projection"], r["direction"]): r for r in rows if r["config"] == index}
+            ratio = sum(mine[s]["ms"] for s in shapes) / sum(bf16.values())
+            error = max(mine[s]["max_rel_error"] for s in shapes)
+            label = config_label(config)
+            times = " ".join(f"{mine[s]['ms']:11.3f}" for s in shapes)
+            print(f"{index:2d} {label:59} {times}  {ratio:8.3f}  {error:7.1e}")
+            for s in shapes:
+                if s not in best or mine[s]["ms"] < best[s][1]:
+                    best[s] = (index, mine[s]["ms"])
+        for s in shapes:
+            index, ms = best[s]
+            print(f"best {s[0]} {s[1]}: config {index}, {ms:.3f} ms = {ms / bf16[s]:.3f} x bf16")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens a batch (4 x 2048)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[8192], help="tokens a batch (4 x 2048)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here (one --tokens)")
+    parser.add_argument("--json-dir", type=Path, help="write mxfp4_matmul-<tokens>.json here")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--configs", action="store_true", help="time every fused tile config")
+    parser.add_argument("--compile-jobs", type=int, default=0, help="compile in N processes first")
     args = parser.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if unknown := set(methods) - set(METHODS):
+        parser.error(f"--methods: unknown {sorted(unknown)}; expected some of {METHODS}")
+    if args.json and len(args.tokens) != 1:
+        parser.error("--json takes one --tokens value; use --json-dir for several")
     if not torch.cuda.is_available():
         print("mxfp4_matmul: needs a CUDA GPU", file=sys.stderr)
         return 2
-    results, dequantize = run(args.tokens)
     device = torch.cuda.get_device_name()
-    print(f"{device}, {args.tokens} tokens x top-4")
-    print(f"{'projection':13} {'direction':10} {'method':16} {'ms':>8} {'TFLOP/s':>8} {'err':>9}")
-    for r in results:
+    if args.compile_jobs:
+        precompile(args.tokens, args.compile_jobs)
+    print(f"{device}: Triton dequantizer bit-exact in bf16: {dequantizer_exact()}")
+    per_config = []
+    for tokens in args.tokens:
+        results, dequantize, swept = run(tokens, methods, args.configs)
+        per_config += swept
+        print(f"\n{device}, {tokens} tokens x top-4")
         print(
-            f"{r['projection']:13} {r['direction']:10} {r['method']:16} "
-            f"{r['ms']:8.3f} {r['tflops']:8.1f} {r['max_rel_error']:9.2e}"
+            f"{'projection':13} {'direction':10} {'method':16} {'ms':>8} {'TFLOP/s':>8} {'err':>9}"
         )
-    for d in dequantize:
-        print(f"dequantize {d['projection']}: {d['ms']:.3f} ms, {d['effective_gb_per_s']:.0f} GB/s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            print(
+                f"{r['projection']:13} {r['direction']:10} {r['method']:16} "
+                f"{r['ms']:8.3f} {r['tflops']:8.1f} {r['max_rel_error']:9.2e}"
+            )
+        bf16 = {(r["projection"], r["direction"]): r["ms"] for r in results
+                if r["method"] == "bf16_grouped_mm"}  # fmt: skip
+        for r in results:
+            if r["method"] == "default" and bf16:
+                ratio = r["ms"] / bf16[r["projection"], r["direction"]]
+                print(f"default / bf16 {r['projection']} {r['direction']}: {ratio:.3f}")
+        for d in dequantize:
+            print(
+                f"dequantize {d['projection']}: {d['ms']:.3f} ms, {d['effective_gb_per_s']:.0f} GB/s"
+            )
+            print(
+                "  " + ", ".join(f"{k}: {v} GB/s" for k, v in d.items() if k.startswith("config"))
+            )
         payload = dict(
             device=device,
-            tokens=args.tokens,
+            tokens=tokens,
             fused_max_rows_per_expert=ops.FUSED_MAX_ROWS_PER_EXPERT,
             results=results,
             dequantize=dequantize,
         )
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        paths = [args.json] if args.json else []
+        if args.json_dir:
+            paths.append(args.json_dir / f"mxfp4_matmul-{tokens}.json")
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(payload, indent=2) + "\n")
+    if per_config:
+        print_configs(per_config)
+        if args.json_dir:
+            from mxlora.mxfp4.triton_kernels import CONFIGS
+
+            payload = dict(device=device, configs=[str(c) for c in CONFIGS], results=per_config)
+            path = args.json_dir / "mxfp4_matmul-configs.json"
+            path.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 

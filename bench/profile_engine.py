@@ -105,7 +105,7 @@ def profile_workload(
         "cuda_graphs": setup.cuda_graphs,
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0,
         "table": events.table(
-            sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=16
+            sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=30
         ),
     }
 

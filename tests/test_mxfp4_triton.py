@@ -291,7 +291,7 @@ def test_strided_rows(interpreted, transpose):
 
 
 def gpu_configs() -> list:
-    """Each autotuning candidate (bf16) and the fp32 config, as ``(index, config, dtype)``."""
+    """Each tile config (bf16) and the fp32 config, as ``(index, config, dtype)``."""
     from mxlora.mxfp4.triton_kernels import CONFIGS, FP32_CONFIG
 
     return [(i, c, "bf16") for i, c in enumerate(CONFIGS)] + [(len(CONFIGS), FP32_CONFIG, "fp32")]
@@ -476,7 +476,7 @@ def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int):
 
     red, cols = (n_out, n_in) if transpose else (n_in, n_out)
     ints = dict(
-        n_rows=32771, n_experts=32, ROWS_BUCKET=1024, RED=red, COLS=cols, stride_xm=red, stride_ym=cols,
+        n_rows=32771, n_experts=32, RED=red, COLS=cols, stride_xm=red, stride_ym=cols,
         stride_be=n_out * n_in // 2, stride_bo=n_in // 2,
         stride_se=n_out * n_in // 32, stride_so=n_in // 32,
     )  # fmt: skip
@@ -535,3 +535,17 @@ def test_compiles_for_h100(config, dtype, transpose, tmp_path, monkeypatch):
         assert ("ttng.warp_group_dot" in ttgir) == wgmma
         assert dtype == "fp32" or "ttng.warp_group_dot" in ttgir or "ttg.dot_op" in ttgir
         assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
+
+
+def test_training_config_follows_the_size_classes():
+    """Training picks the table's config by mean rows per expert rounded up to a power of two."""
+    from mxlora.mxfp4.triton_kernels import CONFIGS, TRAINING_CONFIGS, training_config
+
+    assert TRAINING_CONFIGS[False] == ((32, 9), (None, 0))  # the table this test reads
+    assert training_config(32 * 32, 32, transpose=False) is CONFIGS[9]
+    assert training_config(33 * 32, 32, transpose=False) is CONFIGS[0]  # class 64
+    assert training_config(5, 32, transpose=False) is CONFIGS[9]  # fewer rows than experts
+    assert TRAINING_CONFIGS[True] == ((64, 9), (128, 8), (None, 5))
+    assert training_config(64 * 32, 32, transpose=True) is CONFIGS[9]
+    assert training_config(100 * 32, 32, transpose=True) is CONFIGS[8]
+    assert training_config(4096 * 32, 32, transpose=True) is CONFIGS[5]

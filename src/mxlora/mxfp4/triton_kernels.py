@@ -20,7 +20,7 @@ offsets (a device tensor): expert ``e`` owns ``ceil(counts[e] / BLOCK_M)`` row t
 consecutive across experts. The grid is launched for an upper bound of row tiles
 (``ceil(rows / BLOCK_M) + E``) and the surplus programs return at once, so the host needs
 neither the counts nor the tile list (no host synchronisation at all), and the schedule follows
-whatever ``BLOCK_M`` the autotuner picks. Row tiles and column tiles are visited in
+whatever ``BLOCK_M`` the config has. Row tiles and column tiles are visited in
 ``GROUP_M`` super-rows (as in Triton's matmul tutorial) so that neighbouring programs share the
 weight tiles of one expert and the activation rows in L2.
 
@@ -31,7 +31,6 @@ tensors through Triton's interpreter; that is how the test suite checks it.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,17 +70,14 @@ class KernelConfig:
         }
 
 
-#: Autotuning candidates for bf16/fp16 on the GPU. The first is the default for gpt-oss-20b
-#: shapes on an H100 (hidden = intermediate = 2880 = 45 * 64, about 1k rows per expert at 8k
-#: tokens x top-4 over 32 experts): 128 x 128 output tiles with a 64-deep reduction step, the
-#: usual Hopper bf16 GEMM tile, and 2880 needs no reduction mask at BLOCK_K = 64. A weight tile is
-#: dequantized once per row tile, so taller tiles (256 rows) halve that work per flop; smaller
-#: ones give more programs when experts have few rows. All compile for sm_90 to wgmma with
-#: pipelined loads and no register spills (tests/test_mxfp4_triton.py).
+#: Tile configs for bf16/fp16 on the GPU, the candidates :data:`TRAINING_CONFIGS` is chosen from
+#: (``bench/mxfp4_matmul.py --configs`` times each). The first is the usual Hopper bf16 GEMM tile:
+#: 128 x 128 outputs with a 64-deep reduction step (2880 needs no reduction mask at 64). A weight
+#: tile is dequantized once per row tile, so taller tiles (256 rows) halve that work per flop;
+#: shorter or narrower ones give more programs when experts have few rows. All compile for sm_90
+#: to wgmma with pipelined loads and no register spills (tests/test_mxfp4_triton.py).
 CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
-    # Few rows per expert (short batches): the op streams the packed weights, so narrow column
-    # tiles give many programs to keep HBM busy, and short row tiles waste little of the MMA.
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4),
     KernelConfig(32, 64, 128, num_warps=4, num_stages=4),
     KernelConfig(16, 64, 128, num_warps=4, num_stages=4),
@@ -92,6 +88,26 @@ CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 64, 64, num_warps=4, num_stages=4),
     KernelConfig(64, 64, 64, num_warps=4, num_stages=4),
 )
+
+#: What training runs, by direction (``transpose``) and size class (mean rows per expert rounded
+#: up to a power of two): ``(largest class, index into CONFIGS)``, the last for every larger
+#: class. Fixed rather than autotuned, so a run compiles only the configs it uses and times none:
+#: the fastest or within a few percent of it per class in the H100 table of docs/BENCHMARKS.md,
+#: sharing configs between classes to compile fewer.
+TRAINING_CONFIGS: dict[bool, tuple[tuple[int | None, int], ...]] = {
+    False: ((32, 9), (None, 0)),
+    True: ((64, 9), (128, 8), (None, 5)),
+}
+
+
+def training_config(rows: int, n_experts: int, transpose: bool) -> KernelConfig:
+    """The bf16/fp16 config of :data:`TRAINING_CONFIGS` for ``rows`` rows over ``n_experts``."""
+    size_class = triton.next_power_of_2(max(1, rows // n_experts))
+    for largest, index in TRAINING_CONFIGS[transpose]:
+        if largest is None or size_class <= largest:
+            return CONFIGS[index]
+    raise AssertionError("TRAINING_CONFIGS ends with a None class")
+
 
 #: fp32 inputs (tests, exact checks): the dot runs on CUDA cores in full fp32, whose operands
 #: live in registers; larger tiles spill.
@@ -183,7 +199,6 @@ def _grouped_mxfp4_kernel(
     offsets_ptr,
     n_rows,
     n_experts,
-    ROWS_BUCKET,
     RED,
     COLS,
     stride_xm,
@@ -318,37 +333,18 @@ def _dequantize_kernel(
 #: module is imported, from ``TRITON_INTERPRET``.
 INTERPRETED: bool = isinstance(_grouped_mxfp4_kernel, InterpretedFunction)
 
-#: Dequantizer tiles (rows x values): a 64 x 256 tile is 8 KiB of packed bytes a program, enough
-#: in flight to stream at HBM bandwidth; the others are autotuning alternatives.
+#: Dequantizer tiles ``(rows, values, warps)``: the first is what runs (the fastest in the H100
+#: table of docs/BENCHMARKS.md: 8 KiB of packed bytes a program, enough in flight to stream at
+#: HBM bandwidth); the others are what ``bench/mxfp4_matmul.py --configs`` compares it with.
 DEQUANTIZE_CONFIGS: tuple[tuple[int, int, int], ...] = (
+    (32, 512, 8),
     (64, 256, 4),
     (32, 256, 4),
     (64, 128, 4),
     (128, 256, 8),
-    (32, 512, 8),
 )
 #: The interpreter (tests): small tiles, still several programs on tiny shapes.
 INTERPRETER_DEQUANTIZE = (16, 64, 4)
-
-
-@functools.cache
-def _autotuned():
-    configs = [
-        triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS
-    ]
-    # The row count changes every step; its size class (rows per expert, rounded to a power of
-    # two), the projection shape and the direction do not.
-    return triton.autotune(configs, key=["ROWS_BUCKET", "RED", "COLS", "TRANSPOSE"])(
-        _grouped_mxfp4_kernel
-    )
-
-
-@functools.cache
-def _autotuned_dequantize():
-    configs = [
-        triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w) for r, k, w in DEQUANTIZE_CONFIGS
-    ]
-    return triton.autotune(configs, key=["n_rows", "n_in"])(_dequantize_kernel)
 
 
 def grouped_mxfp4_matmul_triton(
@@ -373,8 +369,8 @@ def grouped_mxfp4_matmul_triton(
         offsets: int32 ``[E]`` on ``x``'s device, the end of each expert's rows
             (:func:`mxlora.mxfp4.ops.offsets_from_counts`); read by the kernel, never by the host.
         transpose: ``x_e · W_e`` (input gradient) instead of ``x_e · W_eᵀ`` (forward).
-        config: fixed tile sizes; by default autotuned over :data:`CONFIGS` on the GPU
-            (:data:`FP32_CONFIG` for fp32) and :data:`INTERPRETER_CONFIG` under the interpreter.
+        config: tile sizes; by default :func:`training_config` on the GPU (:data:`FP32_CONFIG`
+            for fp32) and :data:`INTERPRETER_CONFIG` under the interpreter.
 
     Returns:
         ``[rows, out]`` (``[rows, in]`` with ``transpose``), ``x``'s dtype.
@@ -396,7 +392,6 @@ def grouped_mxfp4_matmul_triton(
         offsets,
         x.shape[0],
         n_experts,
-        triton.next_power_of_2(max(1, x.shape[0] // n_experts)),
         red,
         cols,
         x.stride(0),
@@ -421,22 +416,28 @@ def grouped_mxfp4_matmul_triton(
         config = INTERPRETER_CONFIG
     elif config is None and x.dtype == torch.float32:
         config = FP32_CONFIG
+    elif config is None:
+        config = training_config(x.shape[0], n_experts, transpose)
+    launch = config.kwargs()
     with _on(x):
-        if config is None:
-            _autotuned()[grid](*args, **meta)
-        else:
-            launch = config.kwargs()
-            _grouped_mxfp4_kernel[grid(launch)](
-                *args, **meta, **launch, num_warps=config.num_warps, num_stages=config.num_stages
-            )
+        _grouped_mxfp4_kernel[grid(launch)](
+            *args, **meta, **launch, num_warps=config.num_warps, num_stages=config.num_stages
+        )
     return y
 
 
-def dequantize_mxfp4_triton(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+def dequantize_mxfp4_triton(
+    blocks: Tensor,
+    scales: Tensor,
+    dtype: torch.dtype,
+    config: tuple[int, int, int] | None = None,
+) -> Tensor:
     """Dequantize packed MXFP4 ``[..., out, in // 32, 16]`` to ``dtype [..., out, in]``.
 
     Bit for bit :func:`mxlora.mxfp4.reference.dequantize_mxfp4` (bar overflow to inf), in one
-    pass that reads the packed bytes once and writes the result once.
+    pass that reads the packed bytes once and writes the result once. ``config`` fixes the tile
+    ``(rows, values, warps)``; by default the first of :data:`DEQUANTIZE_CONFIGS` on the GPU and
+    :data:`INTERPRETER_DEQUANTIZE` under the interpreter.
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
@@ -449,21 +450,11 @@ def dequantize_mxfp4_triton(blocks: Tensor, scales: Tensor, dtype: torch.dtype) 
         return w
     packed, scales = blocks.contiguous(), scales.contiguous()
     with _on(w):
-        if INTERPRETED:
-            r, k, warps = INTERPRETER_DEQUANTIZE
-            grid = (triton.cdiv(n_rows, r), triton.cdiv(n_in, k))
-            _dequantize_kernel[grid](
-                packed, scales, w, n_rows, n_in, BLOCK_R=r, BLOCK_K=k, num_warps=warps
-            )
-        else:
-
-            def grid(launch: dict) -> tuple[int, int]:
-                return (
-                    triton.cdiv(n_rows, launch["BLOCK_R"]),
-                    triton.cdiv(n_in, launch["BLOCK_K"]),
-                )
-
-            _autotuned_dequantize()[grid](packed, scales, w, n_rows, n_in)
+        r, k, warps = config or (INTERPRETER_DEQUANTIZE if INTERPRETED else DEQUANTIZE_CONFIGS[0])
+        grid = (triton.cdiv(n_rows, r), triton.cdiv(n_in, k))
+        _dequantize_kernel[grid](
+            packed, scales, w, n_rows, n_in, BLOCK_R=r, BLOCK_K=k, num_warps=warps
+        )
     return w
 
 
