@@ -545,7 +545,6 @@ def test_training_config_follows_the_size_classes():
     assert training_config(32 * 32, 32, transpose=False) is CONFIGS[9]
     assert training_config(33 * 32, 32, transpose=False) is CONFIGS[0]  # class 64
     assert training_config(5, 32, transpose=False) is CONFIGS[9]  # fewer rows than experts
-    assert TRAINING_CONFIGS[True] == ((64, 9), (128, 8), (None, 5))
-    assert training_config(64 * 32, 32, transpose=True) is CONFIGS[9]
-    assert training_config(100 * 32, 32, transpose=True) is CONFIGS[8]
-    assert training_config(4096 * 32, 32, transpose=True) is CONFIGS[5]
+    assert TRAINING_CONFIGS[True] == ((None, 9),)
+    assert training_config(16 * 32, 32, transpose=True) is CONFIGS[9]
+    assert training_config(4096 * 32, 32, transpose=True) is CONFIGS[9]

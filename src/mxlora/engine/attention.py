@@ -6,7 +6,7 @@ on gpt-oss's sliding layers, the key is fewer than ``sliding_window`` tokens bac
 has a learned sink logit that joins the softmax's denominator but carries no value (gpt-oss's
 ``sinks``), so a head can attend "nowhere".
 
-Three implementations behind one attention function, registered with transformers'
+Four implementations behind one attention function, registered with transformers'
 ``AttentionInterface`` under :data:`ATTN_NAME`; which runs follows the type of the mask handed in
 (:func:`build_masks` makes the one a :data:`Kind` names):
 
@@ -27,6 +27,15 @@ Three implementations behind one attention function, registered with transformer
   ``out_sink = out * exp(lse) / (exp(lse) + exp(sink)) = out * sigmoid(lse - sink)``.
   The gradient must flow through ``lse`` too (flex's backward accepts an LSE gradient); a
   rescaling by a detached LSE would give wrong q/k/sink gradients.
+- :func:`varlen_sink_attention`: flash attention's variable-length kernel (CUDA, bf16/fp16):
+  each row a sequence of its own given by its boundaries (``cu_seqlens``), causal, the sliding
+  window as flash's left window, grouped-query heads native, no mask and no padding of the head
+  dimension. The sink is folded in as for flex, and the backward stays exact without an LSE
+  gradient: flash's backward recomputes the probabilities as ``exp(score - lse)`` and takes
+  ``rowsum(dout * out)`` from the output it is handed, so handing it the log-sum-exp *with* the
+  sink (``logaddexp(lse, sink)``) and the sink-scaled output makes it differentiate the
+  attention with sinks itself (:class:`_VarlenSinkAttention`). On the CPU the same function runs
+  a dense stand-in of the two flash calls (tests).
 
 Padding (bucketing the packed length) gets ``doc_id -1``: the pad tokens form one more document,
 attend only among themselves, and never reach a real row, so no softmax row is empty.
@@ -35,6 +44,7 @@ attend only among themselves, and never reach a real row, so no softmax row is e
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -46,7 +56,7 @@ from transformers import AttentionInterface
 ATTN_NAME = "mxlora_packed"
 
 # Which implementation a run uses (see the module docstring).
-Kind = Literal["reference", "sdpa", "flex"]
+Kind = Literal["reference", "sdpa", "flex", "varlen"]
 
 # Key slots appended to a packed sequence on the SDPA path: the first is the sink key, the rest
 # (masked out) keep the key length a multiple of 8, so the mask's rows stay 16-byte aligned as
@@ -93,8 +103,29 @@ def sdpa_mask(doc_ids: torch.Tensor, window: int | None, dtype: torch.dtype) -> 
     return bias.masked_fill_(~visible, float("-inf"))[None, None]
 
 
+@dataclass(frozen=True)
+class VarlenMask:
+    """What :func:`varlen_sink_attention` takes in place of a mask.
+
+    Attributes:
+        cu_seqlens: int32 ``[rows + 2]``, the start of each row, of the padding, and the packed
+            length (:attr:`mxlora.engine.packing.PackedBatch.cu_seqlens`).
+        max_len: the packed length, a bound on every row's (flash sizes its grid by it; a bound
+            set by the shapes keeps the call free of host syncs and its shapes static).
+        window: the sliding window, or ``None``.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+    window: int | None
+
+
 def build_masks(
-    doc_ids: torch.Tensor, sliding_window: int | None, kind: Kind, dtype: torch.dtype
+    doc_ids: torch.Tensor,
+    sliding_window: int | None,
+    kind: Kind,
+    dtype: torch.dtype,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The per-layer-type masks gpt-oss's decoder takes in place of its own causal masks.
 
@@ -103,9 +134,14 @@ def build_masks(
         sliding_window: the sliding layers' window.
         kind: the implementation the masks are for.
         dtype: the attention's compute dtype (the SDPA mask's dtype must match the query's).
+        cu_seqlens: the rows' boundaries (``varlen`` only; see :class:`VarlenMask`).
     """
 
     def make(window):
+        if kind == "varlen":
+            if cu_seqlens is None:
+                raise ValueError("build_masks: the varlen attention needs cu_seqlens")
+            return VarlenMask(cu_seqlens, doc_ids.numel(), window)
         if kind == "flex":
             return block_mask(doc_ids, window)
         if kind == "sdpa":
@@ -245,6 +281,133 @@ def _eager_flex():
     return flex_attention
 
 
+def flash_varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether :func:`varlen_sink_attention` runs flash attention here: CUDA (compute capability
+    8.0 or later, as torch's flash kernels need), bf16/fp16, a head dimension flash supports, and a
+    torch whose flash op takes a sliding window."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if head_dim % 8 or head_dim > 256 or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    schema = torch.ops.aten._flash_attention_forward.default._schema
+    return "window_size_left" in {a.name for a in schema.arguments}
+
+
+def _window(mask: VarlenMask) -> tuple[int, int]:
+    """Flash's ``(left, right)`` window: a key at most ``window - 1`` tokens back (``-1``: any)."""
+    return (-1 if mask.window is None else mask.window - 1), 0
+
+
+def _dense_allowed(mask: VarlenMask, device: torch.device) -> torch.Tensor:
+    """``[T, T]`` boolean mask of the rows ``mask.cu_seqlens`` bounds (the CPU stand-in's)."""
+    idx = torch.arange(mask.max_len, device=device)
+    row = torch.searchsorted(mask.cu_seqlens.to(device), idx.to(torch.int32), right=True)
+    return allowed(row[:, None], row[None, :], idx[:, None], idx[None, :], mask.window)
+
+
+def _flash_forward(q, k, v, mask: VarlenMask, scaling: float):
+    """Flash's varlen forward: ``(out [T, H, D], lse [H, T] fp32, state)``; on the CPU a dense
+    stand-in with the same outputs."""
+    if q.is_cuda:
+        left, right = _window(mask)
+        cu = mask.cu_seqlens
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, mask.max_len, mask.max_len, 0.0, True, False,
+            scale=scaling, window_size_left=left, window_size_right=right,
+        )  # fmt: skip
+        return out, lse, (rng, unused)
+    groups = q.shape[1] // k.shape[1]
+    keys = k.float().repeat_interleave(groups, 1)
+    scores = torch.einsum("thd,shd->hts", q.float(), keys) * scaling
+    scores = scores.masked_fill(~_dense_allowed(mask, q.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    values = v.float().repeat_interleave(groups, 1)
+    out = torch.einsum("hts,shd->thd", torch.exp(scores - lse[..., None]), values)
+    return out.to(q.dtype), lse, ()
+
+
+def _flash_backward(dout, q, k, v, out, lse, state, mask: VarlenMask, scaling: float):
+    """Flash's varlen backward given ``out`` and its ``lse``: ``(dq, dk, dv)``; on the CPU a
+    dense stand-in that, like flash, recomputes the probabilities as ``exp(score - lse)`` and
+    takes ``rowsum(dout * out)`` from the ``out`` handed in."""
+    if q.is_cuda:
+        left, right = _window(mask)
+        cu = mask.cu_seqlens
+        return torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse, cu, cu, mask.max_len, mask.max_len, 0.0, True, *state,
+            scale=scaling, window_size_left=left, window_size_right=right,
+        )  # fmt: skip
+    groups = q.shape[1] // k.shape[1]
+    keys = k.float().repeat_interleave(groups, 1)
+    values = v.float().repeat_interleave(groups, 1)
+    scores = torch.einsum("thd,shd->hts", q.float(), keys) * scaling
+    probs = torch.exp(scores - lse[..., None])
+    probs = probs.masked_fill(~_dense_allowed(mask, q.device), 0.0)  # [H, T, S]
+    dout = dout.float()
+    dv = torch.einsum("hts,thd->shd", probs, dout)
+    d_probs = torch.einsum("thd,shd->hts", dout, values)
+    row = (dout * out.float()).sum(-1).t()  # [H, T]
+    d_scores = probs * (d_probs - row[..., None]) * scaling
+    dq = torch.einsum("hts,shd->thd", d_scores, keys)
+    dk = torch.einsum("hts,thd->shd", d_scores, q.float())
+
+    def per_kv_head(g):  # [S, H, D] -> [S, KV, D]: the group's query heads summed
+        return g.unflatten(1, (k.shape[1], groups)).sum(2)
+
+    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
+class _VarlenSinkAttention(torch.autograd.Function):
+    """Attention with sinks from flash's varlen kernels (see the module docstring).
+
+    ``q [T, H, D]``, ``k, v [T, KV, D]``, ``sinks [H]``; returns ``[T, H, D]``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, mask: VarlenMask, scaling: float):
+        out, lse, state = _flash_forward(q, k, v, mask, scaling)
+        # The sink joins each query's softmax denominator: scale by exp(lse) / (exp(lse) +
+        # exp(sink)), and keep the log-sum-exp with the sink for the backward.
+        total = torch.logaddexp(lse, sinks.float()[:, None])  # [H, T]
+        out = (out.float() * torch.exp(lse - total).t()[..., None]).to(q.dtype)
+        ctx.save_for_backward(q, k, v, sinks, out, total, *state)
+        ctx.mask, ctx.scaling = mask, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, sinks, out, total, *state = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = _flash_backward(dout, q, k, v, out, total, state, ctx.mask, ctx.scaling)
+        d_sinks = None
+        if ctx.needs_input_grad[3]:
+            # d out_i / d sink = -out_i * p_sink_i, with p_sink_i = exp(sink - total_i).
+            row = (dout.float() * out.float()).sum(-1).t()  # [H, T]
+            p_sink = torch.exp(sinks.float()[:, None] - total)
+            d_sinks = -(p_sink * row).sum(1).to(sinks.dtype)
+        return dq, dk, dv, d_sinks, None, None
+
+
+def varlen_sink_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: VarlenMask,
+    sinks: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`reference_attention` through flash attention's varlen kernels (see the module
+    docstring); ``query [1, H, T, D]``, ``key, value [1, KV, T, D]``.
+
+    Returns:
+        ``[1, T, H, D]`` (the layout transformers' attention functions return).
+    """
+    if query.shape[0] != 1:
+        raise ValueError(f"varlen attention takes one packed sequence, got batch {query.shape[0]}")
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    return _VarlenSinkAttention.apply(q, k, v, sinks, mask, scaling)[None]
+
+
 def packed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -257,7 +420,8 @@ def packed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature; the mask comes from :func:`build_masks`
-    (a ``BlockMask``: flex; a float tensor: SDPA; a boolean tensor: the reference).
+    (a :class:`VarlenMask`: flash varlen; a ``BlockMask``: flex; a float tensor: SDPA; a
+    boolean tensor: the reference).
 
     Returns:
         ``([B, T, H, D], None)`` as transformers' attention functions do (no weights).
@@ -265,6 +429,8 @@ def packed_attention(
     if dropout:
         raise ValueError(f"{ATTN_NAME}: attention dropout is not supported (got {dropout})")
     sinks = s_aux if s_aux is not None else module.sinks
+    if isinstance(attention_mask, VarlenMask):
+        return varlen_sink_attention(query, key, value, attention_mask, sinks, scaling), None
     if isinstance(attention_mask, BlockMask):
         out = flex_sink_attention(query, key, value, attention_mask, sinks, scaling)
     elif attention_mask.dtype != torch.bool:

@@ -41,6 +41,9 @@ import torch
 from mxlora.engine.packing import PackedBatch
 from mxlora.engine.run_folder import TrainingError
 
+# The tensors of a packed micro-batch, copied into a captured bucket's static buffers.
+FIELDS = ("input_ids", "position_ids", "doc_ids", "loss_positions", "loss_targets", "cu_seqlens")
+
 # A packed length is captured when the run trains it at least this often (module docstring).
 MIN_USES = 3
 
@@ -78,10 +81,14 @@ class StepInputs:
             torch.full((), float(items), **scalar),
         )
 
+    def fits(self, batch: PackedBatch) -> bool:
+        """Whether ``batch`` has these buffers' shapes (the packed length and the row count)."""
+        return all(getattr(self.batch, n).shape == getattr(batch, n).shape for n in FIELDS)
+
     def fill(self, batch: PackedBatch, weight: float, items: int) -> None:
-        """Copy a micro-batch of the same packed length into these buffers (in place)."""
+        """Copy a micro-batch of the same shapes (:meth:`fits`) into these buffers (in place)."""
         mine = self.batch
-        for name in ("input_ids", "position_ids", "doc_ids", "loss_positions", "loss_targets"):
+        for name in FIELDS:
             getattr(mine, name).copy_(getattr(batch, name), non_blocking=True)
         mine.tokens, mine.rows = batch.tokens, batch.rows
         self.weight.fill_(float(weight))
@@ -138,9 +145,10 @@ class GraphedSteps:
 
     def __call__(self, batch: PackedBatch, weight: float, items: int) -> torch.Tensor:
         """The micro-step on ``batch`` (host tensors); its loss, a tensor of its own."""
-        if batch.length not in self.lengths:
-            return self.step(StepInputs.create(batch, weight, items, self.device))
         bucket = self.buckets.get(batch.length)
+        if batch.length not in self.lengths or (bucket and not bucket.inputs.fits(batch)):
+            # Not captured: a rare length, or fewer rows than the capture had (a last step).
+            return self.step(StepInputs.create(batch, weight, items, self.device))
         if bucket is None:
             return self._first(batch, weight, items)
         bucket.inputs.fill(batch, weight, items)

@@ -16,8 +16,9 @@ scheduler from transformers' ``get_scheduler``, gradients zeroed.
 Per run (:meth:`Loop.prepared`): gradient checkpointing when the activations would not fit
 (:mod:`mxlora.engine.memory`); the decoder blocks compiled when the longest bucket is long enough
 for compiled code to pay its compile time (:func:`use_compile`); flex_attention under compiled
-blocks on CUDA (block-sparse: pays on long sequences), else SDPA with the sink key (no compile);
-CUDA graphs where they can run (:func:`use_cuda_graphs`).
+blocks on CUDA (block-sparse: pays on long sequences), else flash attention's varlen kernels
+(CUDA, bf16) or SDPA with the sink key (no compile either way); CUDA graphs where they can run
+(:func:`use_cuda_graphs`).
 
 Under a launcher (torchrun, ``mxlora train --nproc N``; :mod:`mxlora.distributed`) the plan is
 the same global plan: each rank packs its contiguous share of every micro-batch
@@ -53,7 +54,7 @@ from transformers import get_scheduler
 
 from mxlora.config import TrainingConfig
 from mxlora.distributed import DistInfo, all_reduce_grads, shard_batch, shard_model
-from mxlora.engine.attention import Kind, build_masks, register
+from mxlora.engine.attention import Kind, build_masks, flash_varlen_available, register
 from mxlora.engine.graphs import GraphedSteps, StepInputs, worth_capturing
 from mxlora.engine.loss import chunked_loss
 from mxlora.engine.memory import activations_fit, checkpointed_blocks
@@ -104,6 +105,7 @@ class LoopResult:
         blocks: decoder blocks of the model.
         longest_tokens: tokens of the longest packed micro-batch a process runs (bucketed).
         cuda_graphs: micro-steps were replayed from CUDA graphs (one per bucket).
+        attention: the packed attention's implementation (:data:`mxlora.engine.attention.Kind`).
     """
 
     steps: int
@@ -115,6 +117,7 @@ class LoopResult:
     blocks: int
     longest_tokens: int
     cuda_graphs: bool = False
+    attention: str = "sdpa"
 
     @property
     def checkpointed_blocks(self) -> str:
@@ -149,10 +152,13 @@ def use_compile(setting: bool | str, device: torch.device, longest: int) -> bool
     return bool(setting)
 
 
-def attention_kind(device: torch.device, compiled: bool) -> Kind:
+def attention_kind(device: torch.device, compiled: bool, dtype: torch.dtype, head_dim: int) -> Kind:
     """flex_attention under compiled blocks on CUDA (it needs compiling; its block sparsity pays
-    on long sequences), else SDPA with the sink key (flex has no backward on the CPU)."""
-    return "flex" if device.type == "cuda" and compiled else "sdpa"
+    on long sequences); else flash attention's varlen kernels where they run (CUDA, bf16/fp16:
+    no mask, no padded head dimension), else SDPA with the sink key (CPU, fp32)."""
+    if device.type == "cuda" and compiled:
+        return "flex"
+    return "varlen" if flash_varlen_available(device, dtype, head_dim) else "sdpa"
 
 
 def use_cuda_graphs(
@@ -234,7 +240,9 @@ def forward_loss(
 ) -> torch.Tensor:
     """Summed cross-entropy of one packed micro-batch (``model``: the ``...ForCausalLM``;
     ``dtype``: the compute dtype, that of the attention's inputs)."""
-    masks = build_masks(batch.doc_ids, model.config.sliding_window, attention, dtype)
+    masks = build_masks(
+        batch.doc_ids, model.config.sliding_window, attention, dtype, batch.cu_seqlens
+    )
     # No KV cache: training never reads one, and a checkpointed block's recompute would append
     # its keys and values a second time.
     out = model.model(
@@ -383,6 +391,7 @@ class Loop:
             blocks=len(self.causal_lm.model.layers),
             longest_tokens=self.longest,
             cuda_graphs=setup.cuda_graphs,
+            attention=setup.attention,
         )
 
     def _agreed(self, should_stop: Callable[[], bool]) -> bool:
@@ -435,7 +444,9 @@ class Loop:
             self.dtype,
             fits_twice,
         )
-        return Setup(checkpointed, compiled, graphs, attention_kind(self.device, compiled))
+        head_dim = self.causal_lm.config.head_dim
+        attention = attention_kind(self.device, compiled, self.dtype, head_dim)
+        return Setup(checkpointed, compiled, graphs, attention)
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator[Setup]:

@@ -106,6 +106,8 @@ class PackedBatch:
         doc_ids: ``[L]`` int32 row index within the batch, ``-1`` on padding.
         loss_positions: ``[L]`` positions whose next token carries loss, then ``0`` up to ``L``.
         loss_targets: ``[L]`` those next tokens, then :data:`IGNORE` up to ``L``.
+        cu_seqlens: int32 ``[rows + 2]``: where each row starts, where the padding starts, and
+            ``L`` (the padding a sequence of its own, empty when there is none).
         tokens: non-pad tokens.
         rows: rows packed.
     """
@@ -115,6 +117,7 @@ class PackedBatch:
     doc_ids: torch.Tensor
     loss_positions: torch.Tensor
     loss_targets: torch.Tensor
+    cu_seqlens: torch.Tensor
     tokens: int
     rows: int
 
@@ -130,6 +133,7 @@ class PackedBatch:
             self.doc_ids.to(device, **move),
             self.loss_positions.to(device, **move),
             self.loss_targets.to(device, **move),
+            self.cu_seqlens.to(device, **move),
             self.tokens,
             self.rows,
         )
@@ -180,10 +184,12 @@ def pack(
     ids: list[int] = []
     positions: list[int] = []
     docs: list[int] = []
+    starts: list[int] = []
     loss_pos: list[int] = []
     targets: list[int] = []
     for row, (row_ids, mask) in enumerate(zip(input_ids, completion_masks, strict=True)):
         start = len(ids)
+        starts.append(start)
         ids.extend(row_ids)
         positions.extend(range(len(row_ids)))
         docs.extend([row] * len(row_ids))
@@ -201,6 +207,7 @@ def pack(
         doc_ids=torch.tensor(docs + [-1] * pad, dtype=torch.int32),
         loss_positions=torch.tensor(loss_pos + [0] * unused, dtype=torch.long),
         loss_targets=torch.tensor(targets + [IGNORE] * unused, dtype=torch.long),
+        cu_seqlens=torch.tensor(starts + [tokens, length], dtype=torch.int32),
         tokens=tokens,
         rows=len(input_ids),
     )

@@ -637,6 +637,7 @@ def _time_mxlora(model, tokenizer, cfg, dataset, device, run_dir, info=None):
         "compiled": result.compiled,
         "cuda_graphs": result.cuda_graphs,
         "checkpointed_blocks": result.checkpointed_blocks,
+        "attention": result.attention,
     }
     loss = statistics.fmean(loop.history.losses)
     return recorder.times, loop.history.tokens, loop.history.packed, loss, extra

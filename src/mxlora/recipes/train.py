@@ -170,6 +170,7 @@ class EngineStats:
     checkpointed_blocks: str
     compiled: bool
     cuda_graphs: bool = False
+    attention: str = ""
 
 
 def train(
@@ -333,6 +334,7 @@ def fit(
             "checkpointed_blocks": stats.checkpointed_blocks,
             "compiled": stats.compiled,
             "cuda_graphs": stats.cuda_graphs,
+            "attention": stats.attention,
             "steps": stats.steps,
             "epochs": stats.epoch,
             "train_rows": len(data.train),
@@ -440,6 +442,7 @@ class Engine:
             checkpointed_blocks=result.checkpointed_blocks,
             compiled=result.compiled,
             cuda_graphs=result.cuda_graphs,
+            attention=result.attention,
         )
 
     def trl(self, checkpoint: Path | None, should_stop: Callable[[], bool]) -> EngineStats:
@@ -485,6 +488,7 @@ class Engine:
             stopped=state.global_step < state.max_steps,
             checkpointed_blocks=all_or_none(checkpointing, model),
             compiled=False,
+            attention=self.cfg.model.attn_implementation,
         )
 
 
