@@ -107,7 +107,20 @@ def profile_workload(
         "table": events.table(
             sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=30
         ),
+        "ops": _by_op(events, profiled),
     }
+
+
+def _by_op(events, steps: int, rows: int = 40) -> str:
+    """The operators that launched the most GPU time (a kernel counted under the op that
+    launched it), per step; empty when a graph replay launched the kernels (no op to name)."""
+    ops = [e for e in events if e.device_type != DeviceType.CUDA and e.self_device_time_total > 0]
+    ops.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    lines = [f"{'op (kernels it launched)':60} {'ms/step':>8} {'calls/step':>10}"]
+    for e in ops[:rows]:
+        ms = e.self_device_time_total / steps / 1e3
+        lines.append(f"{e.key[:60]:60} {ms:8.2f} {e.count / steps:10.0f}")
+    return "\n".join(lines) if ops else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         print(r["table"], flush=True)
+        print(r["ops"], flush=True)
     return 0
 
 

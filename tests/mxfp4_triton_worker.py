@@ -59,6 +59,16 @@ def layer(job: dict):
     return run(mine, job["x"], job["indices"], job["weights"], job["grad_out"])
 
 
+def gate(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered gate op (the Triton kernels here), forward and its gradient."""
+    from mxlora.mxfp4.gate import fused_gate
+
+    gate_up = job["gate_up"].clone().requires_grad_()
+    out = fused_gate(gate_up, job["bias"], job["expert_ids"], job["alpha"], job["limit"])
+    out.backward(job["grad"])
+    return out.detach(), gate_up.grad
+
+
 def availability() -> dict[str, bool]:
     cpu = torch.zeros(1)
     found = {"default": kernel_available(cpu)}
@@ -78,6 +88,7 @@ def main(jobs_path: str, results_path: str) -> None:
         "autograd": {name: autograd(job) for name, job in jobs["autograd"].items()},
         "layer": {name: layer(job) for name, job in jobs["layer"].items()},
         "dequantize": {name: dequantize(job) for name, job in jobs["dequantize"].items()},
+        "gate": {name: gate(job) for name, job in jobs["gate"].items()},
         "layer_backend": resolve_backend("cpu"),
     }
     torch.save(results, results_path)

@@ -162,3 +162,19 @@ def test_mxfp4_train_step_is_no_slower_than_dequantized():
     best = {name: min(t[1:]) for name, t in times.items()}
     print({name: f"{t * 1e3:.1f} ms" for name, t in best.items()})
     assert best["mxfp4"] <= MAX_SLOWDOWN * best["dequantize-bf16"]
+
+
+def test_gate_reference_is_transformers_gate():
+    """The gate's oracle is transformers' ``GptOssExperts._apply_gate`` after gate_up's bias."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from mxlora.mxfp4.gate import gate_reference
+
+    gen = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(11, 2 * 6, generator=gen, dtype=torch.float64) * 8
+    bias = torch.randn(3, 2 * 6, generator=gen, dtype=torch.float64)
+    expert_ids = torch.tensor([0] * 4 + [1] * 2 + [2] * 5)
+    experts = GptOssExperts.__new__(GptOssExperts)
+    experts.alpha, experts.limit = 1.702, 7.0
+    want = experts._apply_gate(gate_up + bias[expert_ids])
+    torch.testing.assert_close(gate_reference(gate_up, bias, expert_ids, 1.702, 7.0), want)

@@ -171,7 +171,38 @@ def build_jobs() -> dict[str, dict]:
         dequantize[f"every-code-and-scale-{dname}"] = dict(
             blocks=identity["blocks"], scales=identity["scales"], dtype=dtype
         )
-    return {"matmul": matmul, "autograd": autograd, "layer": layer, "dequantize": dequantize}
+    gate = {}
+    for dname, dtype in DTYPES.items():
+        gate[dname] = gate_job(dtype, seed=12)
+    return {
+        "matmul": matmul,
+        "autograd": autograd,
+        "layer": layer,
+        "dequantize": dequantize,
+        "gate": gate,
+    }
+
+
+#: gpt-oss's gate constants.
+GATE_ALPHA, GATE_LIMIT = 1.702, 7.0
+
+
+def gate_job(dtype: torch.dtype, seed: int) -> dict:
+    """The gate's inputs on an odd shape (37 rows over 3 experts, I = 45, not multiples of any
+    tile), values spread over both clamps, some exactly at +-limit (bounds pass the gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, inter, experts = 37, 45, 3
+    gate_up = torch.randn(rows, 2 * inter, generator=gen) * 6
+    gate_up.view(-1)[::17] = GATE_LIMIT
+    gate_up.view(-1)[5::19] = -GATE_LIMIT
+    bias = torch.randn(experts, 2 * inter, generator=gen)
+    bias[0] = 0.0  # expert 0's rows keep the exact bounds above
+    expert_ids = torch.sort(torch.randint(0, experts, (rows,), generator=gen)).values
+    grad = torch.randn(rows, inter, generator=gen)
+    return dict(
+        gate_up=gate_up.to(dtype), bias=bias.to(dtype), expert_ids=expert_ids,
+        grad=grad.to(dtype), alpha=GATE_ALPHA, limit=GATE_LIMIT,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -548,3 +579,41 @@ def test_training_config_follows_the_size_classes():
     assert TRAINING_CONFIGS[True] == ((None, 9),)
     assert training_config(16 * 32, 32, transpose=True) is CONFIGS[9]
     assert training_config(4096 * 32, 32, transpose=True) is CONFIGS[9]
+
+
+def _gate_reference_run(job: dict, dtype: torch.dtype):
+    from mxlora.mxfp4.gate import gate_reference
+
+    gate_up = job["gate_up"].to(dtype).requires_grad_()
+    out = gate_reference(
+        gate_up, job["bias"].to(dtype), job["expert_ids"], job["alpha"], job["limit"]
+    )
+    out.backward(job["grad"].to(dtype))
+    return out.detach(), gate_up.grad
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_fused_gate_equals_the_reference_with_gradients(interpreted, dname):
+    """The Triton gate (bias added in the kernel, one kernel each way) == transformers' formula
+    differentiated by autograd: fp32 to fp32 rounding; bf16/fp16 no further from the fp32 result
+    than the formula computed in that dtype, plus two roundings (the interpreter truncates where
+    the GPU rounds to nearest: the bias-added input and the output)."""
+    jobs, results = interpreted
+    job = jobs["gate"][dname]
+    out, d_gate_up = results["gate"][dname]
+    dtype = DTYPES[dname]
+    assert out.dtype == d_gate_up.dtype == dtype
+    truth = _gate_reference_run(job, torch.float64)
+    if dtype == torch.float32:
+        for got, want in zip((out, d_gate_up), truth, strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        # the clamps' bounds pass the gradient, as torch's clamp does (checked above too)
+        at_bound = (job["gate_up"] + job["bias"][job["expert_ids"]]).abs() == job["limit"]
+        assert at_bound.sum() > 10 and (d_gate_up[at_bound] != 0).all()
+        return
+    eager = _gate_reference_run(job, dtype)
+    ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    for got, ref, want in zip((out, d_gate_up), eager, truth, strict=True):
+        ours = (got.double() - want).abs().max().item()
+        theirs = (ref.double() - want).abs().max().item()
+        assert ours <= theirs + 2 * ulp * want.abs().max().item(), (ours, theirs)

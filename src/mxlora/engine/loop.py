@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch.utils.checkpoint import checkpoint
 from transformers import get_scheduler
 
@@ -469,10 +470,14 @@ class Loop:
             self.graphed = GraphedSteps(self._micro_step, self.device, lengths)
             stream = self.graphed.on_stream()
         try:
+            # PEFT casts each LoRA layer's input to its fp32 factors' dtype, and autocast casts
+            # it back to bf16 for the matmul: an exact round trip of two copies a layer, each
+            # way. Off while the loop runs (under autocast only; without it nothing is cast).
             with (
                 blocks_attached(lm.model.layers, setup.checkpointed, setup.compiled),
                 stream,
                 loud_compile(setup.compiled),
+                disable_input_dtype_casting(self.model, active=self.dtype != torch.float32),
             ):
                 if setup.cuda_graphs:
                     for p in self.params:  # the captured backward accumulates into these

@@ -38,9 +38,9 @@ from peft.tuners.tuners_utils import cast_adapter_dtype
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from peft.utils.other import get_pattern_key
 from torch import Tensor, nn
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from mxlora.mxfp4.kernels import resolve_backend
+from mxlora.mxfp4.gate import fused_gate, gate_reference
+from mxlora.mxfp4.kernels import TRITON, resolve_backend
 from mxlora.mxfp4.ops import (
     frozen_mxfp4_matmul,
     grouped_mxfp4_matmul_reference,
@@ -106,9 +106,6 @@ class Mxfp4Experts(nn.Module):
     #: PEFT's ``ParamWrapper`` reads this (as it does on ``GptOssExperts``) to orient the expert
     #: LoRA as ``[E, in, out]``, i.e. ``x @ W``; without it the adapter shapes would differ.
     is_transposed = True
-
-    # transformers' own gate, so the activation is the same code as the seed path's.
-    _apply_gate = GptOssExperts._apply_gate
 
     def __init__(
         self,
@@ -202,8 +199,13 @@ class Mxfp4Experts(nn.Module):
         offsets = torch.searchsorted(expert_ids, bounds.to(expert_ids.dtype), out_int32=True)
 
         x = hidden_states[token_idx]
-        gate_up = self._project("gate_up_proj", x, expert_ids, offsets, lora)
-        out = self._project("down_proj", self._apply_gate(gate_up), expert_ids, offsets, lora)
+        # The gate adds gate_up's bias itself (in one kernel on the triton backend).
+        gate_up = self._project("gate_up_proj", x, expert_ids, offsets, lora, bias=False)
+        # The gate: one Triton kernel each way on the kernel backend, transformers' formula in
+        # torch ops otherwise (mxlora.mxfp4.gate).
+        gate = fused_gate if self.backend == TRITON else gate_reference
+        gated = gate(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
+        out = self._project("down_proj", gated, expert_ids, offsets, lora)
         weighted = out * routing_weights.reshape(-1)[order, None]
         next_states = torch.zeros_like(hidden_states)
         return next_states.index_add(0, token_idx, weighted.to(hidden_states.dtype))
@@ -215,13 +217,15 @@ class Mxfp4Experts(nn.Module):
         expert_ids: Tensor,
         offsets: Tensor,
         lora: Mapping[str, Sequence[LoraFactors]],
+        bias: bool = True,
     ) -> Tensor:
         # ``view``: the bytes may be held under a 1-byte float dtype (FSDP2, see
         # :func:`mxlora.distributed.shard_model`); a no-op for uint8.
         blocks = getattr(self, f"{proj}_blocks").view(torch.uint8)
         scales = getattr(self, f"{proj}_scales").view(torch.uint8)
         y = frozen_mxfp4_matmul(x, blocks, scales, offsets, False, self.backend)
-        y = y + getattr(self, f"{proj}_bias")[expert_ids]
+        if bias:
+            y = y + getattr(self, f"{proj}_bias")[expert_ids]
         for factors in lora.get(proj, ()):
             y = y + grouped_lora(x, factors, offsets)
         return y

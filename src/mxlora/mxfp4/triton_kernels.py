@@ -330,6 +330,64 @@ def _dequantize_kernel(
     tl.store(w_ptr + offs_r[:, None] * n_in + offs_k[None, :], tile, mask=mask)
 
 
+@triton.jit
+def _gate_inputs(y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R, BLOCK_C):
+    """One tile of the gate's inputs: the clamped gate and up halves (fp32), with the bias
+    added and rounded to the input dtype as eager torch's add does, their masks and offsets."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    experts = tl.load(e_ptr + rows, mask=rows < n_rows, other=0).to(tl.int64)
+    at = rows[:, None] * (2 * n_cols) + 2 * cols[None, :]  # the gate; the up is at + 1
+    bias_at = experts[:, None] * (2 * n_cols) + 2 * cols[None, :]
+    dtype = y_ptr.dtype.element_ty
+    gate = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    gate += tl.load(b_ptr + bias_at, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(y_ptr + at + 1, mask=mask, other=0.0).to(tl.float32)
+    up += tl.load(b_ptr + bias_at + 1, mask=mask, other=0.0).to(tl.float32)
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
+    nan = tl.PropagateNan.ALL
+    clamped_gate = tl.minimum(gate, limit, propagate_nan=nan)
+    clamped_up = tl.minimum(tl.maximum(up, -limit, propagate_nan=nan), limit, propagate_nan=nan)
+    return gate, up, clamped_gate, clamped_up, rows, cols, mask, at
+
+
+@triton.jit
+def _gate_forward_kernel(
+    y_ptr, b_ptr, e_ptr, out_ptr, n_rows, n_cols, alpha, limit,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``out [n_rows, n_cols] = gate(y [n_rows, 2 n_cols] + bias[experts])`` (mxlora.mxfp4.gate)."""
+    _, _, g, u, rows, cols, mask, _ = _gate_inputs(
+        y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R, BLOCK_C
+    )
+    out = (u + 1.0) * (g * tl.sigmoid(alpha * g))
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_backward_kernel(
+    grad_ptr, y_ptr, b_ptr, e_ptr, dy_ptr, n_rows, n_cols, alpha, limit,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``dy [n_rows, 2 n_cols]``: the gate's gradient for ``grad [n_rows, n_cols]``; a clamp
+    passes the gradient where its input lies within its bounds (bounds included), as torch's."""
+    gate, up, g, u, rows, cols, mask, at = _gate_inputs(
+        y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R, BLOCK_C
+    )
+    grad = tl.load(grad_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    grad = grad.to(tl.float32)
+    s = tl.sigmoid(alpha * g)
+    d_gate = grad * (u + 1.0) * (s + alpha * g * s * (1.0 - s))
+    d_gate = tl.where(gate <= limit, d_gate, 0.0)
+    d_up = tl.where((up >= -limit) & (up <= limit), grad * (g * s), 0.0)
+    dtype = dy_ptr.dtype.element_ty
+    tl.store(dy_ptr + at, d_gate.to(dtype), mask=mask)
+    tl.store(dy_ptr + at + 1, d_up.to(dtype), mask=mask)
+
+
 #: Whether the kernel runs in Triton's CPU interpreter: ``triton.jit`` decides once, when this
 #: module is imported, from ``TRITON_INTERPRET``.
 INTERPRETED: bool = isinstance(_grouped_mxfp4_kernel, InterpretedFunction)
@@ -457,6 +515,48 @@ def dequantize_mxfp4_triton(
             packed, scales, w, n_rows, n_in, BLOCK_R=r, BLOCK_K=k, num_warps=warps
         )
     return w
+
+
+#: Gate tiles ``(rows, columns, warps)`` on the GPU and under the interpreter (small, so that
+#: the tests' odd shapes cover the masks).
+GATE_TILE = (16, 256, 4)
+INTERPRETER_GATE_TILE = (4, 32, 1)
+
+
+def _gate_launch(kernel, tensors: tuple, rows: int, cols: int, alpha: float, limit: float) -> None:
+    r, c, warps = INTERPRETER_GATE_TILE if INTERPRETED else GATE_TILE
+    grid = (triton.cdiv(rows, r), triton.cdiv(cols, c))
+    with _on(tensors[0]):
+        kernel[grid](
+            *tensors, rows, cols, float(alpha), float(limit), BLOCK_R=r, BLOCK_C=c, num_warps=warps
+        )
+
+
+def gate_forward_triton(
+    gate_up: Tensor, bias: Tensor, expert_ids: Tensor, alpha: float, limit: float
+) -> Tensor:
+    """:func:`mxlora.mxfp4.gate.gate_reference` in one kernel (``[rows, I]``)."""
+    if bias.dtype != gate_up.dtype:
+        raise TypeError(f"gate: bias {bias.dtype} differs from the activations' {gate_up.dtype}")
+    rows, cols = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(rows, cols)
+    if rows:
+        tensors = (gate_up.contiguous(), bias.contiguous(), expert_ids.contiguous(), out)
+        _gate_launch(_gate_forward_kernel, tensors, rows, cols, alpha, limit)
+    return out
+
+
+def gate_backward_triton(
+    grad: Tensor, gate_up: Tensor, bias: Tensor, expert_ids: Tensor, alpha: float, limit: float
+) -> Tensor:
+    """The gate's gradient with respect to ``gate_up`` (``[rows, 2I]``), in one kernel."""
+    rows, cols = gate_up.shape[0], gate_up.shape[1] // 2
+    d_gate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+    if rows:
+        tensors = (grad.contiguous(), gate_up.contiguous(), bias.contiguous())
+        tensors += (expert_ids.contiguous(), d_gate_up)
+        _gate_launch(_gate_backward_kernel, tensors, rows, cols, alpha, limit)
+    return d_gate_up
 
 
 def _on(t: Tensor) -> contextlib.AbstractContextManager:
