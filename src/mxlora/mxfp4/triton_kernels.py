@@ -331,7 +331,9 @@ def _dequantize_kernel(
 
 
 @triton.jit
-def _gate_inputs(y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R, BLOCK_C):
+def _gate_inputs(
+    y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """One tile of the gate's inputs: the clamped gate and up halves (fp32), with the bias
     added and rounded to the input dtype as eager torch's add does, their masks and offsets."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -347,9 +349,9 @@ def _gate_inputs(y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R, BLOCK_C):
     up += tl.load(b_ptr + bias_at + 1, mask=mask, other=0.0).to(tl.float32)
     gate = gate.to(dtype).to(tl.float32)
     up = up.to(dtype).to(tl.float32)
-    nan = tl.PropagateNan.ALL
-    clamped_gate = tl.minimum(gate, limit, propagate_nan=nan)
-    clamped_up = tl.minimum(tl.maximum(up, -limit, propagate_nan=nan), limit, propagate_nan=nan)
+    clamped_gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
+    clamped_up = tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL)
+    clamped_up = tl.minimum(clamped_up, limit, propagate_nan=tl.PropagateNan.ALL)
     return gate, up, clamped_gate, clamped_up, rows, cols, mask, at
 
 
@@ -519,7 +521,7 @@ def dequantize_mxfp4_triton(
 
 #: Gate tiles ``(rows, columns, warps)`` on the GPU and under the interpreter (small, so that
 #: the tests' odd shapes cover the masks).
-GATE_TILE = (16, 256, 4)
+GATE_TILE = (16, 128, 4)
 INTERPRETER_GATE_TILE = (4, 32, 1)
 
 
