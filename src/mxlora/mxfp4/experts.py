@@ -201,9 +201,11 @@ class Mxfp4Experts(nn.Module):
         x = hidden_states[token_idx]
         # The gate adds gate_up's bias itself (in one kernel on the triton backend).
         gate_up = self._project("gate_up_proj", x, expert_ids, offsets, lora, bias=False)
-        # The gate: one Triton kernel each way on the kernel backend, transformers' formula in
-        # torch ops otherwise (mxlora.mxfp4.gate).
-        gate = fused_gate if self.backend == TRITON else gate_reference
+        # The gate: one Triton kernel each way on the kernel backend in eager blocks;
+        # transformers' formula in torch ops otherwise (mxlora.mxfp4.gate), which compiled
+        # blocks fuse themselves (inductor's kernels beat ours at many rows: docs/BENCHMARKS.md).
+        fused = self.backend == TRITON and not torch.compiler.is_compiling()
+        gate = fused_gate if fused else gate_reference
         gated = gate(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
         out = self._project("down_proj", gated, expert_ids, offsets, lora)
         weighted = out * routing_weights.reshape(-1)[order, None]

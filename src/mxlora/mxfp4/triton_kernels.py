@@ -334,25 +334,28 @@ def _dequantize_kernel(
 def _gate_inputs(
     y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
 ):
-    """One tile of the gate's inputs: the clamped gate and up halves (fp32), with the bias
-    added and rounded to the input dtype as eager torch's add does, their masks and offsets."""
+    """One tile of the gate's inputs: the gate and up halves (fp32) with the bias added and
+    rounded to the input dtype as eager torch's add does, clamped copies, masks and offsets.
+
+    The interleaved pairs are loaded as one contiguous ``[BLOCK_R, BLOCK_C, 2]`` tile (coalesced,
+    vectorized) and split in registers.
+    """
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     experts = tl.load(e_ptr + rows, mask=rows < n_rows, other=0).to(tl.int64)
-    at = rows[:, None] * (2 * n_cols) + 2 * cols[None, :]  # the gate; the up is at + 1
-    bias_at = experts[:, None] * (2 * n_cols) + 2 * cols[None, :]
+    pair = tl.arange(0, 2)[None, None, :]
+    at = (rows[:, None] * (2 * n_cols) + 2 * cols[None, :])[:, :, None] + pair
+    bias_at = (experts[:, None] * (2 * n_cols) + 2 * cols[None, :])[:, :, None] + pair
+    mask3 = mask[:, :, None] & (pair < 2)
     dtype = y_ptr.dtype.element_ty
-    gate = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    gate += tl.load(b_ptr + bias_at, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(y_ptr + at + 1, mask=mask, other=0.0).to(tl.float32)
-    up += tl.load(b_ptr + bias_at + 1, mask=mask, other=0.0).to(tl.float32)
-    gate = gate.to(dtype).to(tl.float32)
-    up = up.to(dtype).to(tl.float32)
+    y = tl.load(y_ptr + at, mask=mask3, other=0.0).to(tl.float32)
+    y += tl.load(b_ptr + bias_at, mask=mask3, other=0.0).to(tl.float32)
+    gate, up = tl.split(y.to(dtype).to(tl.float32))
     clamped_gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
     clamped_up = tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL)
     clamped_up = tl.minimum(clamped_up, limit, propagate_nan=tl.PropagateNan.ALL)
-    return gate, up, clamped_gate, clamped_up, rows, cols, mask, at
+    return gate, up, clamped_gate, clamped_up, rows, cols, mask, at, mask3
 
 
 @triton.jit
@@ -361,7 +364,7 @@ def _gate_forward_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``out [n_rows, n_cols] = gate(y [n_rows, 2 n_cols] + bias[experts])`` (mxlora.mxfp4.gate)."""
-    _, _, g, u, rows, cols, mask, _ = _gate_inputs(
+    _, _, g, u, rows, cols, mask, _, _ = _gate_inputs(
         y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R, BLOCK_C
     )
     out = (u + 1.0) * (g * tl.sigmoid(alpha * g))
@@ -376,7 +379,7 @@ def _gate_backward_kernel(
 ):  # fmt: skip
     """``dy [n_rows, 2 n_cols]``: the gate's gradient for ``grad [n_rows, n_cols]``; a clamp
     passes the gradient where its input lies within its bounds (bounds included), as torch's."""
-    gate, up, g, u, rows, cols, mask, at = _gate_inputs(
+    gate, up, g, u, rows, cols, mask, at, mask3 = _gate_inputs(
         y_ptr, b_ptr, e_ptr, n_rows, n_cols, limit, BLOCK_R, BLOCK_C
     )
     grad = tl.load(grad_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
@@ -385,9 +388,8 @@ def _gate_backward_kernel(
     d_gate = grad * (u + 1.0) * (s + alpha * g * s * (1.0 - s))
     d_gate = tl.where(gate <= limit, d_gate, 0.0)
     d_up = tl.where((up >= -limit) & (up <= limit), grad * (g * s), 0.0)
-    dtype = dy_ptr.dtype.element_ty
-    tl.store(dy_ptr + at, d_gate.to(dtype), mask=mask)
-    tl.store(dy_ptr + at + 1, d_up.to(dtype), mask=mask)
+    d_y = tl.join(d_gate, d_up)  # [BLOCK_R, BLOCK_C, 2]: interleaved again
+    tl.store(dy_ptr + at, d_y.to(dy_ptr.dtype.element_ty), mask=mask3)
 
 
 #: Whether the kernel runs in Triton's CPU interpreter: ``triton.jit`` decides once, when this
