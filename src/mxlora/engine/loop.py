@@ -76,6 +76,7 @@ from mxlora.engine.run_folder import (
     oom_message,
 )
 from mxlora.model.load import held_experts
+from mxlora.mxfp4.kernels import TRITON, resolve_backend
 from mxlora.report.metrics import MetricsLog
 from mxlora.report.writer import write_json
 
@@ -160,6 +161,20 @@ def attention_kind(device: torch.device, compiled: bool, dtype: torch.dtype, hea
     if device.type == "cuda" and compiled:
         return "flex"
     return "varlen" if flash_varlen_available(device, dtype, head_dim) else "sdpa"
+
+
+def eager_kernels(
+    device: torch.device, dtype: torch.dtype, compiled: bool, head_dim: int, experts: str
+) -> dict[str, bool]:
+    """Which of CUDA's kernels eager blocks run, as :mod:`mxlora.engine.memory` counts what
+    they keep: ``varlen`` (flash varlen attention) and ``fused_gate`` (the Triton gate of MXFP4
+    experts); both off for compiled blocks, which inductor fuses itself."""
+    if compiled:
+        return {"varlen": False, "fused_gate": False}
+    return {
+        "varlen": attention_kind(device, compiled, dtype, head_dim) == "varlen",
+        "fused_gate": experts == "mxfp4" and resolve_backend(device) == TRITON,
+    }
 
 
 def use_cuda_graphs(
@@ -416,26 +431,14 @@ class Loop:
         t = self.cfg.train
         compiled = use_compile(t.compile, self.device, self.longest)
         experts = held_experts(self.model)
+        head_dim = self.causal_lm.config.head_dim
+        attention = attention_kind(self.device, compiled, self.dtype, head_dim)
+        paths = eager_kernels(self.device, self.dtype, compiled, head_dim, experts)
+        budget = (self.longest, self.dtype, self.device, t.memory_budget_gb, compiled)
         checkpointed = checkpointed_blocks(
-            t.gradient_checkpointing,
-            self.model,
-            experts,
-            self.longest,
-            self.dtype,
-            self.device,
-            t.memory_budget_gb,
-            compiled,
+            t.gradient_checkpointing, self.model, experts, *budget, **paths
         )
-        fits_twice = activations_fit(
-            self.model,
-            experts,
-            self.longest,
-            self.dtype,
-            self.device,
-            t.memory_budget_gb,
-            compiled,
-            copies=2,
-        )
+        fits_twice = activations_fit(self.model, experts, *budget, copies=2, **paths)
         graphs = use_cuda_graphs(
             t.cuda_graphs,
             self.device,
@@ -445,8 +448,6 @@ class Loop:
             self.dtype,
             fits_twice,
         )
-        head_dim = self.causal_lm.config.head_dim
-        attention = attention_kind(self.device, compiled, self.dtype, head_dim)
         return Setup(checkpointed, compiled, graphs, attention)
 
     @contextlib.contextmanager

@@ -19,15 +19,17 @@ the engine's configuration (packed flex attention, MXFP4 or dense experts, LoRA 
 :func:`torch.autograd.graph.saved_tensors_hooks` sees them (tests/test_memory.py pins it to the
 measured bytes):
 
-* both: flex's ``q, k, v, out`` and fp32 log-sum-exp; each LoRA factor's rank-wide middle
-  (one byte a value more for a dropout mask); the router's top-k indices and scores; the
+* both: the attention's ``q, k, v, out`` and fp32 log-sum-exp; each LoRA factor's rank-wide
+  middle (one byte a value more for a dropout mask); the adapted projections' input, once per
+  input (the loop turns off PEFT's cast of it to the fp32 LoRA weights, which made a copy per
+  projection); the router's top-k indices and scores; the
   experts' sort order and token index, ``gate_up`` output, expert outputs and routing weights;
   with expert LoRA the projection's gathered input and the factors' middles (MXFP4), or the
   dense ``W + ΔW`` PEFT forms (dequantized experts: a per-block constant, ``E x in x out``);
-* eager blocks: each norm's fp32 copy of its input and ``rsqrt``; each adapted attention
-  projection's own copy of its input (PEFT casts it to the fp32 LoRA weights, autocast back);
-  flex's running max and the sink scale; the gate's four intermediates; the combine's source
-  (MXFP4) or one more index (dense);
+* eager blocks: each norm's fp32 copy of its input and ``rsqrt``; the combine's source (MXFP4)
+  or one more index (dense); on the CPU's paths (SDPA attention, the gate in torch ops) also the
+  attention's running max and sink scale and the gate's four intermediates, which CUDA's
+  kernels (flash varlen attention, the Triton gate: ``varlen``, ``fused_gate``) do not keep;
 * compiled blocks (``torch.compile``): AOTAutograd's partitioner recomputes the cheap
   pointwise work in the backward instead: the norms keep their input in the compute dtype and
   ``rsqrt``, the attention and MLP inputs are kept once, and nothing of the gate or the sink
@@ -127,7 +129,13 @@ def block_loras(model: torch.nn.Module) -> list[BlockLora]:
 
 
 def block_cost(
-    config: Any, lora: BlockLora, experts: str, dtype: torch.dtype, compiled: bool
+    config: Any,
+    lora: BlockLora,
+    experts: str,
+    dtype: torch.dtype,
+    compiled: bool,
+    varlen: bool = False,
+    fused_gate: bool = False,
 ) -> BlockCost:
     """What one gpt-oss decoder block saves for its backward (module docstring).
 
@@ -137,6 +145,8 @@ def block_cost(
         experts: ``mxfp4`` or ``dequantize-bf16`` (how the expert weights are held).
         dtype: the compute dtype (the autocast dtype; the weights' dtype in fp32).
         compiled: the block runs under ``torch.compile``.
+        varlen: eager blocks attend with flash's varlen kernels (CUDA, bf16).
+        fused_gate: eager blocks run the experts' gate as one Triton kernel (``triton`` backend).
     """
     d = torch.empty((), dtype=dtype).element_size()
     h, k = config.hidden_size, config.num_experts_per_tok
@@ -150,33 +160,33 @@ def block_cost(
     # Both norms: compiled, the input in the compute dtype and rsqrt, plus the MLP's normalized
     # input; eager, the fp32 copy of the input and rsqrt.
     per = 2 * (d * h + FP32) + d * h if compiled else 2 * (FP32 * h + FP32)
-    # Attention LoRA: each factor's rank-wide middle; the projection's input for the factors'
-    # gradients: eager under autocast, each adapted projection keeps its own copy (PEFT casts
-    # the input to the fp32 LoRA weights, autocast back), else the input is shared.
-    if compiled or d == FP32:
-        if set(lora.attention) - {"o_proj"}:
-            per += d * h
-        if "o_proj" in lora.attention:
-            per += d * widths["o_proj"]
+    # Attention LoRA: each factor's rank-wide middle; for the factors' gradients, the input
+    # shared by the projections that read it, or with dropout each projection's dropped-out
+    # input and its dropout mask (one byte a value).
+    if not lora.dropout and set(lora.attention) - {"o_proj"}:
+        per += d * h
+    if not lora.dropout and "o_proj" in lora.attention:
+        per += d * widths["o_proj"]
     for name, rank in lora.attention.items():
         per += d * rank
-        if not compiled and d != FP32:
-            per += d * widths[name]
         if lora.dropout:
-            per += widths[name]  # the dropout mask (one byte a value)
-    # Flex attention: q, k, v, out and the fp32 log-sum-exp; eager also its running max and
-    # the sink scale (fp32 and in the compute dtype).
+            per += (d + 1) * widths[name]
+    # Attention: q, k, v, out and the fp32 log-sum-exp; eager outside flash's varlen kernels
+    # also a running max and the sink scale (fp32 and in the compute dtype).
     per += d * hd * (2 * heads + 2 * kv) + FP32 * heads
-    if not compiled:
+    if not compiled and not varlen:
         per += 2 * FP32 * heads + d * heads
     # Router: top-k indices and softmax scores.
     per += INT64 * k + d * k
     # Experts, per routed (token, expert): sort order and token index, the gate_up output
-    # (2I wide), the expert output and its routing weight; eager also the gate's four
-    # intermediates, and either the index_add source (MXFP4) or one more index (dense).
+    # (2I wide), the expert output and its routing weight; eager also either the index_add
+    # source (MXFP4) or one more index (dense), and the gate's four intermediates unless the
+    # Triton gate runs it (it keeps its input only).
     per += 2 * INT64 * k + d * k * (2 * inter + h + 1)
     if not compiled:
-        per += 4 * d * k * inter + (d * k * h if experts == "mxfp4" else INT64 * k)
+        per += d * k * h if experts == "mxfp4" else INT64 * k
+        if not fused_gate:
+            per += 4 * d * k * inter
     fixed = 0
     pad = 8  # MXFP4 expert LoRA pads the rank to a multiple of 8 (grouped GEMM strides)
     ins = {"gate_up_proj": h, "down_proj": inter}
@@ -191,11 +201,19 @@ def block_cost(
 
 
 def block_costs(
-    model: torch.nn.Module, experts: str, dtype: torch.dtype, compiled: bool
+    model: torch.nn.Module,
+    experts: str,
+    dtype: torch.dtype,
+    compiled: bool,
+    varlen: bool = False,
+    fused_gate: bool = False,
 ) -> list[BlockCost]:
     """:func:`block_cost` of each decoder block of ``model`` (meta device is fine)."""
     config = decoder_layers(model)[0].self_attn.config
-    return [block_cost(config, lora, experts, dtype, compiled) for lora in block_loras(model)]
+    return [
+        block_cost(config, lora, experts, dtype, compiled, varlen, fused_gate)
+        for lora in block_loras(model)
+    ]
 
 
 def loss_bytes(config: Any, tokens: int, dtype: torch.dtype, full_logits: bool = False) -> int:
@@ -267,6 +285,9 @@ def checkpointed_blocks(
     compiled: bool,
     held_gb: float | None = None,
     full_logits: bool = False,
+    *,
+    varlen: bool = False,
+    fused_gate: bool = False,
 ) -> int:
     """Resolve ``train.gradient_checkpointing`` to a number of blocks (the first ones).
 
@@ -283,8 +304,10 @@ def checkpointed_blocks(
         held_gb: device memory already held (the weights); ``None``: what CUDA has allocated
             on ``device`` (0 elsewhere).
         full_logits: the loss is taken from every position's logits (TRL), not a chunk.
+        varlen: eager blocks attend with flash's varlen kernels (:func:`block_cost`).
+        fused_gate: eager blocks run the Triton gate (:func:`block_cost`).
     """
-    costs = block_costs(model, experts, dtype, compiled)
+    costs = block_costs(model, experts, dtype, compiled, varlen, fused_gate)
     if setting != "auto":
         return plan_checkpointing(setting, costs, tokens, 0, None)
     free_gb = _free_gb(model, device, budget_gb, held_gb)
@@ -340,16 +363,20 @@ def activations_fit(
     compiled: bool,
     copies: int = 1,
     held_gb: float | None = None,
+    *,
+    varlen: bool = False,
+    fused_gate: bool = False,
 ) -> bool | None:
     """Whether ``copies`` x the peak of a ``tokens``-long micro-batch with no block checkpointed
     (its saved tensors and the loss chunk) fit the budget left as :func:`checkpointed_blocks`
     counts it; ``None`` where there is no budget to read (the CPU without
     ``train.memory_budget_gb``). CUDA graphs ask for 2 copies: the graphs' shared pool keeps the
-    largest bucket's activations while a new bucket's first micro-batch runs eagerly."""
+    largest bucket's activations while a new bucket's first micro-batch runs eagerly.
+    ``varlen`` and ``fused_gate`` as for :func:`checkpointed_blocks`."""
     free_gb = _free_gb(model, device, budget_gb, held_gb)
     if free_gb is None:
         return None
-    costs = block_costs(model, experts, dtype, compiled)
+    costs = block_costs(model, experts, dtype, compiled, varlen, fused_gate)
     config = decoder_layers(model)[0].self_attn.config
     need = copies * peak_bytes(costs, 0, tokens, loss_bytes(config, tokens, dtype))
     return need <= free_gb * GB

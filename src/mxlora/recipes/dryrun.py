@@ -108,6 +108,7 @@ def estimate_memory(
     engine: Engine = "trl",
     checkpointed: int = 0,
     compiled: bool = False,
+    paths: dict[str, bool] | None = None,
 ) -> dict[str, float]:
     """Training memory in GB (10^9 bytes) from sizes alone (module docstring).
 
@@ -120,6 +121,7 @@ def estimate_memory(
         engine: ``train.engine``.
         checkpointed: decoder blocks checkpointed (``trl``: all or none).
         compiled: the blocks run compiled (``mxlora``).
+        paths: the CUDA kernels eager blocks run (:func:`mxlora.engine.loop.eager_kernels`).
 
     Returns:
         ``{"weights_gb", "adapter_gb", "activations_gb", "total_gb"}``.
@@ -127,7 +129,7 @@ def estimate_memory(
     weights, adapter, _ = weights_and_adapter(model, experts, dtype)
     c = model.config
     if engine == "mxlora":
-        costs = block_costs(model, experts, dtype, compiled)
+        costs = block_costs(model, experts, dtype, compiled, **(paths or {}))
         activations = peak_bytes(costs, checkpointed, tokens, loss_bytes(c, tokens, dtype))
     else:
         size = torch.empty((), dtype=dtype).element_size()
@@ -168,12 +170,14 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
     lengths = [len(ids) for ids in data.train["input_ids"]]
     blocks = len(decoder_layers(model))
     compiled = False
+    paths = None
     if t.engine == "mxlora":
-        from mxlora.engine.loop import use_compile
+        from mxlora.engine.loop import eager_kernels, use_compile
 
         plan = plan_steps(len(lengths), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed)
         tokens = longest_packed(lengths, plan)
         compiled = use_compile(t.compile, device, tokens)
+        paths = eager_kernels(device, dtype, compiled, model.config.head_dim, experts)
         checkpointed = checkpointed_blocks(
             t.gradient_checkpointing,
             model,
@@ -184,6 +188,7 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
             t.memory_budget_gb,
             compiled,
             held_gb,
+            **paths,
         )
     else:
         # TRL's largest batch: batch_size rows padded to the longest kept train row.
@@ -199,7 +204,7 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
             held_gb,
         )
         checkpointed = blocks if on else 0
-    memory = estimate_memory(model, experts, dtype, tokens, t.engine, checkpointed, compiled)
+    memory = estimate_memory(model, experts, dtype, tokens, t.engine, checkpointed, compiled, paths)
     memory["tokens"] = tokens
     memory["checkpointed_blocks"] = f"{checkpointed} of {blocks}"
     return {
