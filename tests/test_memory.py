@@ -19,6 +19,7 @@ import torch.nn.attention.flex_attention as flex_module
 from peft.helpers import disable_input_dtype_casting
 
 import mxlora.mxfp4.experts as experts_module
+import mxlora.mxfp4.gate as gate_module
 from mxlora.config import ExpertTargets, LoraConfig, ModelConfig
 from mxlora.engine.attention import build_masks, register
 from mxlora.engine.loop import blocks_attached, forward_loss
@@ -117,13 +118,15 @@ def flex_forward_on_cpu(monkeypatch):
 
 
 class _GateSaving(torch.autograd.Function):
-    """What the registered Triton gate keeps for its backward (its inputs), on the CPU."""
+    """The registered Triton gate's saved tensors on the CPU: its own ``setup_context``, the
+    output from the formula (the kernel needs a GPU or the interpreter)."""
 
     @staticmethod
     def forward(ctx, gate_up, bias, expert_ids, alpha, limit):
-        ctx.save_for_backward(gate_up, bias, expert_ids)
         with torch.no_grad():
-            return gate_reference(gate_up, bias, expert_ids, alpha, limit)
+            out = gate_reference(gate_up, bias, expert_ids, alpha, limit)
+        gate_module._setup_context(ctx, (gate_up, bias, expert_ids, alpha, limit), out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
