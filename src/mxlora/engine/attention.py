@@ -298,11 +298,17 @@ def _window(mask: VarlenMask) -> tuple[int, int]:
     return (-1 if mask.window is None else mask.window - 1), 0
 
 
-def _dense_allowed(mask: VarlenMask, device: torch.device) -> torch.Tensor:
-    """``[T, T]`` boolean mask of the rows ``mask.cu_seqlens`` bounds (the CPU stand-in's)."""
-    idx = torch.arange(mask.max_len, device=device)
-    row = torch.searchsorted(mask.cu_seqlens.to(device), idx.to(torch.int32), right=True)
-    return allowed(row[:, None], row[None, :], idx[:, None], idx[None, :], mask.window)
+def _dense_scores(q, k, v, mask: VarlenMask, scaling: float):
+    """The CPU stand-in's ``[H, T, S]`` fp32 scores, ``-inf`` where :func:`dense_mask` of the
+    rows ``mask.cu_seqlens`` bounds forbids, and the keys and values repeated per query head."""
+    idx = torch.arange(mask.max_len, device=q.device, dtype=torch.int32)
+    rows = torch.searchsorted(mask.cu_seqlens.to(q.device), idx, right=True)
+    groups = q.shape[1] // k.shape[1]
+    keys = k.float().repeat_interleave(groups, 1)
+    values = v.float().repeat_interleave(groups, 1)
+    scores = torch.einsum("thd,shd->hts", q.float(), keys) * scaling
+    scores = scores.masked_fill(~dense_mask(rows, mask.window)[0, 0], float("-inf"))
+    return scores, keys, values
 
 
 def _flash_forward(q, k, v, mask: VarlenMask, scaling: float):
@@ -316,12 +322,8 @@ def _flash_forward(q, k, v, mask: VarlenMask, scaling: float):
             scale=scaling, window_size_left=left, window_size_right=right,
         )  # fmt: skip
         return out, lse, (rng, unused)
-    groups = q.shape[1] // k.shape[1]
-    keys = k.float().repeat_interleave(groups, 1)
-    scores = torch.einsum("thd,shd->hts", q.float(), keys) * scaling
-    scores = scores.masked_fill(~_dense_allowed(mask, q.device), float("-inf"))
+    scores, _, values = _dense_scores(q, k, v, mask, scaling)
     lse = torch.logsumexp(scores, dim=-1)
-    values = v.float().repeat_interleave(groups, 1)
     out = torch.einsum("hts,shd->thd", torch.exp(scores - lse[..., None]), values)
     return out.to(q.dtype), lse, ()
 
@@ -337,12 +339,8 @@ def _flash_backward(dout, q, k, v, out, lse, state, mask: VarlenMask, scaling: f
             dout, q, k, v, out, lse, cu, cu, mask.max_len, mask.max_len, 0.0, True, *state,
             scale=scaling, window_size_left=left, window_size_right=right,
         )  # fmt: skip
-    groups = q.shape[1] // k.shape[1]
-    keys = k.float().repeat_interleave(groups, 1)
-    values = v.float().repeat_interleave(groups, 1)
-    scores = torch.einsum("thd,shd->hts", q.float(), keys) * scaling
-    probs = torch.exp(scores - lse[..., None])
-    probs = probs.masked_fill(~_dense_allowed(mask, q.device), 0.0)  # [H, T, S]
+    scores, keys, values = _dense_scores(q, k, v, mask, scaling)
+    probs = torch.exp(scores - lse[..., None])  # [H, T, S], 0 where masked
     dout = dout.float()
     dv = torch.einsum("hts,thd->shd", probs, dout)
     d_probs = torch.einsum("thd,shd->hts", dout, values)
@@ -352,7 +350,7 @@ def _flash_backward(dout, q, k, v, out, lse, state, mask: VarlenMask, scaling: f
     dk = torch.einsum("hts,thd->shd", d_scores, q.float())
 
     def per_kv_head(g):  # [S, H, D] -> [S, KV, D]: the group's query heads summed
-        return g.unflatten(1, (k.shape[1], groups)).sum(2)
+        return g.unflatten(1, (k.shape[1], -1)).sum(2)
 
     return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
 
