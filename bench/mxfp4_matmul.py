@@ -254,7 +254,7 @@ def config_label(config) -> str:
     """A config in one short line: tile sizes, warps, stages, variant."""
     return (
         f"m{config.block_m} n{config.block_n} k{config.block_k} g{config.group_m} "
-        f"w{config.num_warps} s{config.num_stages}"
+        f"w{config.num_warps} s{config.num_stages}{' swap' if config.swap else ''}"
     )
 
 

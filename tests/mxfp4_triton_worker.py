@@ -69,6 +69,16 @@ def gate(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out.detach(), gate_up.grad
 
 
+def norm(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered RMSNorm op (the Triton kernels here), forward and its input gradient."""
+    from mxlora.engine.norm import fused_rms_norm
+
+    x = job["x"].clone().requires_grad_()
+    out = fused_rms_norm(x, job["weight"], job["eps"])
+    out.backward(job["grad"])
+    return out.detach(), x.grad
+
+
 def availability() -> dict[str, bool]:
     cpu = torch.zeros(1)
     found = {"default": kernel_available(cpu)}
@@ -89,6 +99,7 @@ def main(jobs_path: str, results_path: str) -> None:
         "layer": {name: layer(job) for name, job in jobs["layer"].items()},
         "dequantize": {name: dequantize(job) for name, job in jobs["dequantize"].items()},
         "gate": {name: gate(job) for name, job in jobs["gate"].items()},
+        "norm": {name: norm(job) for name, job in jobs["norm"].items()},
         "layer_backend": resolve_backend("cpu"),
     }
     torch.save(results, results_path)

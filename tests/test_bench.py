@@ -94,6 +94,8 @@ def check_every_variant_and_workload_measured(bench_run):
         # tokens/s is tokens over time, step by step; train time is every step's time.
         assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(row["tokens_per_step"])
         assert row["train_time_s"] == pytest.approx(row["step_time_s"] * row["steps"])
+        assert len(row["step_times_s"]) == row["steps"] + row["warmup_steps"]
+        assert sum(row["step_times_s"]) == pytest.approx(row["train_time_s"], abs=1e-4)
         assert row["load_s"] > 0 and math.isfinite(row["train_loss"])
         assert row["peak_alloc_gb"] is None  # no device memory on the CPU
         assert row["attn_implementation"] == "eager"

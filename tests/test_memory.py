@@ -18,6 +18,7 @@ import torch
 import torch.nn.attention.flex_attention as flex_module
 from peft.helpers import disable_input_dtype_casting
 
+import mxlora.engine.norm as norm_module
 import mxlora.mxfp4.experts as experts_module
 import mxlora.mxfp4.gate as gate_module
 from mxlora.config import ExpertTargets, LoraConfig, ModelConfig
@@ -133,6 +134,21 @@ class _GateSaving(torch.autograd.Function):
         raise NotImplementedError("only the forward's saved tensors are measured")
 
 
+class _NormSaving(torch.autograd.Function):
+    """The registered Triton RMSNorm's saved tensors on the CPU, as :class:`_GateSaving`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        with torch.no_grad():
+            out = norm_module.rms_norm_reference(x, weight, eps)
+        norm_module._setup_context(ctx, (x, weight, eps), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("only the forward's saved tensors are measured")
+
+
 def assert_estimate_matches(
     experts: str,
     compiled: bool,
@@ -142,9 +158,10 @@ def assert_estimate_matches(
     monkeypatch=None,
 ) -> None:
     """``cuda_kernels``: the eager block as CUDA runs it (flash varlen attention, whose CPU
-    stand-in saves what flash does; the Triton gate, which keeps its inputs)."""
+    stand-in saves what flash does; the Triton gate and norms, which keep their inputs)."""
     if cuda_kernels:
         monkeypatch.setattr(experts_module, "gate_reference", _GateSaving.apply)
+        monkeypatch.setattr(norm_module, "fused_rms_norm", _NormSaving.apply)
     peft, lm = tiny_model(experts, dtype, dropout)
     compute = getattr(torch, dtype)
     if compiled:
@@ -154,8 +171,10 @@ def assert_estimate_matches(
             block.compile(backend="aot_eager_decomp_partition", fullgraph=True, dynamic=True)
     packed = batch([600, 300, 124])  # 1024 tokens, three documents
     tokens = packed.input_ids.numel()
-    measured = saved_bytes_per_block(lm, packed, "varlen" if cuda_kernels else "flex", compute)
-    costs = block_costs(peft, experts, compute, compiled, cuda_kernels, cuda_kernels)
+    with norm_module.fused_norms(lm, cuda_kernels):
+        kind = "varlen" if cuda_kernels else "flex"
+        measured = saved_bytes_per_block(lm, packed, kind, compute)
+    costs = block_costs(peft, experts, compute, compiled, *[cuda_kernels] * 3)
     if not dropout:
         assert costs[1].per_token > costs[2].per_token  # expert LoRA keeps more
     # Block 0 is left out: its input carries no gradient (frozen embeddings), so its first norm
@@ -184,7 +203,7 @@ def test_estimate_is_what_an_eager_block_saves(flex_forward_on_cpu, experts, dro
 
 
 def test_estimate_is_what_an_eager_block_saves_on_cuda_kernels(monkeypatch):
-    """Flash varlen attention and the Triton gate keep less than the CPU's eager paths."""
+    """Flash varlen attention and the Triton gate and norms keep less than the CPU's paths."""
     assert_estimate_matches("mxfp4", compiled=False, cuda_kernels=True, monkeypatch=monkeypatch)
 
 
@@ -234,8 +253,9 @@ def test_estimate_reproduces_the_h100_peaks_of_4x2048(gpt_oss_20b):
     model, held_gb = gpt_oss_20b
     assert estimated_peak_gb(model, held_gb, 8192, 0, True) == pytest.approx(41.3, rel=0.05)
     assert estimated_peak_gb(model, held_gb, 8192, 24, True) == pytest.approx(17.9, rel=0.05)
-    # Eager blocks on CUDA's kernels (flash varlen, the Triton gate; bench row eager-blocks):
-    # 45.3 GB with no block checkpointed, 17.8 GB with every block (eager-blocks-20gb).
+    # Eager blocks on CUDA's kernels (flash varlen, the Triton gate; bench row eager-blocks;
+    # measured before the Triton norms): 45.3 GB with no block checkpointed, 17.8 GB with every
+    # block (eager-blocks-20gb).
     assert estimated_peak_gb(model, held_gb, 8192, 0, False, True) == pytest.approx(45.3, rel=0.05)
     assert estimated_peak_gb(model, held_gb, 8192, 24, False, True) == pytest.approx(17.8, rel=0.05)
 
@@ -375,3 +395,31 @@ def test_the_plan_sizes_for_the_longest_share_a_process_packs(tmp_path):
 
     assert longest(1) == 768  # 700 tokens, bucketed to 128
     assert longest(2) == 512  # the larger share: 400 tokens
+
+
+def test_fused_norms_take_every_frozen_norm_for_the_duration(monkeypatch):
+    """Inside ``fused_norms`` every RMSNorm of the model (two a block and the final one) runs the
+    registered op, with the same result; after it, transformers' forward again."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    calls = []
+
+    def counted(x, weight, eps):
+        calls.append(x.shape)
+        return norm_module.rms_norm_reference(x, weight, eps)
+
+    monkeypatch.setattr(norm_module, "fused_rms_norm", counted)
+    _, lm = tiny_model("mxfp4", "float32")
+    packed = batch([40, 23])
+    masks = build_masks(packed.doc_ids, lm.config.sliding_window, "flex", torch.float32)
+    kwargs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids)
+    with torch.no_grad():
+        plain = lm.model(**kwargs, attention_mask=masks).last_hidden_state
+        with norm_module.fused_norms(lm, active=True):
+            fused = lm.model(**kwargs, attention_mask=masks).last_hidden_state
+        with norm_module.fused_norms(lm, active=False):
+            lm.model(**kwargs, attention_mask=masks)
+    assert len(calls) == 2 * lm.config.num_hidden_layers + 1
+    assert torch.equal(plain, fused)
+    norms = [m for m in lm.modules() if isinstance(m, GptOssRMSNorm)]
+    assert norms and not any("forward" in vars(m) for m in norms)

@@ -174,12 +174,16 @@ def build_jobs() -> dict[str, dict]:
     gate = {}
     for dname, dtype in DTYPES.items():
         gate[dname] = gate_job(dtype, seed=12)
+    norm = {}
+    for dname, dtype in DTYPES.items():
+        norm[dname] = norm_job(dtype, seed=13)
     return {
         "matmul": matmul,
         "autograd": autograd,
         "layer": layer,
         "dequantize": dequantize,
         "gate": gate,
+        "norm": norm,
     }
 
 
@@ -203,6 +207,16 @@ def gate_job(dtype: torch.dtype, seed: int) -> dict:
         gate_up=gate_up.to(dtype), bias=bias.to(dtype), expert_ids=expert_ids,
         grad=grad.to(dtype), alpha=GATE_ALPHA, limit=GATE_LIMIT,
     )  # fmt: skip
+
+
+def norm_job(dtype: torch.dtype, seed: int) -> dict:
+    """RMSNorm inputs on an odd shape: [2, 19, 90] (H not a power of two: the row mask), rows of
+    very different scales, a weight around 1 as trained norms have."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 19, 90, generator=gen) * torch.logspace(-2, 2, 19)[:, None]
+    weight = 1 + 0.3 * torch.randn(90, generator=gen)
+    grad = torch.randn(2, 19, 90, generator=gen)
+    return dict(x=x.to(dtype), weight=weight.to(dtype), grad=grad.to(dtype), eps=1e-5)
 
 
 @pytest.fixture
@@ -560,9 +574,11 @@ def test_compiles_for_h100(config, dtype, transpose, tmp_path, monkeypatch):
         compiled = compile_sm90(config, dtype, transpose, n_out, n_in)
         ttgir = compiled.asm["ttgir"]
         assert "ttg.async_copy_global_to_local" in ttgir  # loads software-pipelined
-        # wgmma for bf16 where the row tile fills a warpgroup's 64 rows; the short-row configs
-        # use the mma.sync tensor-core path.
-        wgmma = dtype == "bf16" and config.block_m >= 64
+        # wgmma for bf16 where the dot's left operand fills a warpgroup's 64 rows (the row tile,
+        # or the weight tile when swapped); the others use the mma.sync tensor-core path.
+        wgmma = dtype == "bf16" and (config.block_n if config.swap else config.block_m) >= 64
+        if wgmma and config.swap:  # the dequantized weights go to the tensor cores from registers
+            assert "opIdx = 0, parent = #mma" in ttgir
         assert ("ttng.warp_group_dot" in ttgir) == wgmma
         assert dtype == "fp32" or "ttng.warp_group_dot" in ttgir or "ttg.dot_op" in ttgir
         assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
@@ -572,13 +588,17 @@ def test_training_config_follows_the_size_classes():
     """Training picks the table's config by mean rows per expert rounded up to a power of two."""
     from mxlora.mxfp4.triton_kernels import CONFIGS, TRAINING_CONFIGS, training_config
 
-    assert TRAINING_CONFIGS[False] == ((32, 9), (None, 0))  # the table this test reads
+    assert TRAINING_CONFIGS[False] == ((16, 10), (32, 9), (None, 0))  # the table this test reads
+    assert training_config(16 * 32, 32, transpose=False) is CONFIGS[10]
+    assert training_config(5, 32, transpose=False) is CONFIGS[10]  # fewer rows than experts
+    assert training_config(17 * 32, 32, transpose=False) is CONFIGS[9]  # class 32
     assert training_config(32 * 32, 32, transpose=False) is CONFIGS[9]
     assert training_config(33 * 32, 32, transpose=False) is CONFIGS[0]  # class 64
-    assert training_config(5, 32, transpose=False) is CONFIGS[9]  # fewer rows than experts
-    assert TRAINING_CONFIGS[True] == ((None, 9),)
-    assert training_config(16 * 32, 32, transpose=True) is CONFIGS[9]
+    assert TRAINING_CONFIGS[True] == ((16, 11), (None, 9))
+    assert training_config(16 * 32, 32, transpose=True) is CONFIGS[11]
+    assert training_config(17 * 32, 32, transpose=True) is CONFIGS[9]
     assert training_config(4096 * 32, 32, transpose=True) is CONFIGS[9]
+    assert CONFIGS[10].swap and CONFIGS[11].swap and not CONFIGS[9].swap
 
 
 def _gate_reference_run(job: dict, dtype: torch.dtype):
@@ -653,5 +673,155 @@ def test_gate_kernels_compile_for_h100(dtype, tmp_path, monkeypatch):
         source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(
             source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)
+        )
+        assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records what each launch and each warm-up specializes on
+    (pointer dtypes, integers' divisibility by 16 and equality to 1, constexprs, launch options)."""
+
+    def __init__(self, name: str, launched: list, warmed: list) -> None:
+        self.name, self.launched, self.warmed = name, launched, warmed
+
+    def key(self, args: tuple, kwargs: dict) -> tuple:
+        def one(a):
+            if isinstance(a, torch.Tensor | torch.dtype):
+                return ("pointer", a.dtype if isinstance(a, torch.Tensor) else a)
+            if isinstance(a, bool | str | float):
+                return type(a).__name__
+            return ("int", a % 16 == 0, a == 1)
+
+        return (self.name, tuple(one(a) for a in args), tuple(sorted(kwargs.items())))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.append(self.key(args, kwargs))
+
+    def warmup(self, *args, grid, **kwargs) -> None:
+        self.warmed.append(self.key(args, kwargs))
+
+
+def test_precompile_compiles_what_training_launches(monkeypatch):
+    """What :func:`precompile` compiles in the background is, kernel for kernel, what the
+    launches of a gpt-oss-20b training step specialize on (else the step compiles again)."""
+    from mxlora.mxfp4 import triton_kernels as tk
+
+    launched, warmed = [], []
+    for name in (
+        "_grouped_mxfp4_kernel", "_dequantize_kernel", "_gate_forward_kernel",
+        "_gate_backward_kernel", "_rms_norm_forward_kernel", "_rms_norm_backward_kernel",
+    ):  # fmt: skip
+        monkeypatch.setattr(tk, name, _Recorder(name, launched, warmed))
+    monkeypatch.setattr(tk, "_on_device", lambda device, fn, *args: fn(*args))
+    monkeypatch.setattr(tk, "_PRECOMPILED", set())
+    experts, hidden, inter = 32, 2880, 2880
+    tk.precompile(torch.bfloat16, experts, hidden, inter, torch.device("cuda", 0))
+    # Again: started once per model shape.
+    tk.precompile(torch.bfloat16, experts, hidden, inter, torch.device("cuda", 0))
+    # 5 matmul configs (3 forward), 2 gate and 2 norm kernels, dequantize.
+    assert len(tk._PENDING) == 10
+    tk._wait_for_precompile()
+    assert not launched
+
+    bf16 = torch.bfloat16
+    gate_up = (torch.empty(experts, 2 * inter, hidden // 32, 16, dtype=torch.uint8),)
+    gate_up += (torch.empty(experts, 2 * inter, hidden // 32, dtype=torch.uint8),)
+    down = (torch.empty(experts, hidden, inter // 32, 16, dtype=torch.uint8),)
+    down += (torch.empty(experts, hidden, inter // 32, dtype=torch.uint8),)
+    for tokens in (128, 256, 512, 896, 2048):  # packed lengths (multiples of 128), every class
+        rows = 4 * tokens  # top-4
+        offsets = torch.full((experts,), rows, dtype=torch.int32)
+        x = torch.empty(rows, hidden, dtype=bf16)
+        mid = tk.grouped_mxfp4_matmul_triton(x, *gate_up, offsets, transpose=False)
+        ids = torch.zeros(rows, dtype=torch.int64)
+        bias = torch.empty(experts, 2 * inter, dtype=bf16)
+        gated = tk.gate_forward_triton(mid, bias, ids, 1.702, 7.0)
+        tk.grouped_mxfp4_matmul_triton(gated, *down, offsets, transpose=False)
+        tk.grouped_mxfp4_matmul_triton(x, *down, offsets, transpose=True)
+        tk.gate_backward_triton(gated, mid, bias, ids, 1.702, 7.0)
+        tk.grouped_mxfp4_matmul_triton(mid, *gate_up, offsets, transpose=True)
+        hidden_states = torch.empty(1, tokens, hidden, dtype=bf16)
+        norm_weight = torch.empty(hidden, dtype=bf16)
+        tk.rms_norm_forward_triton(hidden_states, norm_weight, 1e-5)
+        tk.rms_norm_backward_triton(hidden_states, hidden_states, norm_weight, 1e-5)
+    tk.dequantize_mxfp4_triton(*gate_up, bf16)
+    tk.dequantize_mxfp4_triton(*down, bf16)
+    assert len(launched) == 5 * 8 + 2
+    missing = set(launched) - set(warmed)
+    assert not missing, missing
+
+
+def _norm_reference_run(job: dict, dtype: torch.dtype):
+    from mxlora.engine.norm import rms_norm_reference
+
+    x = job["x"].to(dtype).requires_grad_()
+    out = rms_norm_reference(x, job["weight"].to(dtype), job["eps"])
+    out.backward(job["grad"].to(dtype))
+    return out.detach(), x.grad
+
+
+def test_transformers_norm_is_the_reference():
+    """rms_norm_reference is GptOssRMSNorm's forward, bit for bit, in fp32 and bf16."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    from mxlora.engine.norm import rms_norm_reference
+
+    for dtype in DTYPES.values():
+        job = norm_job(dtype, seed=3)
+        module = GptOssRMSNorm(90, eps=job["eps"]).to(dtype)
+        module.weight.data.copy_(job["weight"])
+        assert torch.equal(module(job["x"]), rms_norm_reference(job["x"], job["weight"], 1e-5))
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_fused_norm_equals_the_reference_with_gradients(interpreted, dname):
+    """The Triton RMSNorm (one kernel each way) == transformers' formula, output and input
+    gradient: fp32 to fp32 rounding, bf16 within one bf16 rounding of the fp64 truth, as eager."""
+    dtype = DTYPES[dname]
+    jobs, results = interpreted
+    job = jobs["norm"][dname]
+    out, dx = results["norm"][dname]
+    assert out.dtype == dx.dtype == dtype and out.shape == dx.shape == job["x"].shape
+    truth = _norm_reference_run(job, torch.float64)
+    eager = _norm_reference_run(job, dtype)
+    for got, ref, want in zip((out, dx), eager, truth, strict=True):
+        want = want.to(dtype).double()
+        scale = want.abs().amax(-1, keepdim=True)  # per row: rows differ by 10^4 in scale
+        if dtype == torch.float32:
+            assert ((got.double() - want).abs() / scale).max() < 1e-5
+        else:
+            # Within one bf16 rounding of the truth, as eager bf16 is.
+            assert ((got.double() - want).abs() / scale).max() <= 2**-7
+            assert ((ref.double() - want).abs() / scale).max() <= 2**-7
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_norm_kernels_compile_for_h100(dtype, tmp_path, monkeypatch):
+    """Both RMSNorm kernels compile to sm_90 cubins without spills, at gpt-oss's width."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mxlora.mxfp4.triton_kernels import (
+        INTERPRETED,
+        _rms_norm_backward_kernel,
+        _rms_norm_forward_kernel,
+    )
+
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set in this process: nothing to compile")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir("triton")))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    for kernel, pointers in (
+        (_rms_norm_forward_kernel, ("x_ptr", "w_ptr", "y_ptr")),
+        (_rms_norm_backward_kernel, ("g_ptr", "x_ptr", "w_ptr", "dx_ptr")),
+    ):
+        signature = dict.fromkeys(pointers, f"*{dtype}") | {"n_cols": "i32", "eps": "fp32"}
+        signature |= {"BLOCK": "constexpr"}
+        names = [*pointers, "n_cols"]  # pointers 16-byte aligned, 2880 divisible by 16
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+        source = ASTSource(kernel, signature, constexprs={"BLOCK": 4096}, attrs=attrs)
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)
         )
         assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0

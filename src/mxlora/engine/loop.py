@@ -17,8 +17,9 @@ Per run (:meth:`Loop.prepared`): gradient checkpointing when the activations wou
 (:mod:`mxlora.engine.memory`); the decoder blocks compiled when the longest bucket is long enough
 for compiled code to pay its compile time (:func:`use_compile`); flex_attention under compiled
 blocks on CUDA (block-sparse: pays on long sequences), else flash attention's varlen kernels
-(CUDA, bf16) or SDPA with the sink key (no compile either way); CUDA graphs where they can run
-(:func:`use_cuda_graphs`).
+(CUDA, bf16) or SDPA with the sink key (no compile either way); in eager blocks on CUDA the
+norms as one Triton kernel each way (:mod:`mxlora.engine.norm`, bf16); CUDA graphs where they
+can run (:func:`use_cuda_graphs`).
 
 Under a launcher (torchrun, ``mxlora train --nproc N``; :mod:`mxlora.distributed`) the plan is
 the same global plan: each rank packs its contiguous share of every micro-batch
@@ -59,6 +60,7 @@ from mxlora.engine.attention import Kind, build_masks, flash_varlen_available, r
 from mxlora.engine.graphs import GraphedSteps, StepInputs, worth_capturing
 from mxlora.engine.loss import chunked_loss
 from mxlora.engine.memory import activations_fit, checkpointed_blocks
+from mxlora.engine.norm import fused_norms
 from mxlora.engine.packing import (
     PackedBatch,
     Step,
@@ -135,6 +137,7 @@ class Setup:
     compiled: bool
     cuda_graphs: bool
     attention: Kind
+    fused_norm: bool = False  # eager blocks' norms as mxlora.engine.norm's Triton op
 
 
 @dataclass
@@ -167,13 +170,17 @@ def eager_kernels(
     device: torch.device, dtype: torch.dtype, compiled: bool, head_dim: int, experts: str
 ) -> dict[str, bool]:
     """Which of CUDA's kernels eager blocks run, as :mod:`mxlora.engine.memory` counts what
-    they keep: ``varlen`` (flash varlen attention) and ``fused_gate`` (the Triton gate of MXFP4
-    experts); both off for compiled blocks, which inductor fuses itself."""
+    they keep: ``varlen`` (flash varlen attention), ``fused_gate`` (the Triton gate of MXFP4
+    experts) and ``fused_norm`` (the Triton RMSNorm, :mod:`mxlora.engine.norm`, in bf16/fp16:
+    fp32 runs keep transformers' exact formula); all off for compiled blocks, which inductor
+    fuses itself."""
     if compiled:
-        return {"varlen": False, "fused_gate": False}
+        return {"varlen": False, "fused_gate": False, "fused_norm": False}
+    triton = resolve_backend(device) == TRITON
     return {
         "varlen": attention_kind(device, compiled, dtype, head_dim) == "varlen",
-        "fused_gate": experts == "mxfp4" and resolve_backend(device) == TRITON,
+        "fused_gate": experts == "mxfp4" and triton,
+        "fused_norm": device.type == "cuda" and dtype != torch.float32 and triton,
     }
 
 
@@ -448,7 +455,7 @@ class Loop:
             self.dtype,
             fits_twice,
         )
-        return Setup(checkpointed, compiled, graphs, attention)
+        return Setup(checkpointed, compiled, graphs, attention, paths["fused_norm"])
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator[Setup]:
@@ -479,6 +486,7 @@ class Loop:
                 stream,
                 loud_compile(setup.compiled),
                 disable_input_dtype_casting(self.model, active=self.dtype != torch.float32),
+                fused_norms(lm, setup.fused_norm),
             ):
                 if setup.cuda_graphs:
                     for p in self.params:  # the captured backward accumulates into these

@@ -26,7 +26,8 @@ measured bytes):
   experts' sort order and token index, ``gate_up`` output, expert outputs and routing weights;
   with expert LoRA the projection's gathered input and the factors' middles (MXFP4), or the
   dense ``W + ΔW`` PEFT forms (dequantized experts: a per-block constant, ``E x in x out``);
-* eager blocks: each norm's fp32 copy of its input and ``rsqrt``; the combine's source (MXFP4)
+* eager blocks: each norm's fp32 copy of its input and ``rsqrt`` (the fused norm of CUDA's
+  eager blocks, ``fused_norm``: its input only); the combine's source (MXFP4)
   or one more index (dense); on the CPU's paths (SDPA attention, the gate in torch ops) also the
   attention's running max and sink scale and the gate's four intermediates, which CUDA's
   kernels (flash varlen attention, the Triton gate: ``varlen``, ``fused_gate``) do not keep;
@@ -136,6 +137,7 @@ def block_cost(
     compiled: bool,
     varlen: bool = False,
     fused_gate: bool = False,
+    fused_norm: bool = False,
 ) -> BlockCost:
     """What one gpt-oss decoder block saves for its backward (module docstring).
 
@@ -147,6 +149,7 @@ def block_cost(
         compiled: the block runs under ``torch.compile``.
         varlen: eager blocks attend with flash's varlen kernels (CUDA, bf16).
         fused_gate: eager blocks run the experts' gate as one Triton kernel (``triton`` backend).
+        fused_norm: eager blocks run the norms as one Triton kernel each (mxlora.engine.norm).
     """
     d = torch.empty((), dtype=dtype).element_size()
     h, k = config.hidden_size, config.num_experts_per_tok
@@ -158,8 +161,11 @@ def block_cost(
     )
     widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": heads * hd}
     # Both norms: compiled, the input in the compute dtype and rsqrt, plus the MLP's normalized
-    # input; eager, the fp32 copy of the input and rsqrt.
-    per = 2 * (d * h + FP32) + d * h if compiled else 2 * (FP32 * h + FP32)
+    # input; eager, the fp32 copy of the input and rsqrt; the fused op, its input.
+    if compiled:
+        per = 2 * (d * h + FP32) + d * h
+    else:
+        per = 2 * d * h if fused_norm else 2 * (FP32 * h + FP32)
     # Attention LoRA: each factor's rank-wide middle; for the factors' gradients, the input
     # shared by the projections that read it, or with dropout each projection's dropped-out
     # input and its dropout mask (one byte a value).
@@ -207,11 +213,12 @@ def block_costs(
     compiled: bool,
     varlen: bool = False,
     fused_gate: bool = False,
+    fused_norm: bool = False,
 ) -> list[BlockCost]:
     """:func:`block_cost` of each decoder block of ``model`` (meta device is fine)."""
     config = decoder_layers(model)[0].self_attn.config
     return [
-        block_cost(config, lora, experts, dtype, compiled, varlen, fused_gate)
+        block_cost(config, lora, experts, dtype, compiled, varlen, fused_gate, fused_norm)
         for lora in block_loras(model)
     ]
 
@@ -288,6 +295,7 @@ def checkpointed_blocks(
     *,
     varlen: bool = False,
     fused_gate: bool = False,
+    fused_norm: bool = False,
 ) -> int:
     """Resolve ``train.gradient_checkpointing`` to a number of blocks (the first ones).
 
@@ -306,8 +314,9 @@ def checkpointed_blocks(
         full_logits: the loss is taken from every position's logits (TRL), not a chunk.
         varlen: eager blocks attend with flash's varlen kernels (:func:`block_cost`).
         fused_gate: eager blocks run the Triton gate (:func:`block_cost`).
+        fused_norm: eager blocks run the Triton norms (:func:`block_cost`).
     """
-    costs = block_costs(model, experts, dtype, compiled, varlen, fused_gate)
+    costs = block_costs(model, experts, dtype, compiled, varlen, fused_gate, fused_norm)
     if setting != "auto":
         return plan_checkpointing(setting, costs, tokens, 0, None)
     free_gb = _free_gb(model, device, budget_gb, held_gb)
@@ -366,17 +375,18 @@ def activations_fit(
     *,
     varlen: bool = False,
     fused_gate: bool = False,
+    fused_norm: bool = False,
 ) -> bool | None:
     """Whether ``copies`` x the peak of a ``tokens``-long micro-batch with no block checkpointed
     (its saved tensors and the loss chunk) fit the budget left as :func:`checkpointed_blocks`
     counts it; ``None`` where there is no budget to read (the CPU without
     ``train.memory_budget_gb``). CUDA graphs ask for 2 copies: the graphs' shared pool keeps the
     largest bucket's activations while a new bucket's first micro-batch runs eagerly.
-    ``varlen`` and ``fused_gate`` as for :func:`checkpointed_blocks`."""
+    ``varlen``, ``fused_gate`` and ``fused_norm`` as for :func:`checkpointed_blocks`."""
     free_gb = _free_gb(model, device, budget_gb, held_gb)
     if free_gb is None:
         return None
-    costs = block_costs(model, experts, dtype, compiled, varlen, fused_gate)
+    costs = block_costs(model, experts, dtype, compiled, varlen, fused_gate, fused_norm)
     config = decoder_layers(model)[0].self_attn.config
     need = copies * peak_bytes(costs, 0, tokens, loss_bytes(config, tokens, dtype))
     return need <= free_gb * GB

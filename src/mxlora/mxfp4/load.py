@@ -42,7 +42,7 @@ from transformers import (
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssRotaryEmbedding
 
 from mxlora.mxfp4.experts import Mxfp4Experts, get_mxfp4_peft_model
-from mxlora.mxfp4.kernels import resolve_backend
+from mxlora.mxfp4.kernels import TRITON, resolve_backend
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -178,7 +178,15 @@ def mxfp4_model_from_tensors(
         ValueError: a tensor unexpected, misshapen or missing, naming ``where``.
     """
     device = torch.device(device)
-    model = mxfp4_skeleton(config, dtype, attn_implementation, resolve_backend(device))
+    backend = resolve_backend(device)
+    if backend == TRITON and device.type == "cuda":
+        from mxlora.mxfp4 import triton_kernels
+
+        # The kernels compile while the weights load (instead of on the first step).
+        triton_kernels.precompile(
+            dtype, config.num_local_experts, config.hidden_size, config.intermediate_size, device
+        )
+    model = mxfp4_skeleton(config, dtype, attn_implementation, backend)
     expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()
     for name, tensor in tensors:

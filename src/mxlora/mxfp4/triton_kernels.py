@@ -30,7 +30,9 @@ tensors through Triton's interpreter; that is how the test suite checks it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,10 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    #: Compute the output tile transposed, ``(W · xᵀ)ᵀ``: the dequantized weight tile is the
+    #: dot's left operand, fed to the tensor cores from registers (no shared-memory round trip),
+    #: and the weight dimension (not the few rows an expert has) fills the MMA's 64-row side.
+    swap: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n % BLOCK_SIZE or self.block_k % BLOCK_SIZE or self.block_m < 16:
@@ -67,6 +73,7 @@ class KernelConfig:
             "BLOCK_N": self.block_n,
             "BLOCK_K": self.block_k,
             "GROUP_M": self.group_m,
+            "SWAP": self.swap,
         }
 
 
@@ -74,8 +81,10 @@ class KernelConfig:
 #: (``bench/mxfp4_matmul.py --configs`` times each). The first is the usual Hopper bf16 GEMM tile:
 #: 128 x 128 outputs with a 64-deep reduction step (2880 needs no reduction mask at 64). A weight
 #: tile is dequantized once per row tile, so taller tiles (256 rows) halve that work per flop;
-#: shorter or narrower ones give more programs when experts have few rows. All compile for sm_90
-#: to wgmma with pipelined loads and no register spills (tests/test_mxfp4_triton.py).
+#: shorter or narrower ones give more programs when experts have few rows. The last two are
+#: swapped (:attr:`KernelConfig.swap`): 32-row tiles on wgmma, for experts of at most 16 rows.
+#: All compile for sm_90 to tensor cores with pipelined loads and no register spills
+#: (tests/test_mxfp4_triton.py).
 CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4),
@@ -87,17 +96,19 @@ CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(64, 128, 64, num_warps=8, num_stages=4),
     KernelConfig(128, 64, 64, num_warps=4, num_stages=4),
     KernelConfig(64, 64, 64, num_warps=4, num_stages=4),
+    KernelConfig(32, 64, 128, num_warps=4, num_stages=4, swap=True),
+    KernelConfig(32, 128, 64, num_warps=4, num_stages=4, swap=True),
 )
 
 #: What training runs, by direction (``transpose``) and size class (mean rows per expert rounded
 #: up to a power of two): ``(largest class, index into CONFIGS)``, the last for every larger
 #: class. Fixed rather than autotuned, so a run compiles only the configs it uses and times none:
 #: per class the fastest in the H100 table of docs/BENCHMARKS.md, or one within 7 % of it that
-#: another class uses too (each config is a Triton compile of about a second on a run's first
-#: steps: a short run pays it, and training's short rows span the classes 64 to 256).
+#: another class uses too (each config is a Triton compile of about a second, in the background
+#: while the model loads: :func:`precompile`).
 TRAINING_CONFIGS: dict[bool, tuple[tuple[int | None, int], ...]] = {
-    False: ((32, 9), (None, 0)),
-    True: ((None, 9),),
+    False: ((16, 10), (32, 9), (None, 0)),
+    True: ((16, 11), (None, 9)),
 }
 
 
@@ -216,6 +227,7 @@ def _grouped_mxfp4_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     """``y[rows_e] = x[rows_e] · op(W_e)``: ``x [n_rows, RED]``, ``y [n_rows, COLS]``.
 
@@ -263,40 +275,45 @@ def _grouped_mxfp4_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     dtype = x_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, RED, BLOCK_K):
         offs_k = r0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + offs_k[None, :], mask=rows[:, None] & (offs_k < RED)[None, :], other=0)
         if TRANSPOSE:
-            # W[o, i] with o = reduction step, i = output columns: as stored.
+            # W[o, i] with o = reduction step, i = output columns: as stored ([K, N]).
             w = _dequantize_tile(
                 b_e, s_e, offs_k, pid_n * BLOCK_N, n_out, n_in, stride_bo, stride_so,
                 BLOCK_K, BLOCK_N, dtype,
             )  # fmt: skip
+            if SWAP:
+                w = tl.trans(w)
         else:
-            # W[o, i] with o = output columns, i = reduction step: read along i, transposed.
-            w = tl.trans(
-                _dequantize_tile(
-                    b_e,
-                    s_e,
-                    offs_n,
-                    r0,
-                    n_out,
-                    n_in,
-                    stride_bo,
-                    stride_so,
-                    BLOCK_N,
-                    BLOCK_K,
-                    dtype,
-                )  # fmt: skip
-            )
+            # W[o, i] with o = output columns, i = reduction step: read along i ([N, K]).
+            w = _dequantize_tile(
+                b_e, s_e, offs_n, r0, n_out, n_in, stride_bo, stride_so,
+                BLOCK_N, BLOCK_K, dtype,
+            )  # fmt: skip
+            if not SWAP:
+                w = tl.trans(w)
+        # The operands: [M, K] · [K, N], or swapped [N, K] · [K, M].
+        if SWAP:
+            left = w
+            right = tl.trans(a)
+        else:
+            left = a
+            right = w
         if DOT_IN_FP32:
             # Interpreter only: its tl.dot multiplies bf16 bit patterns (triton#11584). The
             # products of bf16 values are exact in fp32, so this is the tensor-core dot bar the
             # order of the fp32 additions.
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(left.to(tl.float32), right.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(left, right, acc, input_precision=INPUT_PRECISION)
+    if SWAP:
+        acc = tl.trans(acc)
 
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rows[:, None] & (offs_n < COLS)[None, :])
@@ -392,6 +409,36 @@ def _gate_backward_kernel(
     tl.store(dy_ptr + at, d_y.to(dy_ptr.dtype.element_ty), mask=mask3)
 
 
+@triton.jit
+def _rms_norm_row(x_ptr, w_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    """One row of gpt-oss's RMSNorm input (fp32), the weight (fp32), the mask and the row's
+    ``1 / sqrt(mean(x²) + eps)``."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
+    return x, w, rstd, row * n_cols + cols, mask
+
+
+@triton.jit
+def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    """``y = weight * (x * rstd)`` of one row, in fp32, rounded once (mxlora.engine.norm)."""
+    x, w, rstd, at, mask = _rms_norm_row(x_ptr, w_ptr, n_cols, eps, BLOCK)
+    tl.store(y_ptr + at, (w * (x * rstd)).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    """The input gradient of one row: ``rstd * gw - x * rstd³ * mean(gw * x)``, ``gw = g * w``
+    (the weight is frozen: no weight gradient). ``rstd`` is recomputed from the row."""
+    x, w, rstd, at, mask = _rms_norm_row(x_ptr, w_ptr, n_cols, eps, BLOCK)
+    gw = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32) * w
+    dx = rstd * gw - x * (rstd * rstd * rstd) * (tl.sum(gw * x, 0) / n_cols)
+    tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 #: Whether the kernel runs in Triton's CPU interpreter: ``triton.jit`` decides once, when this
 #: module is imported, from ``TRITON_INTERPRET``.
 INTERPRETED: bool = isinstance(_grouped_mxfp4_kernel, InterpretedFunction)
@@ -447,46 +494,52 @@ def grouped_mxfp4_matmul_triton(
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
     packed = blocks.flatten(-2)  # [E, out, in // 2]: a view for the Hub's layout
-    args = (
-        x,
-        packed,
-        scales,
-        y,
-        offsets,
-        x.shape[0],
-        n_experts,
-        red,
-        cols,
-        x.stride(0),
-        y.stride(0),
-        packed.stride(0),
-        packed.stride(1),
-        scales.stride(0),
-        scales.stride(1),
-    )
-    meta = dict(
-        TRANSPOSE=transpose,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        DOT_IN_FP32=INTERPRETED and x.dtype == torch.bfloat16,
-        BLOCK_E=max(16, triton.next_power_of_2(n_experts)),
-    )
-
-    def grid(launch: dict) -> tuple[int]:
-        row_tiles = triton.cdiv(x.shape[0], launch["BLOCK_M"]) + n_experts
-        return (row_tiles * triton.cdiv(cols, launch["BLOCK_N"]),)
-
     if config is None and INTERPRETED:
         config = INTERPRETER_CONFIG
     elif config is None and x.dtype == torch.float32:
         config = FP32_CONFIG
     elif config is None:
         config = training_config(x.shape[0], n_experts, transpose)
-    launch = config.kwargs()
+    strides = (x.stride(0), y.stride(0), *packed.stride()[:2], *scales.stride()[:2])
     with _on(x):
-        _grouped_mxfp4_kernel[grid(launch)](
-            *args, **meta, **launch, num_warps=config.num_warps, num_stages=config.num_stages
-        )
+        _matmul_launch(
+            (x, packed, scales, y, offsets), x.shape[0], n_experts, red, cols, strides,
+            transpose, x.dtype, config,
+        )  # fmt: skip
     return y
+
+
+def _matmul_launch(
+    pointers: tuple,
+    rows: int,
+    n_experts: int,
+    red: int,
+    cols: int,
+    strides: tuple[int, ...],
+    transpose: bool,
+    dtype: torch.dtype,
+    config: KernelConfig,
+    warmup: bool = False,
+) -> None:
+    """Launch :func:`_grouped_mxfp4_kernel`, or with ``warmup`` only compile what that launch
+    would (``pointers`` may then be dtypes): one argument list for both, so a precompiled
+    kernel is the one training launches (:func:`precompile`)."""
+    meta = dict(
+        TRANSPOSE=transpose,
+        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        DOT_IN_FP32=INTERPRETED and dtype == torch.bfloat16,
+        BLOCK_E=max(16, triton.next_power_of_2(n_experts)),
+        **config.kwargs(),
+    )
+    row_tiles = triton.cdiv(rows, config.block_m) + n_experts
+    grid = (row_tiles * triton.cdiv(cols, config.block_n),)
+    args = (*pointers, rows, n_experts, red, cols, *strides)
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if warmup:
+        _grouped_mxfp4_kernel.warmup(*args, grid=grid, **meta, **launch)
+    else:
+        _wait_for_precompile(("matmul", transpose, config))
+        _grouped_mxfp4_kernel[grid](*args, **meta, **launch)
 
 
 def dequantize_mxfp4_triton(
@@ -512,13 +565,24 @@ def dequantize_mxfp4_triton(
     if n_rows == 0:
         return w
     packed, scales = blocks.contiguous(), scales.contiguous()
+    config = config or (INTERPRETER_DEQUANTIZE if INTERPRETED else DEQUANTIZE_CONFIGS[0])
     with _on(w):
-        r, k, warps = config or (INTERPRETER_DEQUANTIZE if INTERPRETED else DEQUANTIZE_CONFIGS[0])
-        grid = (triton.cdiv(n_rows, r), triton.cdiv(n_in, k))
-        _dequantize_kernel[grid](
-            packed, scales, w, n_rows, n_in, BLOCK_R=r, BLOCK_K=k, num_warps=warps
-        )
+        _dequantize_launch((packed, scales, w), n_rows, n_in, config)
     return w
+
+
+def _dequantize_launch(
+    pointers: tuple, n_rows: int, n_in: int, config: tuple[int, int, int], warmup: bool = False
+) -> None:
+    """Launch (or with ``warmup`` compile) :func:`_dequantize_kernel`, as :func:`_matmul_launch`."""
+    r, k, warps = config
+    grid = (triton.cdiv(n_rows, r), triton.cdiv(n_in, k))
+    args = (*pointers, n_rows, n_in)
+    if warmup:
+        _dequantize_kernel.warmup(*args, grid=grid, BLOCK_R=r, BLOCK_K=k, num_warps=warps)
+    else:
+        _wait_for_precompile(_dequantize_kernel)
+        _dequantize_kernel[grid](*args, BLOCK_R=r, BLOCK_K=k, num_warps=warps)
 
 
 #: Gate tiles ``(rows, columns, warps)`` on the GPU and under the interpreter (small, so that
@@ -527,13 +591,25 @@ GATE_TILE = (16, 128, 4)
 INTERPRETER_GATE_TILE = (4, 32, 1)
 
 
-def _gate_launch(kernel, tensors: tuple, rows: int, cols: int, alpha: float, limit: float) -> None:
+def _gate_launch(
+    kernel,
+    tensors: tuple,
+    rows: int,
+    cols: int,
+    alpha: float,
+    limit: float,
+    warmup: bool = False,
+) -> None:
+    """Launch (or with ``warmup`` compile) a gate kernel, as :func:`_matmul_launch`."""
     r, c, warps = INTERPRETER_GATE_TILE if INTERPRETED else GATE_TILE
     grid = (triton.cdiv(rows, r), triton.cdiv(cols, c))
+    args = (*tensors, rows, cols, float(alpha), float(limit))
+    if warmup:
+        kernel.warmup(*args, grid=grid, BLOCK_R=r, BLOCK_C=c, num_warps=warps)
+        return
+    _wait_for_precompile(kernel)
     with _on(tensors[0]):
-        kernel[grid](
-            *tensors, rows, cols, float(alpha), float(limit), BLOCK_R=r, BLOCK_C=c, num_warps=warps
-        )
+        kernel[grid](*args, BLOCK_R=r, BLOCK_C=c, num_warps=warps)
 
 
 def gate_forward_triton(
@@ -561,6 +637,136 @@ def gate_backward_triton(
         tensors += (expert_ids.contiguous(), d_gate_up)
         _gate_launch(_gate_backward_kernel, tensors, rows, cols, alpha, limit)
     return d_gate_up
+
+
+def _rms_norm_launch(kernel, tensors: tuple, rows: int, cols: int, eps: float, warmup=False):
+    """Launch (or with ``warmup`` compile) an RMSNorm kernel: one program a row."""
+    block = triton.next_power_of_2(cols)
+    warps = 1 if INTERPRETED else min(max(block // 512, 4), 16)
+    args = (*tensors, cols, float(eps))
+    if warmup:
+        kernel.warmup(*args, grid=(rows,), BLOCK=block, num_warps=warps)
+        return
+    _wait_for_precompile(kernel)
+    with _on(tensors[0]):
+        kernel[(rows,)](*args, BLOCK=block, num_warps=warps)
+
+
+def rms_norm_forward_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """:func:`mxlora.engine.norm.rms_norm_reference` in one kernel (``x [..., H]``)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty_like(x2)
+    if x2.shape[0]:
+        _rms_norm_launch(_rms_norm_forward_kernel, (x2, weight.contiguous(), y), *x2.shape, eps)
+    return y.view(x.shape)
+
+
+def rms_norm_backward_triton(grad: Tensor, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The RMSNorm's gradient with respect to ``x`` (frozen weight), in one kernel."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    dx = torch.empty_like(x2)
+    if x2.shape[0]:
+        tensors = (grad.reshape(x2.shape).contiguous(), x2, weight.contiguous(), dx)
+        _rms_norm_launch(_rms_norm_backward_kernel, tensors, *x2.shape, eps)
+    return dx.view(x.shape)
+
+
+#: Compiles :func:`precompile` started, not yet waited for (:func:`_wait_for_precompile`), by
+#: what a launch waits for: the kernel, or for the matmul ``("matmul", transpose, config)``.
+_PENDING: dict[object, concurrent.futures.Future] = {}
+_PRECOMPILED: set[tuple] = set()
+
+
+def precompile(
+    dtype: torch.dtype, n_experts: int, hidden: int, intermediate: int, device: torch.device
+) -> None:
+    """Start compiling, in background threads, the kernels training launches on ``device``.
+
+    Triton compiles a kernel on its first launch, about a second each for the handful a run
+    uses, all on the first step. Started when the model's weights start loading, the compiles
+    run beside the load (Triton's compiler releases the GIL for most of its work), in parallel;
+    a launch waits for its own kernel if that is still compiling. Each compile is exactly the launch's
+    (same argument list: :func:`_matmul_launch`, :func:`_gate_launch`, :func:`_dequantize_launch`),
+    for row counts that are multiples of 16, as packed training batches' are. A kernel that
+    fails to compile here is only warned about: its launch compiles it again and raises there.
+    No-op under the interpreter and off CUDA.
+
+    Args:
+        dtype: the activations' dtype.
+        n_experts, hidden, intermediate: the model's (gate_up is ``[E, 2 intermediate, hidden]``,
+            down ``[E, hidden, intermediate]``).
+        device: the CUDA device training runs on.
+    """
+    key = (dtype, n_experts, hidden, intermediate, device)
+    if INTERPRETED or device.type != "cuda" or key in _PRECOMPILED:
+        return
+    _PRECOMPILED.add(key)
+    if device.index is None:  # the pool's threads have a current device of their own
+        device = torch.device("cuda", torch.cuda.current_device())
+    rows = 16 * n_experts
+    shapes = ((2 * intermediate, hidden), (hidden, intermediate))  # (out, in)
+    jobs = []
+    for transpose in (False, True):
+        if dtype == torch.float32:
+            configs = [FP32_CONFIG]
+        else:
+            configs = sorted({i for _, i in TRAINING_CONFIGS[transpose]})
+            configs = [CONFIGS[i] for i in configs]
+        for config in configs:
+            tag = ("matmul", transpose, config)
+            jobs.append((tag, _warm_matmul, dtype, n_experts, shapes, transpose, config, rows))
+    if dtype != torch.float32:
+        fwd = (dtype, dtype, torch.int64, dtype)
+        bwd = (dtype, dtype, dtype, torch.int64, dtype)
+        for kernel, pointers in ((_gate_forward_kernel, fwd), (_gate_backward_kernel, bwd)):
+            warm = (_gate_launch, kernel, pointers, rows, intermediate, 1.0, 1.0, True)
+            jobs.append((kernel, *warm))
+        # gpt-oss's RMSNorm (eager blocks): the weight is in the model's dtype too.
+        for kernel, pointers in (
+            (_rms_norm_forward_kernel, (dtype,) * 3),
+            (_rms_norm_backward_kernel, (dtype,) * 4),
+        ):
+            jobs.append((kernel, _rms_norm_launch, kernel, pointers, 16, hidden, 1e-5, True))
+    if dtype == torch.bfloat16:  # the dense path (many rows): dequantize, then grouped_mm
+        jobs.append((_dequantize_kernel, _warm_dequantize, dtype, n_experts, shapes))
+    pool = concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="mxlora-compile")
+    _PENDING.update((tag, pool.submit(_on_device, device, *job)) for tag, *job in jobs)
+    pool.shutdown(wait=False)
+
+
+def _on_device(device: torch.device, fn, *args) -> None:
+    with torch.cuda.device(device):  # Triton compiles for, and caches under, the current device
+        fn(*args)
+
+
+def _warm_matmul(dtype, n_experts, shapes, transpose, config, rows) -> None:
+    for n_out, n_in in shapes:
+        red, cols = (n_out, n_in) if transpose else (n_in, n_out)
+        # Contiguous x and y, the Hub's packed layout (grouped_mxfp4_matmul_triton's strides).
+        strides = (red, cols, n_out * n_in // 2, n_in // 2, n_out * n_in // 32, n_in // 32)
+        pointers = (dtype, torch.uint8, torch.uint8, dtype, torch.int32)
+        _matmul_launch(
+            pointers, rows, n_experts, red, cols, strides, transpose, dtype, config, True
+        )
+
+
+def _warm_dequantize(dtype, n_experts, shapes) -> None:
+    for n_out, n_in in shapes:
+        pointers = (torch.uint8, torch.uint8, dtype)
+        _dequantize_launch(pointers, n_experts * n_out, n_in, DEQUANTIZE_CONFIGS[0], True)
+
+
+def _wait_for_precompile(tag: object = None) -> None:
+    """Before a launch: wait for :func:`precompile`'s compile of ``tag`` (``None``: all)."""
+    for key in list(_PENDING) if tag is None else [tag]:
+        future = _PENDING.pop(key, None)
+        error = future and future.exception()
+        if error is not None:
+            warnings.warn(
+                f"mxlora: precompiling a Triton kernel failed ({type(error).__name__}: {error}); "
+                "it compiles on its first launch instead",
+                stacklevel=3,
+            )
 
 
 def _on(t: Tensor) -> contextlib.AbstractContextManager:

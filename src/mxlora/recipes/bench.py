@@ -16,7 +16,7 @@ rendered by :func:`mxlora.data.prepare_data` exactly as for training, batched as
 batches them (TRL: right padding to the batch's longest row; mxlora: packed, bucketed).
 
 Figures per variant and workload: trained (non-pad) tokens/s, step time, ``train_time_s`` (the
-sum of every step's time, warm-up included), peak allocated and
+sum of every step's time, warm-up included; each step's in ``step_times_s``), peak allocated and
 reserved device memory (since the workload started, warm-up included), load time, MFU and the
 ratio of tokens/s to the baseline (the first variant). MFU counts ``6 x active parameters x
 tokens``: 2 for the forward, 2 for its recomputation under gradient checkpointing, 2 for the
@@ -590,6 +590,9 @@ def time_workload(
         "tokens_per_s": sum(timed_tokens) / sum(timed_times),
         "step_time_s": sum(timed_times) / steps,
         "step_time_s_median": statistics.median(timed_times),
+        # Every step's time, warm-up included: where one-time costs (kernel compiles, graph
+        # captures) land in a run.
+        "step_times_s": [round(t, 5) for t in times],
         "tokens_per_step": sum(timed_tokens) / steps,
         "padded_tokens_per_step": sum(padded[warmup:]) / steps,
         "train_time_s": sum(times),
