@@ -718,8 +718,8 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
     tk.precompile(torch.bfloat16, experts, hidden, inter, torch.device("cuda", 0))
     # Again: started once per model shape.
     tk.precompile(torch.bfloat16, experts, hidden, inter, torch.device("cuda", 0))
-    # 5 matmul configs (3 forward), 2 gate and 2 norm kernels, dequantize.
-    assert len(tk._PENDING) == 10
+    # The matmul's config for 64 rows per expert and more, each way; 2 gate and 2 norm kernels.
+    assert len(tk._PENDING) == 6
     tk._wait_for_precompile()
     assert not launched
 
@@ -747,8 +747,12 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
     tk.dequantize_mxfp4_triton(*gate_up, bf16)
     tk.dequantize_mxfp4_triton(*down, bf16)
     assert len(launched) == 5 * 8 + 2
-    missing = set(launched) - set(warmed)
-    assert not missing, missing
+    # Compiled ahead: every launch of 512 tokens or more (64 rows per expert and more) bar the
+    # dequantizer of the dense path; the smaller classes compile on first use.
+    big = [key for key in launched[2 * 8 :] if key[0] != "_dequantize_kernel"]
+    small = [key for key in launched[: 2 * 8] if key[0] == "_grouped_mxfp4_kernel"]
+    assert len(big) == 3 * 8 and not set(big) - set(warmed)
+    assert set(small) - set(warmed)
 
 
 def _norm_reference_run(job: dict, dtype: torch.dtype):

@@ -22,13 +22,14 @@ measured bytes):
 * both: the attention's ``q, k, v, out`` and fp32 log-sum-exp; each LoRA factor's rank-wide
   middle (one byte a value more for a dropout mask); the adapted projections' input, once per
   input (the loop turns off PEFT's cast of it to the fp32 LoRA weights, which made a copy per
-  projection); the router's top-k indices and scores; the
-  experts' sort order and token index, ``gate_up`` output, expert outputs and routing weights;
+  projection); the router's top-k indices and scores; the experts' ``gate_up`` output, expert
+  outputs and routing weights, and the inverse of their sort order (MXFP4) or the sort order
+  and token index (dense experts);
   with expert LoRA the projection's gathered input and the factors' middles (MXFP4), or the
   dense ``W + ΔW`` PEFT forms (dequantized experts: a per-block constant, ``E x in x out``);
 * eager blocks: each norm's fp32 copy of its input and ``rsqrt`` (the fused norm of CUDA's
-  eager blocks, ``fused_norm``: its input only); the combine's source (MXFP4)
-  or one more index (dense); on the CPU's paths (SDPA attention, the gate in torch ops) also the
+  eager blocks, ``fused_norm``: its input only); one more index (dense experts); on the CPU's
+  paths (SDPA attention, the gate in torch ops) also the
   attention's running max and sink scale and the gate's four intermediates, which CUDA's
   kernels (flash varlen attention, the Triton gate: ``varlen``, ``fused_gate``) do not keep;
 * compiled blocks (``torch.compile``): AOTAutograd's partitioner recomputes the cheap
@@ -160,10 +161,11 @@ def block_cost(
         config.head_dim,
     )
     widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": heads * hd}
-    # Both norms: compiled, the input in the compute dtype and rsqrt, plus the MLP's normalized
-    # input; eager, the fp32 copy of the input and rsqrt; the fused op, its input.
+    # Both norms: compiled, the input in the compute dtype and rsqrt (and with dense experts
+    # the MLP's normalized input); eager, the fp32 copy of the input and rsqrt; the fused op,
+    # its input.
     if compiled:
-        per = 2 * (d * h + FP32) + d * h
+        per = 2 * (d * h + FP32) + (d * h if experts != "mxfp4" else 0)
     else:
         per = 2 * d * h if fused_norm else 2 * (FP32 * h + FP32)
     # Attention LoRA: each factor's rank-wide middle; for the factors' gradients, the input
@@ -184,15 +186,16 @@ def block_cost(
         per += 2 * FP32 * heads + d * heads
     # Router: top-k indices and softmax scores.
     per += INT64 * k + d * k
-    # Experts, per routed (token, expert): sort order and token index, the gate_up output
-    # (2I wide), the expert output and its routing weight; eager also either the index_add
-    # source (MXFP4) or one more index (dense), and the gate's four intermediates unless the
-    # Triton gate runs it (it keeps its input only).
-    per += 2 * INT64 * k + d * k * (2 * inter + h + 1)
-    if not compiled:
-        per += d * k * h if experts == "mxfp4" else INT64 * k
-        if not fused_gate:
-            per += 4 * d * k * inter
+    # Experts, per routed (token, expert): two indices (MXFP4: the inverse of the sort order
+    # and the sorted expert ids; dense: the sort order and token index), the gate_up output
+    # (2I wide) and the expert output; dense also a sorted copy of the routing weight and,
+    # eager, one more index; eager also the gate's four intermediates unless the Triton gate
+    # runs it (it keeps its input only).
+    per += 2 * INT64 * k + d * k * (2 * inter + h)
+    if experts != "mxfp4":
+        per += d * k + (0 if compiled else INT64 * k)
+    if not compiled and not fused_gate:
+        per += 4 * d * k * inter
     fixed = 0
     pad = 8  # MXFP4 expert LoRA pads the rank to a multiple of 8 (grouped GEMM strides)
     ins = {"gate_up_proj": h, "down_proj": inter}

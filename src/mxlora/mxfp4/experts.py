@@ -81,6 +81,40 @@ def grouped_lora(x: Tensor, factors: LoraFactors, offsets: Tensor) -> Tensor:
     return lora_grouped_mm(lora_grouped_mm(x, lhs, offsets), rhs, offsets) * scaling
 
 
+class _Permuted(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm`` whose inverse is ``inverse``: the backward is
+    ``grad[inverse]``, a gather too (autograd's index backward would scatter-add, with atomics,
+    not knowing the indices are a permutation)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+class _Gathered(torch.autograd.Function):
+    """``hidden[token_idx]``, each token's ``top_k`` rows in the sorted order whose inverse
+    permutation is ``inverse``: the backward gathers them back to (token, slot) order and sums
+    each token's slots (autograd's index backward would scatter-add, with atomics)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, token_idx: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return hidden[token_idx]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        summed = grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(1)
+        return summed, None, None, None
+
+
 class Mxfp4Experts(nn.Module):
     """Drop-in for transformers' ``GptOssExperts`` holding the expert weights in MXFP4.
 
@@ -189,16 +223,17 @@ class Mxfp4Experts(nn.Module):
             ``[T, H]``: each token's routing-weighted sum of its experts' outputs.
         """
         lora = lora or {}
-        top_k = router_indices.shape[1]
-        # Group the (token, slot) assignments by expert; stable, so each expert sees its tokens in
-        # order and every token adds up its experts in expert order, as GptOssExperts does. The
-        # group ends stay on the device (no host sync, no data-dependent shape).
+        tokens, top_k = router_indices.shape
+        # Group the (token, slot) assignments by expert (stable: each expert sees its tokens in
+        # order). ``order[p]`` is the assignment at sorted position p, ``inverse`` its inverse.
+        # The group ends stay on the device (no host sync, no data-dependent shape).
         expert_ids, order = torch.sort(router_indices.reshape(-1), stable=True)
-        token_idx = order // top_k
+        positions = torch.arange(order.numel(), device=order.device)
+        inverse = torch.empty_like(order).scatter_(0, order, positions)
         bounds = torch.arange(1, self.num_experts + 1, device=expert_ids.device)
         offsets = torch.searchsorted(expert_ids, bounds.to(expert_ids.dtype), out_int32=True)
 
-        x = hidden_states[token_idx]
+        x = _Gathered.apply(hidden_states, order // top_k, inverse, top_k)
         # The gate adds gate_up's bias itself (in one kernel on the triton backend).
         gate_up = self._project("gate_up_proj", x, expert_ids, offsets, lora, bias=False)
         # The gate: one Triton kernel each way on the kernel backend in eager blocks;
@@ -208,9 +243,11 @@ class Mxfp4Experts(nn.Module):
         gate = fused_gate if fused else gate_reference
         gated = gate(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
         out = self._project("down_proj", gated, expert_ids, offsets, lora)
-        weighted = out * routing_weights.reshape(-1)[order, None]
-        next_states = torch.zeros_like(hidden_states)
-        return next_states.index_add(0, token_idx, weighted.to(hidden_states.dtype))
+        # Back to (token, slot) order, then each token's routing-weighted sum over its slots:
+        # permutations and a reduction, no scatter (atomics) either way.
+        out = _Permuted.apply(out, inverse, order).view(tokens, top_k, out.shape[-1])
+        weighted = out * routing_weights.unsqueeze(-1)
+        return weighted.sum(1).to(hidden_states.dtype)
 
     def _project(
         self,

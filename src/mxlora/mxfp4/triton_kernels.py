@@ -684,8 +684,11 @@ def precompile(
 
     Triton compiles a kernel on its first launch, about a second each for the handful a run
     uses, all on the first step. Started when the model's weights start loading, the compiles
-    run beside the load (Triton's compiler releases the GIL for most of its work), in parallel;
-    a launch waits for its own kernel if that is still compiling. Each compile is exactly the launch's
+    run beside the load (Triton's compiler releases the GIL for much of its work), in parallel;
+    a launch waits for its own kernel if that is still compiling. Only what every short-row
+    step runs is compiled ahead (more threads slowed the first step down by holding the GIL):
+    the matmul's config for 64 rows per expert and more, each direction, and the gate's and the
+    norm's kernels; the rest compiles on first use. Each compile is exactly the launch's
     (same argument list: :func:`_matmul_launch`, :func:`_gate_launch`, :func:`_dequantize_launch`),
     for row counts that are multiples of 16, as packed training batches' are. A kernel that
     fails to compile here is only warned about: its launch compiles it again and raises there.
@@ -707,14 +710,13 @@ def precompile(
     shapes = ((2 * intermediate, hidden), (hidden, intermediate))  # (out, in)
     jobs = []
     for transpose in (False, True):
-        if dtype == torch.float32:
-            configs = [FP32_CONFIG]
-        else:
-            configs = sorted({i for _, i in TRAINING_CONFIGS[transpose]})
-            configs = [CONFIGS[i] for i in configs]
-        for config in configs:
-            tag = ("matmul", transpose, config)
-            jobs.append((tag, _warm_matmul, dtype, n_experts, shapes, transpose, config, rows))
+        # The config of 64 rows per expert and more (every packed micro-batch of 512 tokens or
+        # more); the smaller classes' compile on first use.
+        config = (
+            FP32_CONFIG if dtype == torch.float32 else CONFIGS[TRAINING_CONFIGS[transpose][-1][1]]
+        )
+        tag = ("matmul", transpose, config)
+        jobs.append((tag, _warm_matmul, dtype, n_experts, shapes, transpose, config, rows))
     if dtype != torch.float32:
         fwd = (dtype, dtype, torch.int64, dtype)
         bwd = (dtype, dtype, dtype, torch.int64, dtype)
@@ -727,8 +729,6 @@ def precompile(
             (_rms_norm_backward_kernel, (dtype,) * 4),
         ):
             jobs.append((kernel, _rms_norm_launch, kernel, pointers, 16, hidden, 1e-5, True))
-    if dtype == torch.bfloat16:  # the dense path (many rows): dequantize, then grouped_mm
-        jobs.append((_dequantize_kernel, _warm_dequantize, dtype, n_experts, shapes))
     pool = concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="mxlora-compile")
     _PENDING.update((tag, pool.submit(_on_device, device, *job)) for tag, *job in jobs)
     pool.shutdown(wait=False)
@@ -748,12 +748,6 @@ def _warm_matmul(dtype, n_experts, shapes, transpose, config, rows) -> None:
         _matmul_launch(
             pointers, rows, n_experts, red, cols, strides, transpose, dtype, config, True
         )
-
-
-def _warm_dequantize(dtype, n_experts, shapes) -> None:
-    for n_out, n_in in shapes:
-        pointers = (torch.uint8, torch.uint8, dtype)
-        _dequantize_launch(pointers, n_experts * n_out, n_in, DEQUANTIZE_CONFIGS[0], True)
 
 
 def _wait_for_precompile(tag: object = None) -> None:
