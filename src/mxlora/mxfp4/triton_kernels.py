@@ -536,7 +536,7 @@ def _matmul_launch(
     args = (*pointers, rows, n_experts, red, cols, *strides)
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     if warmup:
-        _grouped_mxfp4_kernel.warmup(*args, grid=grid, **meta, **launch)
+        _loaded(_grouped_mxfp4_kernel.warmup(*args, grid=grid, **meta, **launch))
     else:
         _wait_for_precompile(("matmul", transpose, config))
         _grouped_mxfp4_kernel[grid](*args, **meta, **launch)
@@ -579,7 +579,7 @@ def _dequantize_launch(
     grid = (triton.cdiv(n_rows, r), triton.cdiv(n_in, k))
     args = (*pointers, n_rows, n_in)
     if warmup:
-        _dequantize_kernel.warmup(*args, grid=grid, BLOCK_R=r, BLOCK_K=k, num_warps=warps)
+        _loaded(_dequantize_kernel.warmup(*args, grid=grid, BLOCK_R=r, BLOCK_K=k, num_warps=warps))
     else:
         _wait_for_precompile(_dequantize_kernel)
         _dequantize_kernel[grid](*args, BLOCK_R=r, BLOCK_K=k, num_warps=warps)
@@ -605,7 +605,7 @@ def _gate_launch(
     grid = (triton.cdiv(rows, r), triton.cdiv(cols, c))
     args = (*tensors, rows, cols, float(alpha), float(limit))
     if warmup:
-        kernel.warmup(*args, grid=grid, BLOCK_R=r, BLOCK_C=c, num_warps=warps)
+        _loaded(kernel.warmup(*args, grid=grid, BLOCK_R=r, BLOCK_C=c, num_warps=warps))
         return
     _wait_for_precompile(kernel)
     with _on(tensors[0]):
@@ -645,7 +645,7 @@ def _rms_norm_launch(kernel, tensors: tuple, rows: int, cols: int, eps: float, w
     warps = 1 if INTERPRETED else min(max(block // 512, 4), 16)
     args = (*tensors, cols, float(eps))
     if warmup:
-        kernel.warmup(*args, grid=(rows,), BLOCK=block, num_warps=warps)
+        _loaded(kernel.warmup(*args, grid=(rows,), BLOCK=block, num_warps=warps))
         return
     _wait_for_precompile(kernel)
     with _on(tensors[0]):
@@ -732,6 +732,17 @@ def precompile(
     pool = concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="mxlora-compile")
     _PENDING.update((tag, pool.submit(_on_device, device, *job)) for tag, *job in jobs)
     pool.shutdown(wait=False)
+
+
+def _loaded(compiled) -> None:
+    """After a warm-up compile, also what a kernel's first launch does next: build its launcher
+    (a fraction of a second each on the H100, most of what was left of a short run's first step:
+    docs/BENCHMARKS.md) and load its binary onto the device. Only Triton's private
+    ``_init_handles`` does this ahead of a launch; where it is missing the first launch does it,
+    as before."""
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()
 
 
 def _on_device(device: torch.device, fn, *args) -> None:
