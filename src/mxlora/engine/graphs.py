@@ -9,13 +9,10 @@ forward, loss and backward of one micro-batch can be captured once per bucket in
 graph. Only buckets the run trains at least :data:`MIN_USES` times are captured
 (:func:`worth_capturing`; the plan is known in advance): a capture costs about one eager
 micro-step of host time and each replay saves about one, so a bucket met once or twice (the
-longest batches of an epoch, typically) runs eagerly. The first bucket's first micro-batch runs
-eagerly on those buffers (it is the warm-up PyTorch's docs prescribe before a capture, and its
-result is the real one: loss and gradients count), then the same call is captured (capture runs
-nothing). Later buckets, on the warmed-up stream, are captured at once and replayed (one eager
-micro-step of host time less each); one whose capture fails takes the warm-up path. Later
-micro-batches of a bucket are copied into the buffers (``copy_``) and the graph is replayed.
-Rules the caller keeps:
+longest batches of an epoch, typically) runs eagerly. The first micro-batch of a bucket runs eagerly on those buffers (it is the warm-up
+PyTorch's docs prescribe before a capture, and its result is the real one: loss and gradients
+count), then the same call is captured (capture runs nothing). Later micro-batches of that bucket
+are copied into the buffers (``copy_``) and the graph is replayed. Rules the caller keeps:
 
 - everything runs on one side stream (:attr:`GraphedSteps.stream`): warm-up and capture must not
   use the default stream, and one stream keeps the caching allocator from splitting memory;
@@ -163,43 +160,24 @@ class GraphedSteps:
         return bucket.loss.clone()  # the next replay overwrites the static one
 
     def _first(self, batch: PackedBatch, weight: float, items: int) -> torch.Tensor:
-        """A new bucket's first micro-batch: captured and replayed at once once the stream has
-        been warmed up by an earlier bucket (the warm-up's lazy initialisations are done), else,
-        or if that capture fails, run eagerly on its static buffers, then captured."""
+        """Run a new bucket's first micro-batch eagerly on its static buffers, then capture."""
         inputs = StepInputs.create(batch, weight, items, self.device)
-        if self.cuda and any(b.graph is not None for b in self.buckets.values()):
-            static_loss = torch.empty((), dtype=torch.float32, device=self.device)
-            try:
-                graph = self._capture(inputs, static_loss, batch.length)
-            except TrainingError:
-                pass  # e.g. a kernel's first launch inside the capture: warm up first
-            else:
-                self.buckets[batch.length] = _Bucket(inputs, static_loss, graph)
-                self.replays += 1
-                graph.replay()
-                return static_loss.clone()
         loss = self.step(inputs)
         static_loss = torch.empty_like(loss)
-        graph = self._capture(inputs, static_loss, batch.length) if self.cuda else None
+        graph = None
+        if self.cuda:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                    static_loss.copy_(self.step(inputs))
+            except RuntimeError as e:
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise TrainingError(
+                    f"train.cuda_graphs: capturing the micro-step of packed length "
+                    f"{batch.length} failed ({type(e).__name__}: {first}); set "
+                    f"train.cuda_graphs=false to train without CUDA graphs"
+                ) from e
         self.buckets[batch.length] = _Bucket(inputs, static_loss, graph)
         return loss
-
-    def _capture(
-        self, inputs: StepInputs, static_loss: torch.Tensor, length: int
-    ) -> torch.cuda.CUDAGraph:
-        """Capture the micro-step on ``inputs`` (capture runs nothing), its loss into
-        ``static_loss``."""
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                static_loss.copy_(self.step(inputs))
-        except RuntimeError as e:
-            if isinstance(e, torch.OutOfMemoryError):
-                raise
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise TrainingError(
-                f"train.cuda_graphs: capturing the micro-step of packed length "
-                f"{length} failed ({type(e).__name__}: {first}); set "
-                f"train.cuda_graphs=false to train without CUDA graphs"
-            ) from e
-        return graph

@@ -24,8 +24,13 @@ whatever ``BLOCK_M`` the config has. Row tiles and column tiles are visited in
 ``GROUP_M`` super-rows (as in Triton's matmul tutorial) so that neighbouring programs share the
 weight tiles of one expert and the activation rows in L2.
 
-Under ``TRITON_INTERPRET=1`` (set before :mod:`triton` is imported) the same kernel runs on CPU
-tensors through Triton's interpreter; that is how the test suite checks it.
+The module also holds the project's other Triton kernels, each behind a registered op with a
+torch reference: the MXFP4 dequantizer, gpt-oss's expert gate (:mod:`mxlora.mxfp4.gate`) and its
+RMSNorm (:mod:`mxlora.engine.norm`); and :func:`precompile`, which compiles the kernels a
+training step runs in background threads while the model loads.
+
+Under ``TRITON_INTERPRET=1`` (set before :mod:`triton` is imported) the same kernels run on CPU
+tensors through Triton's interpreter; that is how the test suite checks them.
 """
 
 from __future__ import annotations
@@ -572,17 +577,11 @@ def dequantize_mxfp4_triton(
 
 
 def _dequantize_launch(
-    pointers: tuple, n_rows: int, n_in: int, config: tuple[int, int, int], warmup: bool = False
+    pointers: tuple, n_rows: int, n_in: int, config: tuple[int, int, int]
 ) -> None:
-    """Launch (or with ``warmup`` compile) :func:`_dequantize_kernel`, as :func:`_matmul_launch`."""
     r, k, warps = config
     grid = (triton.cdiv(n_rows, r), triton.cdiv(n_in, k))
-    args = (*pointers, n_rows, n_in)
-    if warmup:
-        _loaded(_dequantize_kernel.warmup(*args, grid=grid, BLOCK_R=r, BLOCK_K=k, num_warps=warps))
-    else:
-        _wait_for_precompile(_dequantize_kernel)
-        _dequantize_kernel[grid](*args, BLOCK_R=r, BLOCK_K=k, num_warps=warps)
+    _dequantize_kernel[grid](*pointers, n_rows, n_in, BLOCK_R=r, BLOCK_K=k, num_warps=warps)
 
 
 #: Gate tiles ``(rows, columns, warps)`` on the GPU and under the interpreter (small, so that
@@ -639,7 +638,9 @@ def gate_backward_triton(
     return d_gate_up
 
 
-def _rms_norm_launch(kernel, tensors: tuple, rows: int, cols: int, eps: float, warmup=False):
+def _rms_norm_launch(
+    kernel, tensors: tuple, rows: int, cols: int, eps: float, warmup: bool = False
+) -> None:
     """Launch (or with ``warmup`` compile) an RMSNorm kernel: one program a row."""
     block = triton.next_power_of_2(cols)
     warps = 1 if INTERPRETED else min(max(block // 512, 4), 16)
@@ -689,7 +690,7 @@ def precompile(
     step runs is compiled ahead (more threads slowed the first step down by holding the GIL):
     the matmul's config for 64 rows per expert and more, each direction, and the gate's and the
     norm's kernels; the rest compiles on first use. Each compile is exactly the launch's
-    (same argument list: :func:`_matmul_launch`, :func:`_gate_launch`, :func:`_dequantize_launch`),
+    (same argument list: :func:`_matmul_launch`, :func:`_gate_launch`, :func:`_rms_norm_launch`),
     for row counts that are multiples of 16, as packed training batches' are. A kernel that
     fails to compile here is only warned about: its launch compiles it again and raises there.
     No-op under the interpreter and off CUDA.
@@ -728,6 +729,7 @@ def precompile(
             (_rms_norm_forward_kernel, (dtype,) * 3),
             (_rms_norm_backward_kernel, (dtype,) * 4),
         ):
+            # eps: a float argument, which Triton does not specialize on.
             jobs.append((kernel, _rms_norm_launch, kernel, pointers, 16, hidden, 1e-5, True))
     pool = concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="mxlora-compile")
     _PENDING.update((tag, pool.submit(_on_device, device, *job)) for tag, *job in jobs)
