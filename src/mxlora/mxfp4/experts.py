@@ -81,38 +81,25 @@ def grouped_lora(x: Tensor, factors: LoraFactors, offsets: Tensor) -> Tensor:
     return lora_grouped_mm(lora_grouped_mm(x, lhs, offsets), rhs, offsets) * scaling
 
 
-class _Permuted(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm`` whose inverse is ``inverse``: the backward is
-    ``grad[inverse]``, a gather too (autograd's index backward would scatter-add, with atomics,
-    not knowing the indices are a permutation)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x[perm]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
-
-
 class _Gathered(torch.autograd.Function):
-    """``hidden[token_idx]``, each token's ``top_k`` rows in the sorted order whose inverse
-    permutation is ``inverse``: the backward gathers them back to (token, slot) order and sums
-    each token's slots (autograd's index backward would scatter-add, with atomics)."""
+    """``x[index]``, where each row of ``x`` is taken ``copies`` times and ``inverse[r * copies +
+    c]`` is the position of row r's copy c: the backward gathers the gradient back to row order
+    and sums each row's copies. Autograd's own index backward would scatter-add, with atomics,
+    not knowing ``index`` is (copies of) a permutation."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, token_idx: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor, copies: int) -> Tensor:
         ctx.save_for_backward(inverse)
-        ctx.top_k = top_k
-        return hidden[token_idx]
+        ctx.copies = copies
+        return x[index]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
-        summed = grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(1)
-        return summed, None, None, None
+        grad = grad[inverse]
+        if ctx.copies > 1:
+            grad = grad.view(-1, ctx.copies, grad.shape[-1]).sum(1)
+        return grad, None, None, None
 
 
 class Mxfp4Experts(nn.Module):
@@ -245,7 +232,7 @@ class Mxfp4Experts(nn.Module):
         out = self._project("down_proj", gated, expert_ids, offsets, lora)
         # Back to (token, slot) order, then each token's routing-weighted sum over its slots:
         # permutations and a reduction, no scatter (atomics) either way.
-        out = _Permuted.apply(out, inverse, order).view(tokens, top_k, out.shape[-1])
+        out = _Gathered.apply(out, inverse, order, 1).view(tokens, top_k, out.shape[-1])
         weighted = out * routing_weights.unsqueeze(-1)
         return weighted.sum(1).to(hidden_states.dtype)
 
