@@ -27,6 +27,7 @@ from mxlora.engine.loop import blocks_attached, forward_loss
 from mxlora.engine.memory import (
     GB,
     HEADROOM,
+    EagerKernels,
     activations_fit,
     all_blocks,
     block_costs,
@@ -174,7 +175,7 @@ def assert_estimate_matches(
     with norm_module.fused_norms(lm, cuda_kernels):
         kind = "varlen" if cuda_kernels else "flex"
         measured = saved_bytes_per_block(lm, packed, kind, compute)
-    costs = block_costs(peft, experts, compute, compiled, *[cuda_kernels] * 3)
+    costs = block_costs(peft, experts, compute, compiled, EagerKernels(*[cuda_kernels] * 3))
     if not dropout:
         assert costs[1].per_token > costs[2].per_token  # expert LoRA keeps more
     # Block 0 is left out: its input carries no gradient (frozen embeddings), so its first norm
@@ -241,7 +242,7 @@ def gpt_oss_20b():
 def estimated_peak_gb(
     model, held_gb: float, tokens: int, checkpointed: int, compiled: bool, cuda: bool = False
 ):
-    costs = block_costs(model, "mxfp4", torch.bfloat16, compiled, *[cuda] * 3)
+    costs = block_costs(model, "mxfp4", torch.bfloat16, compiled, EagerKernels(*[cuda] * 3))
     extra = loss_bytes(model.config, tokens, torch.bfloat16)
     activations = peak_bytes(costs, checkpointed, tokens, extra)
     return held_gb + (trainable_bytes(model) + activations) / GB

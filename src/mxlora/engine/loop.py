@@ -59,7 +59,12 @@ from mxlora.distributed import DistInfo, all_reduce_grads, shard_batch, shard_mo
 from mxlora.engine.attention import Kind, build_masks, flash_varlen_available, register
 from mxlora.engine.graphs import GraphedSteps, StepInputs, worth_capturing
 from mxlora.engine.loss import chunked_loss
-from mxlora.engine.memory import activations_fit, checkpointed_blocks
+from mxlora.engine.memory import (
+    NO_KERNELS,
+    EagerKernels,
+    activations_fit,
+    checkpointed_blocks,
+)
 from mxlora.engine.norm import fused_norms
 from mxlora.engine.packing import (
     PackedBatch,
@@ -168,20 +173,19 @@ def attention_kind(device: torch.device, compiled: bool, dtype: torch.dtype, hea
 
 def eager_kernels(
     device: torch.device, dtype: torch.dtype, compiled: bool, head_dim: int, experts: str
-) -> dict[str, bool]:
-    """Which of CUDA's kernels eager blocks run, as :mod:`mxlora.engine.memory` counts what
-    they keep: ``varlen`` (flash varlen attention), ``fused_gate`` (the Triton gate of MXFP4
-    experts) and ``fused_norm`` (the Triton RMSNorm, :mod:`mxlora.engine.norm`, in bf16/fp16:
-    fp32 runs keep transformers' exact formula); all off for compiled blocks, which inductor
-    fuses itself."""
+) -> EagerKernels:
+    """Which of CUDA's fused kernels eager blocks run (:class:`mxlora.engine.memory.EagerKernels`,
+    which counts what they keep): flash varlen attention, the Triton gate of MXFP4 experts and
+    the Triton RMSNorm (:mod:`mxlora.engine.norm`, in bf16/fp16: fp32 runs keep transformers'
+    exact formula); none for compiled blocks, which inductor fuses itself."""
     if compiled:
-        return {"varlen": False, "fused_gate": False, "fused_norm": False}
+        return NO_KERNELS
     triton = resolve_backend(device) == TRITON
-    return {
-        "varlen": attention_kind(device, compiled, dtype, head_dim) == "varlen",
-        "fused_gate": experts == "mxfp4" and triton,
-        "fused_norm": device.type == "cuda" and dtype != torch.float32 and triton,
-    }
+    return EagerKernels(
+        varlen=attention_kind(device, compiled, dtype, head_dim) == "varlen",
+        fused_gate=experts == "mxfp4" and triton,
+        fused_norm=device.type == "cuda" and dtype != torch.float32 and triton,
+    )
 
 
 def use_cuda_graphs(
@@ -440,12 +444,12 @@ class Loop:
         experts = held_experts(self.model)
         head_dim = self.causal_lm.config.head_dim
         attention = attention_kind(self.device, compiled, self.dtype, head_dim)
-        paths = eager_kernels(self.device, self.dtype, compiled, head_dim, experts)
+        kernels = eager_kernels(self.device, self.dtype, compiled, head_dim, experts)
         budget = (self.longest, self.dtype, self.device, t.memory_budget_gb, compiled)
         checkpointed = checkpointed_blocks(
-            t.gradient_checkpointing, self.model, experts, *budget, **paths
+            t.gradient_checkpointing, self.model, experts, *budget, kernels=kernels
         )
-        fits_twice = activations_fit(self.model, experts, *budget, copies=2, **paths)
+        fits_twice = activations_fit(self.model, experts, *budget, copies=2, kernels=kernels)
         graphs = use_cuda_graphs(
             t.cuda_graphs,
             self.device,
@@ -455,7 +459,7 @@ class Loop:
             self.dtype,
             fits_twice,
         )
-        return Setup(checkpointed, compiled, graphs, attention, paths["fused_norm"])
+        return Setup(checkpointed, compiled, graphs, attention, kernels.fused_norm)
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator[Setup]:

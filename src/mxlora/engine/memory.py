@@ -31,7 +31,7 @@ measured bytes):
   eager blocks, ``fused_norm``: its input only); one more index (dense experts); on the CPU's
   paths (SDPA attention, the gate in torch ops) also the
   attention's running max and sink scale and the gate's four intermediates, which CUDA's
-  kernels (flash varlen attention, the Triton gate: ``varlen``, ``fused_gate``) do not keep;
+  kernels (flash varlen attention, the Triton gate: :class:`EagerKernels`) do not keep;
 * compiled blocks (``torch.compile``): AOTAutograd's partitioner recomputes the cheap
   pointwise work in the backward instead: the norms keep their input in the compute dtype and
   ``rsqrt``, the attention and MLP inputs are kept once, and nothing of the gate or the sink
@@ -60,6 +60,26 @@ FP32 = 4
 INT64 = 8
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class EagerKernels:
+    """Which of CUDA's fused kernels eager blocks run, each keeping less for the backward than
+    the torch ops it replaces (:func:`mxlora.engine.loop.eager_kernels` decides; compiled blocks
+    run none: inductor fuses the same work itself).
+
+    Attributes:
+        varlen: attention by flash's varlen kernels (CUDA, bf16).
+        fused_gate: the experts' gate as one Triton kernel (``triton`` backend).
+        fused_norm: the norms as one Triton kernel each (:mod:`mxlora.engine.norm`).
+    """
+
+    varlen: bool = False
+    fused_gate: bool = False
+    fused_norm: bool = False
+
+
+NO_KERNELS = EagerKernels()
 
 
 @dataclass(frozen=True)
@@ -136,9 +156,7 @@ def block_cost(
     experts: str,
     dtype: torch.dtype,
     compiled: bool,
-    varlen: bool = False,
-    fused_gate: bool = False,
-    fused_norm: bool = False,
+    kernels: EagerKernels = NO_KERNELS,
 ) -> BlockCost:
     """What one gpt-oss decoder block saves for its backward (module docstring).
 
@@ -148,9 +166,7 @@ def block_cost(
         experts: ``mxfp4`` or ``dequantize-bf16`` (how the expert weights are held).
         dtype: the compute dtype (the autocast dtype; the weights' dtype in fp32).
         compiled: the block runs under ``torch.compile``.
-        varlen: eager blocks attend with flash's varlen kernels (CUDA, bf16).
-        fused_gate: eager blocks run the experts' gate as one Triton kernel (``triton`` backend).
-        fused_norm: eager blocks run the norms as one Triton kernel each (mxlora.engine.norm).
+        kernels: CUDA's fused kernels the (eager) block runs.
     """
     d = torch.empty((), dtype=dtype).element_size()
     h, k = config.hidden_size, config.num_experts_per_tok
@@ -167,7 +183,7 @@ def block_cost(
     if compiled:
         per = 2 * (d * h + FP32) + (d * h if experts != "mxfp4" else 0)
     else:
-        per = 2 * d * h if fused_norm else 2 * (FP32 * h + FP32)
+        per = 2 * d * h if kernels.fused_norm else 2 * (FP32 * h + FP32)
     # Attention LoRA: each factor's rank-wide middle; for the factors' gradients, the input
     # shared by the projections that read it, or with dropout each projection's dropped-out
     # input and its dropout mask (one byte a value).
@@ -182,7 +198,7 @@ def block_cost(
     # Attention: q, k, v, out and the fp32 log-sum-exp; eager outside flash's varlen kernels
     # also a running max and the sink scale (fp32 and in the compute dtype).
     per += d * hd * (2 * heads + 2 * kv) + FP32 * heads
-    if not compiled and not varlen:
+    if not compiled and not kernels.varlen:
         per += 2 * FP32 * heads + d * heads
     # Router: top-k indices and softmax scores.
     per += INT64 * k + d * k
@@ -194,7 +210,7 @@ def block_cost(
     per += 2 * INT64 * k + d * k * (2 * inter + h)
     if experts != "mxfp4":
         per += d * k + (0 if compiled else INT64 * k)
-    if not compiled and not fused_gate:
+    if not compiled and not kernels.fused_gate:
         per += 4 * d * k * inter
     fixed = 0
     pad = 8  # MXFP4 expert LoRA pads the rank to a multiple of 8 (grouped GEMM strides)
@@ -214,15 +230,12 @@ def block_costs(
     experts: str,
     dtype: torch.dtype,
     compiled: bool,
-    varlen: bool = False,
-    fused_gate: bool = False,
-    fused_norm: bool = False,
+    kernels: EagerKernels = NO_KERNELS,
 ) -> list[BlockCost]:
     """:func:`block_cost` of each decoder block of ``model`` (meta device is fine)."""
     config = decoder_layers(model)[0].self_attn.config
     return [
-        block_cost(config, lora, experts, dtype, compiled, varlen, fused_gate, fused_norm)
-        for lora in block_loras(model)
+        block_cost(config, lora, experts, dtype, compiled, kernels) for lora in block_loras(model)
     ]
 
 
@@ -296,9 +309,7 @@ def checkpointed_blocks(
     held_gb: float | None = None,
     full_logits: bool = False,
     *,
-    varlen: bool = False,
-    fused_gate: bool = False,
-    fused_norm: bool = False,
+    kernels: EagerKernels = NO_KERNELS,
 ) -> int:
     """Resolve ``train.gradient_checkpointing`` to a number of blocks (the first ones).
 
@@ -315,11 +326,9 @@ def checkpointed_blocks(
         held_gb: device memory already held (the weights); ``None``: what CUDA has allocated
             on ``device`` (0 elsewhere).
         full_logits: the loss is taken from every position's logits (TRL), not a chunk.
-        varlen: eager blocks attend with flash's varlen kernels (:func:`block_cost`).
-        fused_gate: eager blocks run the Triton gate (:func:`block_cost`).
-        fused_norm: eager blocks run the Triton norms (:func:`block_cost`).
+        kernels: CUDA's fused kernels eager blocks run (:func:`block_cost`).
     """
-    costs = block_costs(model, experts, dtype, compiled, varlen, fused_gate, fused_norm)
+    costs = block_costs(model, experts, dtype, compiled, kernels)
     if setting != "auto":
         return plan_checkpointing(setting, costs, tokens, 0, None)
     free_gb = _free_gb(model, device, budget_gb, held_gb)
@@ -376,20 +385,18 @@ def activations_fit(
     copies: int = 1,
     held_gb: float | None = None,
     *,
-    varlen: bool = False,
-    fused_gate: bool = False,
-    fused_norm: bool = False,
+    kernels: EagerKernels = NO_KERNELS,
 ) -> bool | None:
     """Whether ``copies`` x the peak of a ``tokens``-long micro-batch with no block checkpointed
     (its saved tensors and the loss chunk) fit the budget left as :func:`checkpointed_blocks`
     counts it; ``None`` where there is no budget to read (the CPU without
     ``train.memory_budget_gb``). CUDA graphs ask for 2 copies: the graphs' shared pool keeps the
     largest bucket's activations while a new bucket's first micro-batch runs eagerly.
-    ``varlen``, ``fused_gate`` and ``fused_norm`` as for :func:`checkpointed_blocks`."""
+    ``kernels`` as for :func:`checkpointed_blocks`."""
     free_gb = _free_gb(model, device, budget_gb, held_gb)
     if free_gb is None:
         return None
-    costs = block_costs(model, experts, dtype, compiled, varlen, fused_gate, fused_norm)
+    costs = block_costs(model, experts, dtype, compiled, kernels)
     config = decoder_layers(model)[0].self_attn.config
     need = copies * peak_bytes(costs, 0, tokens, loss_bytes(config, tokens, dtype))
     return need <= free_gb * GB

@@ -35,6 +35,8 @@ import torch
 from mxlora.config import Engine, TrainingConfig, dump_config
 from mxlora.data import prepare_data
 from mxlora.engine.memory import (
+    NO_KERNELS,
+    EagerKernels,
     all_blocks,
     block_costs,
     checkpointed_blocks,
@@ -108,7 +110,7 @@ def estimate_memory(
     engine: Engine = "trl",
     checkpointed: int = 0,
     compiled: bool = False,
-    paths: dict[str, bool] | None = None,
+    kernels: EagerKernels = NO_KERNELS,
 ) -> dict[str, float]:
     """Training memory in GB (10^9 bytes) from sizes alone (module docstring).
 
@@ -121,7 +123,7 @@ def estimate_memory(
         engine: ``train.engine``.
         checkpointed: decoder blocks checkpointed (``trl``: all or none).
         compiled: the blocks run compiled (``mxlora``).
-        paths: the CUDA kernels eager blocks run (:func:`mxlora.engine.loop.eager_kernels`).
+        kernels: the CUDA kernels eager blocks run (:func:`mxlora.engine.loop.eager_kernels`).
 
     Returns:
         ``{"weights_gb", "adapter_gb", "activations_gb", "total_gb"}``.
@@ -129,7 +131,7 @@ def estimate_memory(
     weights, adapter, _ = weights_and_adapter(model, experts, dtype)
     c = model.config
     if engine == "mxlora":
-        costs = block_costs(model, experts, dtype, compiled, **(paths or {}))
+        costs = block_costs(model, experts, dtype, compiled, kernels)
         activations = peak_bytes(costs, checkpointed, tokens, loss_bytes(c, tokens, dtype))
     else:
         size = torch.empty((), dtype=dtype).element_size()
@@ -170,14 +172,14 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
     lengths = [len(ids) for ids in data.train["input_ids"]]
     blocks = len(decoder_layers(model))
     compiled = False
-    paths = None
+    kernels = NO_KERNELS
     if t.engine == "mxlora":
         from mxlora.engine.loop import eager_kernels, use_compile
 
         plan = plan_steps(len(lengths), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed)
         tokens = longest_packed(lengths, plan)
         compiled = use_compile(t.compile, device, tokens)
-        paths = eager_kernels(device, dtype, compiled, model.config.head_dim, experts)
+        kernels = eager_kernels(device, dtype, compiled, model.config.head_dim, experts)
         checkpointed = checkpointed_blocks(
             t.gradient_checkpointing,
             model,
@@ -188,7 +190,7 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
             t.memory_budget_gb,
             compiled,
             held_gb,
-            **paths,
+            kernels=kernels,
         )
     else:
         # TRL's largest batch: batch_size rows padded to the longest kept train row.
@@ -204,7 +206,9 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
             held_gb,
         )
         checkpointed = blocks if on else 0
-    memory = estimate_memory(model, experts, dtype, tokens, t.engine, checkpointed, compiled, paths)
+    memory = estimate_memory(
+        model, experts, dtype, tokens, t.engine, checkpointed, compiled, kernels
+    )
     memory["tokens"] = tokens
     memory["checkpointed_blocks"] = f"{checkpointed} of {blocks}"
     return {
