@@ -511,12 +511,34 @@ def test_cuda_capability_detection(clean_env, capability, hip, choice, expected)
 GPT_OSS_20B = {"gate_up": (5760, 2880), "down": (2880, 2880)}
 
 
-def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int):
-    """Compile the kernel for sm_90 as a launch at these shapes would (alignment included)."""
+def sm90_cubin(kernel, signature: dict, constexprs: dict, aligned, **options):
+    """Compile a Triton kernel for sm_90 with Triton's own ptxas (no GPU needed): ``signature``
+    the runtime arguments' types, ``aligned`` those a launch specializes as 16-byte aligned
+    pointers or integers divisible by 16, ``options`` num_warps and the like."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature = signature | dict.fromkeys(constexprs, "constexpr")
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    """For tests that compile for sm_90: skipped where this process interprets Triton, the
+    compiles cached with the project's cache."""
+    from mxlora.mxfp4.triton_kernels import INTERPRETED
+
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set in this process: nothing to compile")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir("triton")))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said out loud
+
+
+def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int):
+    """Compile the kernel for sm_90 as a launch at these shapes would (alignment included)."""
     from mxlora.mxfp4.triton_kernels import _grouped_mxfp4_kernel as kernel
 
     red, cols = (n_out, n_in) if transpose else (n_in, n_out)
@@ -529,15 +551,14 @@ def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int):
     signature |= {"offsets_ptr": "*i32"} | dict.fromkeys(ints, "i32")
     # What Triton's launcher specializes: 16-byte aligned pointers, integers divisible by 16.
     aligned = [n for n in signature if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     constexprs = dict(
         TRANSPOSE=transpose, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
         DOT_IN_FP32=False, BLOCK_E=32, **config.kwargs(),
     )  # fmt: skip
-    signature |= dict.fromkeys(constexprs, "constexpr")
-    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return sm90_cubin(
+        kernel, signature, constexprs, aligned,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
 
 
 def stack_bytes(cubin: bytes, tmp_path: Path) -> int:
@@ -562,14 +583,8 @@ def sm90_cases() -> list:
 
 
 @pytest.mark.parametrize(("config", "dtype", "transpose"), sm90_cases())
-def test_compiles_for_h100(config, dtype, transpose, tmp_path, monkeypatch):
+def test_compiles_for_h100(config, dtype, transpose, tmp_path, sm90):
     """Every config compiles to an sm_90 cubin: tensor cores for bf16, pipelined loads, no spills."""
-    from mxlora.mxfp4.triton_kernels import INTERPRETED
-
-    if INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set in this process: nothing to compile")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir("triton")))
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said out loud
     for n_out, n_in in GPT_OSS_20B.values():
         compiled = compile_sm90(config, dtype, transpose, n_out, n_in)
         ttgir = compiled.asm["ttgir"]
@@ -640,23 +655,11 @@ def test_fused_gate_equals_the_reference_with_gradients(interpreted, dname):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_gate_kernels_compile_for_h100(dtype, tmp_path, monkeypatch):
+def test_gate_kernels_compile_for_h100(dtype, tmp_path, sm90):
     """Both gate kernels compile to sm_90 cubins without spills (the interpreter does not
     compile, so it cannot catch what only the compiler rejects)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from mxlora.mxfp4.triton_kernels import GATE_TILE, _gate_backward_kernel, _gate_forward_kernel
 
-    from mxlora.mxfp4.triton_kernels import (
-        GATE_TILE,
-        INTERPRETED,
-        _gate_backward_kernel,
-        _gate_forward_kernel,
-    )
-
-    if INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set in this process: nothing to compile")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir("triton")))
     rows, warps = GATE_TILE[:2], GATE_TILE[2]
     scalars = {"n_rows": "i32", "n_cols": "i32", "alpha": "fp32", "limit": "fp32"}
     constexprs = {"BLOCK_R": rows[0], "BLOCK_C": rows[1]}
@@ -668,12 +671,7 @@ def test_gate_kernels_compile_for_h100(dtype, tmp_path, monkeypatch):
         ),
     ):
         signature = {n: f"*{t}" for n, t in pointers.items()} | scalars
-        signature |= dict.fromkeys(constexprs, "constexpr")
-        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
-        source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)
-        )
+        compiled = sm90_cubin(kernel, signature, constexprs, pointers, num_warps=warps)
         assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
 
 
@@ -800,32 +798,15 @@ def test_fused_norm_equals_the_reference_with_gradients(interpreted, dname):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_norm_kernels_compile_for_h100(dtype, tmp_path, monkeypatch):
+def test_norm_kernels_compile_for_h100(dtype, tmp_path, sm90):
     """Both RMSNorm kernels compile to sm_90 cubins without spills, at gpt-oss's width."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from mxlora.mxfp4.triton_kernels import _rms_norm_backward_kernel, _rms_norm_forward_kernel
 
-    from mxlora.mxfp4.triton_kernels import (
-        INTERPRETED,
-        _rms_norm_backward_kernel,
-        _rms_norm_forward_kernel,
-    )
-
-    if INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set in this process: nothing to compile")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir("triton")))
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     for kernel, pointers in (
         (_rms_norm_forward_kernel, ("x_ptr", "w_ptr", "y_ptr")),
         (_rms_norm_backward_kernel, ("g_ptr", "x_ptr", "w_ptr", "dx_ptr")),
     ):
         signature = dict.fromkeys(pointers, f"*{dtype}") | {"n_cols": "i32", "eps": "fp32"}
-        signature |= {"BLOCK": "constexpr"}
-        names = [*pointers, "n_cols"]  # pointers 16-byte aligned, 2880 divisible by 16
-        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
-        source = ASTSource(kernel, signature, constexprs={"BLOCK": 4096}, attrs=attrs)
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)
-        )
+        aligned = [*pointers, "n_cols"]  # pointers 16-byte aligned, 2880 divisible by 16
+        compiled = sm90_cubin(kernel, signature, {"BLOCK": 4096}, aligned, num_warps=8)
         assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
