@@ -79,6 +79,15 @@ def norm(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out.detach(), x.grad
 
 
+def cross_entropy(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss's row op with the Triton backend: per-row losses, and the logits overwritten by
+    their gradient."""
+    from mxlora.engine.loss import cross_entropy_rows_
+
+    logits = job["logits"].clone()
+    return cross_entropy_rows_(logits, job["targets"], "triton"), logits
+
+
 def availability() -> dict[str, bool]:
     cpu = torch.zeros(1)
     found = {"default": kernel_available(cpu)}
@@ -100,6 +109,7 @@ def main(jobs_path: str, results_path: str) -> None:
         "dequantize": {name: dequantize(job) for name, job in jobs["dequantize"].items()},
         "gate": {name: gate(job) for name, job in jobs["gate"].items()},
         "norm": {name: norm(job) for name, job in jobs["norm"].items()},
+        "cross_entropy": {n: cross_entropy(job) for n, job in jobs["cross_entropy"].items()},
         "layer_backend": resolve_backend("cpu"),
     }
     torch.save(results, results_path)

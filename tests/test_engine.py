@@ -18,12 +18,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mxlora.config import ConfigError, ModelConfig, TrainingConfig, from_dict
+from mxlora.engine import loss as loss_module
 from mxlora.engine.attention import (
     VarlenMask,
     apply_sinks,
@@ -500,12 +503,19 @@ def test_packed_attention_equals_padded_attention(tmp_path, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [3, 1024])
-def test_chunked_loss_equals_full_logits_loss(dtype, chunk):
-    """Several checkpointed chunks, or one plain chunk; positions padded as pack pads them
-    (position 0, target -100) change neither the loss nor any gradient."""
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trained-head"])
+def test_chunked_loss_equals_full_logits_loss(dtype, chunk, frozen, monkeypatch):
+    """Several chunks, or one; a frozen ``lm_head`` (the gradient computed in the forward) or a
+    trained one (autograd, chunks checkpointed); positions padded as pack pads them (position 0,
+    target -100) change neither the loss nor any gradient."""
+    calls = []
+    original = loss_module.cross_entropy_rows_
+    monkeypatch.setattr(
+        loss_module, "cross_entropy_rows_", lambda *a: calls.append(a) or original(*a)
+    )
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 16, generator=gen).to(dtype).requires_grad_()
-    head = torch.nn.Linear(16, 999, bias=False).to(dtype)
+    head = torch.nn.Linear(16, 999).to(dtype).requires_grad_(not frozen)
     positions = torch.tensor([0, 3, 4, 5, 17, 18, 30, 31, 32, 33, 48])
     targets = torch.randint(0, 999, (positions.numel(),), generator=gen)
     padded_positions = torch.cat([positions, torch.zeros(7, dtype=torch.long)])
@@ -513,22 +523,47 @@ def test_chunked_loss_equals_full_logits_loss(dtype, chunk):
     results = []
     for fn, pos, tgt in (
         (reference_loss, positions, targets),
-        (lambda *a: chunked_loss(*a, chunk=chunk), padded_positions, padded_targets),
+        (lambda *a: chunked_loss(*a, "torch", chunk=chunk), padded_positions, padded_targets),
     ):
         loss = fn(hidden, head, pos, tgt)
         hidden.grad, head.weight.grad = None, None
-        loss.backward()
-        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+        loss.backward(torch.tensor(0.37))  # as the loop scales it: by the step's token count
+        grads = (hidden.grad.clone(), head.weight.grad)
+        results.append((loss.detach(), *grads))
     (ref_loss, ref_h, ref_w), (loss, h, w) = results
+    assert len(calls) == (math.ceil(18 / chunk) if frozen else 0)
     assert loss.dtype == torch.float32
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
     torch.testing.assert_close(h.float(), ref_h.float(), rtol=tol, atol=tol)
-    torch.testing.assert_close(w.float(), ref_w.float(), rtol=tol, atol=tol)
+    if frozen:
+        assert w is None and ref_w is None
+    else:
+        torch.testing.assert_close(w.float(), ref_w.float(), rtol=tol, atol=tol)
     # Only selected positions get a gradient.
     unselected = torch.ones(50, dtype=torch.bool)
     unselected[positions] = False
     assert h[unselected].abs().sum() == 0
+    # Without gradients (evaluation) the same loss, and no gradient is computed.
+    with torch.no_grad():
+        again = chunked_loss(hidden, head, padded_positions, padded_targets, "torch", chunk=chunk)
+    torch.testing.assert_close(again, loss, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_entropy_rows_torch_is_autograds():
+    """The torch path of the loss's row op: per-row losses and, in place, their gradient with
+    respect to the logits, as F.cross_entropy and autograd give them (fp32; an ignored row:
+    0 and zeros)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = (8 * torch.randn(6, 1001, generator=gen)).requires_grad_()
+    targets = torch.tensor([0, 1000, -100, 7, 500, 3])
+    want = F.cross_entropy(logits, targets, reduction="none")
+    want.sum().backward()
+    got_logits = logits.detach().clone()
+    got = loss_module.cross_entropy_rows_(got_logits, targets, "torch")
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_logits, logits.grad, rtol=1e-6, atol=1e-7)
+    assert got[2] == 0 and got_logits[2].abs().sum() == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -330,7 +330,7 @@ def test_first_k_blocks_checkpointed_give_the_same_loss_and_gradients():
         with blocks_attached(blocks, checkpointed, compiled=False):
             kept = saved_bytes_per_block(lm, packed, "reference", torch.float32)
             peft.zero_grad()
-            loss = forward_loss(lm, packed, "reference", torch.float32)
+            loss = forward_loss(lm, packed, "reference", torch.float32, "torch")
             loss.backward()
         # A checkpointed block keeps its input alone, the others all they save.
         inputs = [c.checkpointed_per_token * tokens for c in costs]
@@ -363,7 +363,7 @@ def test_first_k_compiled_blocks_checkpointed_train_alike_on_cuda():
         )
         with blocks_attached(lm.model.layers, checkpointed, compiled=True), loud_compile(True):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = forward_loss(lm, packed, "flex", torch.bfloat16)
+                loss = forward_loss(lm, packed, "flex", torch.bfloat16, "triton")
             loss.backward()
         grads = {n: p.grad.float() for n, p in peft.named_parameters() if p.requires_grad}
         results[checkpointed] = (loss.item(), grads)

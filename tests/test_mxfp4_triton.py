@@ -177,6 +177,7 @@ def build_jobs() -> dict[str, dict]:
     norm = {}
     for dname, dtype in DTYPES.items():
         norm[dname] = norm_job(dtype, seed=13)
+    cross_entropy = {dname: cross_entropy_job(dtype, seed=14) for dname, dtype in DTYPES.items()}
     return {
         "matmul": matmul,
         "autograd": autograd,
@@ -184,6 +185,7 @@ def build_jobs() -> dict[str, dict]:
         "dequantize": dequantize,
         "gate": gate,
         "norm": norm,
+        "cross_entropy": cross_entropy,
     }
 
 
@@ -217,6 +219,15 @@ def norm_job(dtype: torch.dtype, seed: int) -> dict:
     weight = 1 + 0.3 * torch.randn(90, generator=gen)
     grad = torch.randn(2, 19, 90, generator=gen)
     return dict(x=x.to(dtype), weight=weight.to(dtype), grad=grad.to(dtype), eps=1e-5)
+
+
+def cross_entropy_job(dtype: torch.dtype, seed: int) -> dict:
+    """Loss rows on an odd shape: 7 rows of 1001 logits (not a multiple of the interpreter's
+    64-column tile), spread wide as a model's are, targets at both ends, one ignored row."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 6 * torch.randn(7, 1001, generator=gen)
+    targets = torch.tensor([0, 1000, -100, 63, 64, 500, 999])
+    return dict(logits=logits.to(dtype), targets=targets)
 
 
 @pytest.fixture
@@ -708,16 +719,18 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
     for name in (
         "_grouped_mxfp4_kernel", "_dequantize_kernel", "_gate_forward_kernel",
         "_gate_backward_kernel", "_rms_norm_forward_kernel", "_rms_norm_backward_kernel",
+        "_cross_entropy_rows_kernel",
     ):  # fmt: skip
         monkeypatch.setattr(tk, name, _Recorder(name, launched, warmed))
     monkeypatch.setattr(tk, "_on_device", lambda device, fn, *args: fn(*args))
     monkeypatch.setattr(tk, "_PRECOMPILED", set())
-    experts, hidden, inter = 32, 2880, 2880
-    tk.precompile(torch.bfloat16, experts, hidden, inter, torch.device("cuda", 0))
+    experts, hidden, inter, vocab = 32, 2880, 2880, 201088
+    tk.precompile(torch.bfloat16, experts, hidden, inter, vocab, torch.device("cuda", 0))
     # Again: started once per model shape.
-    tk.precompile(torch.bfloat16, experts, hidden, inter, torch.device("cuda", 0))
-    # The matmul's config for 64 rows per expert and more, each way; 2 gate and 2 norm kernels.
-    assert len(tk._PENDING) == 6
+    tk.precompile(torch.bfloat16, experts, hidden, inter, vocab, torch.device("cuda", 0))
+    # The matmul's config for 64 rows per expert and more, each way; 2 gate, 2 norm kernels and
+    # the loss's.
+    assert len(tk._PENDING) == 7
     tk._wait_for_precompile()
     assert not launched
 
@@ -742,14 +755,17 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
         norm_weight = torch.empty(hidden, dtype=bf16)
         tk.rms_norm_forward_triton(hidden_states, norm_weight, 1e-5)
         tk.rms_norm_backward_triton(hidden_states, hidden_states, norm_weight, 1e-5)
+        positions = min(tokens, 1024)  # one chunk of mxlora.engine.loss
+        logits = torch.empty(positions, vocab, dtype=bf16)
+        tk.cross_entropy_rows_triton(logits, torch.empty(positions, dtype=torch.int64), -100)
     tk.dequantize_mxfp4_triton(*gate_up, bf16)
     tk.dequantize_mxfp4_triton(*down, bf16)
-    assert len(launched) == 5 * 8 + 2
+    assert len(launched) == 5 * 9 + 2
     # Compiled ahead: every launch of 512 tokens or more (64 rows per expert and more) bar the
     # dequantizer of the dense path; the smaller classes compile on first use.
-    big = [key for key in launched[2 * 8 :] if key[0] != "_dequantize_kernel"]
-    small = [key for key in launched[: 2 * 8] if key[0] == "_grouped_mxfp4_kernel"]
-    assert len(big) == 3 * 8 and not set(big) - set(warmed)
+    big = [key for key in launched[2 * 9 :] if key[0] != "_dequantize_kernel"]
+    small = [key for key in launched[: 2 * 9] if key[0] == "_grouped_mxfp4_kernel"]
+    assert len(big) == 3 * 9 and not set(big) - set(warmed)
     assert set(small) - set(warmed)
 
 
@@ -795,6 +811,42 @@ def test_fused_norm_equals_the_reference_with_gradients(interpreted, dname):
             # Within one bf16 rounding of the truth, as eager bf16 is.
             assert ((got.double() - want).abs() / scale).max() <= 2**-7
             assert ((ref.double() - want).abs() / scale).max() <= 2**-7
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_cross_entropy_kernel_equals_autograd(interpreted, dname):
+    """The loss's row kernel (mxlora.engine.loss.cross_entropy_rows_, Triton) == F.cross_entropy
+    and autograd's gradient of it on the logits in fp64: the losses to fp32 rounding, the
+    gradient within one rounding to the logits' dtype; an ignored row gives 0 and zeros."""
+    dtype = DTYPES[dname]
+    jobs, results = interpreted
+    job = jobs["cross_entropy"][dname]
+    losses, grad = results["cross_entropy"][dname]
+    assert losses.dtype == torch.float32 and grad.dtype == dtype
+    logits = job["logits"].double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(logits, job["targets"], reduction="none")
+    want.sum().backward()
+    torch.testing.assert_close(losses.double(), want.detach(), rtol=1e-6, atol=1e-6)
+    step = 1e-6 if dtype == torch.float32 else 2**-8  # bf16: one rounding of values <= 1
+    assert (grad.double() - logits.grad).abs().max() <= step
+    assert losses[2] == 0 and grad[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_cross_entropy_kernel_compiles_for_h100(dtype, tmp_path, sm90):
+    """The loss's row kernel compiles to an sm_90 cubin without spills, at gpt-oss's vocabulary
+    (what the launch specializes: aligned pointers, 201,088 columns divisible by 16)."""
+    from mxlora.engine.loss import IGNORE_INDEX
+    from mxlora.mxfp4.triton_kernels import CROSS_ENTROPY_TILE, _cross_entropy_rows_kernel
+
+    block, warps = CROSS_ENTROPY_TILE
+    signature = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "losses_ptr": "*fp32"}
+    signature |= {"n_cols": "i32"}
+    constexprs = {"IGNORE": IGNORE_INDEX, "BLOCK": block}
+    compiled = sm90_cubin(
+        _cross_entropy_rows_kernel, signature, constexprs, [*signature], num_warps=warps
+    )
+    assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

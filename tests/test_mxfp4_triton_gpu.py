@@ -295,7 +295,7 @@ def test_fused_rms_norm_at_20b_width():
     from mxlora.engine.norm import fused_rms_norm, rms_norm_reference
     from mxlora.mxfp4 import triton_kernels
 
-    triton_kernels.precompile(torch.bfloat16, 32, 2880, 2880, torch.device("cuda"))
+    triton_kernels.precompile(torch.bfloat16, 32, 2880, 2880, 201088, torch.device("cuda"))
     gen = torch.Generator().manual_seed(0)
     # Inputs exact in bf16, so that the fp64 truth sees the values the bf16 runs see.
     x = (torch.randn(1, 754, 2880, generator=gen) * 3).bfloat16().cuda()
@@ -317,3 +317,31 @@ def test_fused_rms_norm_at_20b_width():
         scale = want.abs().amax(-1, keepdim=True)
         assert ((got - want).abs() / scale).max() <= 2**-7
         assert ((got - want).abs() / scale).mean() <= 1.5 * ((ref - want).abs() / scale).mean()
+
+
+def test_fused_linear_cross_entropy_at_20b_vocabulary():
+    """The loss with a frozen lm_head (gradient computed in the forward, the Triton row kernel)
+    on the GPU, bf16, gpt-oss-20b's vocabulary, 1,500 positions (two chunks, the last one
+    ragged, some ignored): the loss within 1e-4 of autograd's full-logits loss and the hidden
+    states' gradient within bf16 noise of it."""
+    from mxlora.engine.loss import chunked_loss, reference_loss
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden_size, vocab = 1600, 2880, 201088
+    head = torch.nn.Linear(hidden_size, vocab, bias=False).bfloat16().cuda().requires_grad_(False)
+    head.weight.copy_((torch.randn(vocab, hidden_size, generator=gen) * 0.02).bfloat16())
+    hidden = torch.randn(tokens, hidden_size, generator=gen).bfloat16().cuda().requires_grad_()
+    positions = torch.randperm(tokens, generator=gen)[:1500].cuda()
+    targets = torch.randint(0, vocab, (1500,), generator=gen).cuda()
+    targets[::97] = -100
+    results = []
+    for fn in (reference_loss, lambda *a: chunked_loss(*a, "triton")):
+        hidden.grad = None
+        loss = fn(hidden, head, positions, targets)
+        loss.backward(torch.tensor(1 / 1500, device="cuda"))
+        results.append((loss.detach(), hidden.grad.float()))
+    (want, want_grad), (got, grad) = results
+    assert abs(got.item() - want.item()) <= 1e-4 * abs(want.item())
+    cosine = F.cosine_similarity(grad.flatten(), want_grad.flatten(), dim=0)
+    assert cosine > 0.9999
+    assert (grad - want_grad).abs().max() <= 2**-7 * want_grad.abs().max()

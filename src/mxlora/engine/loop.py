@@ -263,10 +263,11 @@ def loud_compile(active: bool) -> Iterator[None]:
 
 
 def forward_loss(
-    model: torch.nn.Module, batch: PackedBatch, attention: Kind, dtype: torch.dtype
+    model: torch.nn.Module, batch: PackedBatch, attention: Kind, dtype: torch.dtype, backend: str
 ) -> torch.Tensor:
     """Summed cross-entropy of one packed micro-batch (``model``: the ``...ForCausalLM``;
-    ``dtype``: the compute dtype, that of the attention's inputs)."""
+    ``dtype``: the compute dtype, that of the attention's inputs; ``backend``: the loss
+    kernel's, :func:`mxlora.engine.loss.chunked_loss`)."""
     masks = build_masks(
         batch.doc_ids, model.config.sliding_window, attention, dtype, batch.cu_seqlens
     )
@@ -279,7 +280,7 @@ def forward_loss(
         use_cache=False,
     )
     hidden = out.last_hidden_state[0]
-    return chunked_loss(hidden, model.lm_head, batch.loss_positions, batch.loss_targets)
+    return chunked_loss(hidden, model.lm_head, batch.loss_positions, batch.loss_targets, backend)
 
 
 class Loop:
@@ -326,6 +327,8 @@ class Loop:
         self.train_rows, self.eval_rows, self.pad_id = train_rows, eval_rows, pad_id
         self.metrics, self.run_dir = metrics, run_dir
         self.before_marker, self.on_checkpoint = before_marker, on_checkpoint
+        # The loss's kernels (mxlora.engine.loss), chosen once for the device.
+        self.backend = resolve_backend(device)
         t = cfg.train
         self.causal_lm = model.get_base_model()
         self.plan: list[Step] = plan_steps(
@@ -515,7 +518,9 @@ class Loop:
         (no host sync): its summed cross-entropy times its weight over the step's assistant
         tokens, backpropagated into the ``.grad``s; returns that loss, detached."""
         with self._autocast():
-            total = forward_loss(self.causal_lm, inputs.batch, self.attention, self.dtype)
+            total = forward_loss(
+                self.causal_lm, inputs.batch, self.attention, self.dtype, self.backend
+            )
             loss = total * inputs.weight / inputs.items
         loss.backward()
         return loss.detach()
@@ -635,7 +640,7 @@ class Loop:
             batch = self._pack(self.eval_rows, here)
             with self._autocast():
                 total = forward_loss(
-                    self.causal_lm, batch.to(self.device), self.attention, self.dtype
+                    self.causal_lm, batch.to(self.device), self.attention, self.dtype, self.backend
                 )
             weighted.append(total * scale / items * len(indices))
             count += len(indices)

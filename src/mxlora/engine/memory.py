@@ -6,8 +6,8 @@ little, so recomputing them is pure loss; 4 x 2048 tokens keep tens of GB on gpt
 ``train.gradient_checkpointing: auto`` checkpoints the fewest blocks that make the longest packed
 micro-batch fit ``train.memory_budget_gb`` (default: the device's memory): the weights already
 loaded, the LoRA gradients and AdamW moments, the saved tensors of the blocks that are not
-checkpointed, the inputs of those that are, and the loss chunk's logits, within
-:data:`HEADROOM` of the budget. ``true`` checkpoints every block, ``false`` none.
+checkpointed, the inputs of those that are, and the loss chunk's logits (:func:`loss_bytes`),
+within :data:`HEADROOM` of the budget. ``true`` checkpoints every block, ``false`` none.
 
 The checkpointed blocks are the *first* ``k``: the backward runs the blocks last to first, so by
 the time it recomputes block ``j < k`` every later block's saved tensors are already freed, and
@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from mxlora.mxfp4.kernels import TRITON, resolve_backend
 
 GB = 1e9
 # Share of the budget the estimate may fill: allocator slack and the backward's own transients
@@ -239,14 +241,34 @@ def block_costs(
     ]
 
 
-def loss_bytes(config: Any, tokens: int, dtype: torch.dtype, full_logits: bool = False) -> int:
-    """The loss's logits at their peak: one chunk of :mod:`mxlora.engine.loss`, or every
-    position's (``full_logits``: the model-computed logits TRL's step takes the loss from)."""
+def loss_bytes(
+    config: Any,
+    tokens: int,
+    dtype: torch.dtype,
+    full_logits: bool = False,
+    in_place: bool = False,
+) -> int:
+    """The loss at its peak: one chunk's logits of :mod:`mxlora.engine.loss`, in the compute
+    dtype alone where the Triton kernel overwrites them with their gradient (``in_place``:
+    :func:`loss_in_place`), which then keeps the hidden states' gradient, else with autograd's
+    fp32 copies; or every position's logits (``full_logits``: the model-computed logits TRL's
+    step takes the loss from)."""
     from mxlora.engine.loss import CHUNK
 
     d = torch.empty((), dtype=dtype).element_size()
     rows = tokens if full_logits else min(CHUNK, tokens)
+    if in_place and not full_logits:
+        return rows * config.vocab_size * d + tokens * config.hidden_size * d
     return rows * config.vocab_size * (d + LOSS_BYTES_PER_LOGIT_FP32 * FP32)
+
+
+def loss_in_place(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether ``model``'s loss on ``device`` keeps one chunk's logits in the compute dtype
+    only (:func:`loss_bytes`): a frozen ``lm_head`` and the Triton kernels."""
+    from mxlora.engine.loss import gradient_in_forward
+
+    head = model.get_output_embeddings()
+    return gradient_in_forward(head) and resolve_backend(device) == TRITON
 
 
 def trainable_bytes(model: torch.nn.Module) -> int:
@@ -335,9 +357,8 @@ def checkpointed_blocks(
     if free_gb is None:
         return 0
     config = decoder_layers(model)[0].self_attn.config
-    return plan_checkpointing(
-        setting, costs, tokens, loss_bytes(config, tokens, dtype, full_logits), free_gb
-    )
+    loss = loss_bytes(config, tokens, dtype, full_logits, loss_in_place(model, device))
+    return plan_checkpointing(setting, costs, tokens, loss, free_gb)
 
 
 def _free_gb(
@@ -398,5 +419,6 @@ def activations_fit(
         return None
     costs = block_costs(model, experts, dtype, compiled, kernels)
     config = decoder_layers(model)[0].self_attn.config
-    need = copies * peak_bytes(costs, 0, tokens, loss_bytes(config, tokens, dtype))
+    loss = loss_bytes(config, tokens, dtype, in_place=loss_in_place(model, device))
+    need = copies * peak_bytes(costs, 0, tokens, loss)
     return need <= free_gb * GB

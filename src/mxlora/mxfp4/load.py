@@ -184,7 +184,12 @@ def mxfp4_model_from_tensors(
 
         # The kernels compile while the weights load (instead of on the first step).
         triton_kernels.precompile(
-            dtype, config.num_local_experts, config.hidden_size, config.intermediate_size, device
+            dtype,
+            config.num_local_experts,
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+            device,
         )
     model = mxfp4_skeleton(config, dtype, attn_implementation, backend)
     expected = model.state_dict(keep_vars=True)

@@ -444,6 +444,39 @@ def _rms_norm_backward_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, n_cols, eps, BLOCK: t
     tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _cross_entropy_rows_kernel(
+    logits_ptr, targets_ptr, losses_ptr, n_cols, IGNORE: tl.constexpr, BLOCK: tl.constexpr
+):
+    """One row of :func:`mxlora.engine.loss.cross_entropy_rows_`: its loss
+    ``logsumexp(x) - x[target]`` (fp32), and ``softmax(x) - onehot(target)`` written over the
+    row in its dtype; 0 and a zero row for an ignored target."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * n_cols
+    cols = tl.arange(0, BLOCK)
+    # Pass 1: the row's max and sum of exponentials, online, in fp32.
+    top = tl.full((), float("-inf"), tl.float32)
+    total = tl.zeros((), tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=float("-inf"))
+        x = x.to(tl.float32)
+        new_top = tl.maximum(top, tl.max(x, 0))
+        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top), 0)
+        top = new_top
+    lse = top + tl.log(total)
+    target = tl.load(targets_ptr + row)
+    valid = target != IGNORE
+    picked = tl.load(x_row + target, mask=valid, other=0.0).to(tl.float32)
+    tl.store(losses_ptr + row, tl.where(valid, lse - picked, 0.0))
+    # Pass 2: the gradient of the row's loss with respect to its logits, in place.
+    for start in range(0, n_cols, BLOCK):
+        at = start + cols
+        x = tl.load(x_row + at, mask=at < n_cols, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) - (at == target).to(tl.float32)
+        grad = tl.where(valid, grad, 0.0)
+        tl.store(x_row + at, grad.to(logits_ptr.dtype.element_ty), mask=at < n_cols)
+
+
 #: Whether the kernel runs in Triton's CPU interpreter: ``triton.jit`` decides once, when this
 #: module is imported, from ``TRITON_INTERPRET``.
 INTERPRETED: bool = isinstance(_grouped_mxfp4_kernel, InterpretedFunction)
@@ -672,6 +705,37 @@ def rms_norm_backward_triton(grad: Tensor, x: Tensor, weight: Tensor, eps: float
     return dx.view(x.shape)
 
 
+#: Columns a cross-entropy program reads at a time, and its warps.
+CROSS_ENTROPY_TILE = (4096, 8)
+INTERPRETER_CROSS_ENTROPY_TILE = (64, 1)
+
+
+def _cross_entropy_launch(
+    tensors: tuple, rows: int, cols: int, ignore: int, warmup: bool = False
+) -> None:
+    """Launch (or with ``warmup`` compile) the cross-entropy kernel: one program a row."""
+    block, warps = INTERPRETER_CROSS_ENTROPY_TILE if INTERPRETED else CROSS_ENTROPY_TILE
+    kernel = _cross_entropy_rows_kernel
+    args = (*tensors, cols)
+    meta = dict(IGNORE=ignore, BLOCK=block, num_warps=warps)
+    if warmup:
+        _loaded(kernel.warmup(*args, grid=(rows,), **meta))
+        return
+    _wait_for_precompile(kernel)
+    with _on(tensors[0]):
+        kernel[(rows,)](*args, **meta)
+
+
+def cross_entropy_rows_triton(logits: Tensor, targets: Tensor, ignore: int) -> Tensor:
+    """:func:`mxlora.engine.loss.cross_entropy_rows_` in one kernel (``logits [N, V]``
+    contiguous, overwritten by the gradient)."""
+    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    if logits.shape[0]:
+        tensors = (logits, targets.contiguous(), losses)
+        _cross_entropy_launch(tensors, *logits.shape, ignore)
+    return losses
+
+
 #: Compiles :func:`precompile` started, not yet waited for (:func:`_wait_for_precompile`), by
 #: what a launch waits for: the kernel, or for the matmul ``("matmul", transpose, config)``.
 _PENDING: dict[object, concurrent.futures.Future] = {}
@@ -679,7 +743,12 @@ _PRECOMPILED: set[tuple] = set()
 
 
 def precompile(
-    dtype: torch.dtype, n_experts: int, hidden: int, intermediate: int, device: torch.device
+    dtype: torch.dtype,
+    n_experts: int,
+    hidden: int,
+    intermediate: int,
+    vocab: int,
+    device: torch.device,
 ) -> None:
     """Start compiling, in background threads, the kernels training launches on ``device``.
 
@@ -688,9 +757,10 @@ def precompile(
     run beside the load (Triton's compiler releases the GIL for much of its work), in parallel;
     a launch waits for its own kernel if that is still compiling. Only what every short-row
     step runs is compiled ahead (more threads slowed the first step down by holding the GIL):
-    the matmul's config for 64 rows per expert and more, each direction, and the gate's and the
-    norm's kernels; the rest compiles on first use. Each compile is exactly the launch's
-    (same argument list: :func:`_matmul_launch`, :func:`_gate_launch`, :func:`_rms_norm_launch`),
+    the matmul's config for 64 rows per expert and more, each direction, the gate's and the
+    norm's kernels and the loss's; the rest compiles on first use. Each compile is exactly the
+    launch's (same argument list: :func:`_matmul_launch`, :func:`_gate_launch`,
+    :func:`_rms_norm_launch`, :func:`_cross_entropy_launch`),
     for row counts that are multiples of 16, as packed training batches' are. A kernel that
     fails to compile here is only warned about: its launch compiles it again and raises there.
     No-op under the interpreter and off CUDA.
@@ -699,9 +769,10 @@ def precompile(
         dtype: the activations' dtype.
         n_experts, hidden, intermediate: the model's (gate_up is ``[E, 2 intermediate, hidden]``,
             down ``[E, hidden, intermediate]``).
+        vocab: the model's vocabulary (the loss's logits are ``[positions, vocab]``).
         device: the CUDA device training runs on.
     """
-    key = (dtype, n_experts, hidden, intermediate, device)
+    key = (dtype, n_experts, hidden, intermediate, vocab, device)
     if INTERPRETED or device.type != "cuda" or key in _PRECOMPILED:
         return
     _PRECOMPILED.add(key)
@@ -731,6 +802,12 @@ def precompile(
         ):
             # eps: a float argument, which Triton does not specialize on.
             jobs.append((kernel, _rms_norm_launch, kernel, pointers, 16, hidden, 1e-5, True))
+        # The loss's rows (mxlora.engine.loss), logits in the model's dtype.
+        from mxlora.engine.loss import IGNORE_INDEX
+
+        pointers = (dtype, torch.int64, torch.float32)
+        loss = (_cross_entropy_launch, pointers, 16, vocab, IGNORE_INDEX, True)
+        jobs.append((_cross_entropy_rows_kernel, *loss))
     pool = concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="mxlora-compile")
     _PENDING.update((tag, pool.submit(_on_device, device, *job)) for tag, *job in jobs)
     pool.shutdown(wait=False)

@@ -42,6 +42,7 @@ from mxlora.engine.memory import (
     checkpointed_blocks,
     decoder_layers,
     loss_bytes,
+    loss_in_place,
     peak_bytes,
 )
 from mxlora.engine.packing import longest_packed, plan_steps
@@ -111,6 +112,7 @@ def estimate_memory(
     checkpointed: int = 0,
     compiled: bool = False,
     kernels: EagerKernels = NO_KERNELS,
+    in_place_loss: bool = False,
 ) -> dict[str, float]:
     """Training memory in GB (10^9 bytes) from sizes alone (module docstring).
 
@@ -124,6 +126,8 @@ def estimate_memory(
         checkpointed: decoder blocks checkpointed (``trl``: all or none).
         compiled: the blocks run compiled (``mxlora``).
         kernels: the CUDA kernels eager blocks run (:func:`mxlora.engine.loop.eager_kernels`).
+        in_place_loss: the loss keeps one chunk's logits in the compute dtype only
+            (:func:`mxlora.engine.memory.loss_in_place`).
 
     Returns:
         ``{"weights_gb", "adapter_gb", "activations_gb", "total_gb"}``.
@@ -132,7 +136,8 @@ def estimate_memory(
     c = model.config
     if engine == "mxlora":
         costs = block_costs(model, experts, dtype, compiled, kernels)
-        activations = peak_bytes(costs, checkpointed, tokens, loss_bytes(c, tokens, dtype))
+        loss = loss_bytes(c, tokens, dtype, in_place=in_place_loss)
+        activations = peak_bytes(costs, checkpointed, tokens, loss)
     else:
         size = torch.empty((), dtype=dtype).element_size()
         logits = tokens * c.vocab_size * size
@@ -206,8 +211,9 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
             held_gb,
         )
         checkpointed = blocks if on else 0
+    in_place = loss_in_place(model, device)
     memory = estimate_memory(
-        model, experts, dtype, tokens, t.engine, checkpointed, compiled, kernels
+        model, experts, dtype, tokens, t.engine, checkpointed, compiled, kernels, in_place
     )
     memory["tokens"] = tokens
     memory["checkpointed_blocks"] = f"{checkpointed} of {blocks}"
