@@ -13,11 +13,15 @@
 
 from __future__ import annotations
 
+import functools
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.attention.flex_attention as flex_module
 from peft.helpers import disable_input_dtype_casting
 
+import mxlora.engine.memory as memory_module
 import mxlora.engine.norm as norm_module
 import mxlora.mxfp4.experts as experts_module
 import mxlora.mxfp4.gate as gate_module
@@ -32,6 +36,7 @@ from mxlora.engine.memory import (
     all_blocks,
     block_costs,
     checkpointed_blocks,
+    experts_transient_bytes,
     loss_bytes,
     peak_bytes,
     trainable_bytes,
@@ -240,24 +245,41 @@ def gpt_oss_20b():
 
 
 def estimated_peak_gb(
-    model, held_gb: float, tokens: int, checkpointed: int, compiled: bool, cuda: bool = False
+    model,
+    held_gb: float,
+    tokens: int,
+    checkpointed: int,
+    compiled: bool,
+    cuda: bool = False,
+    in_place_loss: bool = False,
 ):
+    """The estimate for an H100 run: CUDA's kernels in eager blocks (``cuda``), the loss's
+    logits overwritten in place (``in_place_loss``: the Triton loss kernel) or autograd's fp32
+    copies (before it), the dense experts path's transient on the Triton backend."""
     costs = block_costs(model, "mxfp4", torch.bfloat16, compiled, EagerKernels(*[cuda] * 3))
-    extra = loss_bytes(model.config, tokens, torch.bfloat16)
-    activations = peak_bytes(costs, checkpointed, tokens, extra)
+    extra = loss_bytes(model.config, tokens, torch.bfloat16, in_place=in_place_loss)
+    with mock.patch.object(memory_module, "resolve_backend", lambda device: "triton"):
+        transient = experts_transient_bytes(
+            model.config, "mxfp4", tokens, torch.bfloat16, torch.device("cuda")
+        )
+    activations = peak_bytes(costs, checkpointed, tokens, extra, transient)
     return held_gb + (trainable_bytes(model) + activations) / GB
 
 
 def test_estimate_reproduces_the_h100_peaks_of_4x2048(gpt_oss_20b):
-    """docs/BENCHMARKS.md, H100, 4 x 2048 packed (8192 tokens), compiled blocks (run A of the
-    evening: default, default-20gb): 40.3 GB peak allocated without checkpointing, 17.8 GB with
-    every block checkpointed; eager blocks."""
+    """docs/BENCHMARKS.md, H100, 4 x 2048 packed (8192 tokens). Compiled blocks, the loss's
+    logits overwritten in place (commit 3a6aabf: default, default-20gb): 38.9 GB peak allocated
+    without checkpointing, 18.7 GB with 22 of 24 blocks checkpointed; there the dense experts
+    path's dequantized gate_up (1.06 GB) outgrows the loss chunk (0.4 GB)."""
     model, held_gb = gpt_oss_20b
+    peak = functools.partial(estimated_peak_gb, model, held_gb, 8192, in_place_loss=True)
+    assert peak(0, True) == pytest.approx(38.9, rel=0.05)
+    assert peak(22, True) == pytest.approx(18.7, rel=0.05)
+    # Before, the loss chunk's fp32 copies (2.9 GB) were the larger (the evening's run A):
+    # compiled 40.3 / 17.8 GB with no / every block checkpointed; eager blocks on CUDA's
+    # kernels (flash varlen, the Triton gate and norms) 38.4 / 17.8 GB.
     assert estimated_peak_gb(model, held_gb, 8192, 0, True) == pytest.approx(40.3, rel=0.05)
     assert estimated_peak_gb(model, held_gb, 8192, 24, True) == pytest.approx(17.8, rel=0.05)
-    # Eager blocks on CUDA's kernels (flash varlen, the Triton gate and norms; bench rows
-    # eager-blocks, eager-blocks-20gb): 38.4 GB with no block checkpointed, 17.8 GB with every
-    # block.
     assert estimated_peak_gb(model, held_gb, 8192, 0, False, True) == pytest.approx(38.4, rel=0.05)
     assert estimated_peak_gb(model, held_gb, 8192, 24, False, True) == pytest.approx(17.8, rel=0.05)
 
@@ -425,3 +447,26 @@ def test_fused_norms_take_every_frozen_norm_for_the_duration(monkeypatch):
     assert torch.equal(plain, fused)
     norms = [m for m in lm.modules() if isinstance(m, GptOssRMSNorm)]
     assert norms and not any("forward" in vars(m) for m in norms)
+
+
+def test_what_the_experts_dense_path_and_the_loss_add(gpt_oss_20b):
+    """The dense experts path holds one layer's gate_up dequantized while it runs: always on the
+    torch backend, on Triton's from 192 rows per expert in bf16 on CUDA, never with experts held
+    dequantized. The loss keeps one chunk of compute-dtype logits (and the hidden states'
+    gradient) where the Triton kernel overwrites them, four times that in fp32 copies else."""
+    model, _ = gpt_oss_20b
+    c, bf16, cuda = model.config, torch.bfloat16, torch.device("cuda")
+    gate_up = 32 * 5760 * 2880 * 2
+    cpu = torch.device("cpu")
+    assert experts_transient_bytes(c, "mxfp4", 128, bf16, cpu) == gate_up  # torch backend
+    assert experts_transient_bytes(c, "dequantize-bf16", 8192, bf16, cpu) == 0
+    with mock.patch.object(memory_module, "resolve_backend", lambda device: "triton"):
+        # 192 rows per expert: 1536 tokens x top-4 over 32 experts.
+        assert experts_transient_bytes(c, "mxfp4", 1535, bf16, cuda) == 0
+        assert experts_transient_bytes(c, "mxfp4", 1536, bf16, cuda) == gate_up
+        assert experts_transient_bytes(c, "mxfp4", 8192, torch.float32, cuda) == 0
+        assert memory_module.loss_in_place(model, cuda)
+    assert not memory_module.loss_in_place(model, cpu)
+    chunk = 1024 * c.vocab_size
+    assert loss_bytes(c, 8192, bf16, in_place=True) == chunk * 2 + 8192 * c.hidden_size * 2
+    assert loss_bytes(c, 8192, bf16) == chunk * (2 + 3 * 4)

@@ -37,8 +37,9 @@ measured bytes):
   ``rsqrt``, the attention and MLP inputs are kept once, and nothing of the gate or the sink
   scale is kept (about half of eager).
 
-The peak is the larger of the end of the forward (all of the above plus the loss's logits) and
-a checkpointed block's recompute (:func:`peak_bytes`).
+The peak is the larger of the end of the forward (all of the above plus the loss's logits, or
+the MXFP4 experts' dequantized projection of their dense path if larger) and a checkpointed
+block's recompute (:func:`peak_bytes`).
 """
 
 from __future__ import annotations
@@ -278,18 +279,42 @@ def trainable_bytes(model: torch.nn.Module) -> int:
     )
 
 
-def peak_bytes(costs: list[BlockCost], checkpointed: int, tokens: int, extra: int) -> int:
+def experts_transient_bytes(
+    config: Any, experts: str, tokens: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """What the MXFP4 experts' dense path holds while it runs (:mod:`mxlora.mxfp4.ops`): one
+    projection of one layer dequantized to the compute dtype, the larger (``gate_up``), freed
+    when the op returns. It runs from ``FUSED_MAX_ROWS_PER_EXPERT`` rows per expert with the
+    Triton kernels (bf16), always with the torch path; 0 for experts held dequantized."""
+    from mxlora.mxfp4.ops import FUSED_MAX_ROWS_PER_EXPERT
+
+    if experts != "mxfp4":
+        return 0
+    if resolve_backend(device) == TRITON:
+        rows = tokens * config.num_experts_per_tok
+        many = rows >= FUSED_MAX_ROWS_PER_EXPERT * config.num_local_experts
+        if not (many and device.type == "cuda" and dtype == torch.bfloat16):
+            return 0
+    d = torch.empty((), dtype=dtype).element_size()
+    return config.num_local_experts * 2 * config.intermediate_size * config.hidden_size * d
+
+
+def peak_bytes(
+    costs: list[BlockCost], checkpointed: int, tokens: int, extra: int, transient: int = 0
+) -> int:
     """Estimated activation peak with the first ``checkpointed`` blocks checkpointed.
 
     The larger of two moments: the end of the forward (every block's saved tensors, a
-    checkpointed one's input only, plus ``extra``, the loss's logits), and the recompute of a
-    checkpointed block in the backward, which comes after every later block's backward has
-    freed its tensors (the checkpointed inputs plus that block's saved tensors).
+    checkpointed one's input only, plus the larger of ``extra``, the loss's logits, and
+    ``transient``, what one op holds while it runs: :func:`experts_transient_bytes`, at its
+    largest in the last block's backward), and the recompute of a checkpointed block in the
+    backward, which comes after every later block's backward has freed its tensors (the
+    checkpointed inputs plus that block's saved tensors and ``transient``).
     """
     inputs = sum(c.checkpointed_per_token * tokens for c in costs[:checkpointed])
     kept = inputs + sum(c.saved(tokens) for c in costs[checkpointed:])
     recompute = max((c.saved(tokens) for c in costs[:checkpointed]), default=0)
-    return max(kept + extra, inputs + recompute)
+    return max(kept + max(extra, transient), inputs + recompute + transient)
 
 
 def plan_checkpointing(
@@ -298,6 +323,7 @@ def plan_checkpointing(
     tokens: int,
     extra_bytes: int,
     free_gb: float | None,
+    transient: int = 0,
 ) -> int:
     """How many decoder blocks (the first ones) to checkpoint.
 
@@ -308,13 +334,14 @@ def plan_checkpointing(
         extra_bytes: what else the step adds at its peak (the loss chunk).
         free_gb: memory the activations may take (the budget's :data:`HEADROOM` share less what
             is already held); ``None``: no budget (nothing is checkpointed).
+        transient: what one op holds while it runs (:func:`peak_bytes`).
     """
     if setting != "auto":
         return len(costs) if setting else 0
     if free_gb is None:
         return 0
     for checkpointed in range(len(costs) + 1):
-        if peak_bytes(costs, checkpointed, tokens, extra_bytes) <= free_gb * GB:
+        if peak_bytes(costs, checkpointed, tokens, extra_bytes, transient) <= free_gb * GB:
             return checkpointed
     return len(costs)
 
@@ -358,7 +385,8 @@ def checkpointed_blocks(
         return 0
     config = decoder_layers(model)[0].self_attn.config
     loss = loss_bytes(config, tokens, dtype, full_logits, loss_in_place(model, device))
-    return plan_checkpointing(setting, costs, tokens, loss, free_gb)
+    transient = experts_transient_bytes(config, experts, tokens, dtype, device)
+    return plan_checkpointing(setting, costs, tokens, loss, free_gb, transient)
 
 
 def _free_gb(
@@ -420,5 +448,6 @@ def activations_fit(
     costs = block_costs(model, experts, dtype, compiled, kernels)
     config = decoder_layers(model)[0].self_attn.config
     loss = loss_bytes(config, tokens, dtype, in_place=loss_in_place(model, device))
-    need = copies * peak_bytes(costs, 0, tokens, loss)
+    transient = experts_transient_bytes(config, experts, tokens, dtype, device)
+    need = copies * peak_bytes(costs, 0, tokens, loss, transient)
     return need <= free_gb * GB

@@ -41,6 +41,7 @@ from mxlora.engine.memory import (
     block_costs,
     checkpointed_blocks,
     decoder_layers,
+    experts_transient_bytes,
     loss_bytes,
     loss_in_place,
     peak_bytes,
@@ -113,6 +114,7 @@ def estimate_memory(
     compiled: bool = False,
     kernels: EagerKernels = NO_KERNELS,
     in_place_loss: bool = False,
+    transient: int = 0,
 ) -> dict[str, float]:
     """Training memory in GB (10^9 bytes) from sizes alone (module docstring).
 
@@ -128,6 +130,8 @@ def estimate_memory(
         kernels: the CUDA kernels eager blocks run (:func:`mxlora.engine.loop.eager_kernels`).
         in_place_loss: the loss keeps one chunk's logits in the compute dtype only
             (:func:`mxlora.engine.memory.loss_in_place`).
+        transient: what one op holds while it runs
+            (:func:`mxlora.engine.memory.experts_transient_bytes`).
 
     Returns:
         ``{"weights_gb", "adapter_gb", "activations_gb", "total_gb"}``.
@@ -137,7 +141,7 @@ def estimate_memory(
     if engine == "mxlora":
         costs = block_costs(model, experts, dtype, compiled, kernels)
         loss = loss_bytes(c, tokens, dtype, in_place=in_place_loss)
-        activations = peak_bytes(costs, checkpointed, tokens, loss)
+        activations = peak_bytes(costs, checkpointed, tokens, loss, transient)
     else:
         size = torch.empty((), dtype=dtype).element_size()
         logits = tokens * c.vocab_size * size
@@ -212,8 +216,18 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
         )
         checkpointed = blocks if on else 0
     in_place = loss_in_place(model, device)
+    transient = experts_transient_bytes(model.config, experts, tokens, dtype, device)
     memory = estimate_memory(
-        model, experts, dtype, tokens, t.engine, checkpointed, compiled, kernels, in_place
+        model,
+        experts,
+        dtype,
+        tokens,
+        t.engine,
+        checkpointed,
+        compiled,
+        kernels,
+        in_place,
+        transient,
     )
     memory["tokens"] = tokens
     memory["checkpointed_blocks"] = f"{checkpointed} of {blocks}"
