@@ -299,6 +299,23 @@ def experts_transient_bytes(
     return config.num_local_experts * 2 * config.intermediate_size * config.hidden_size * d
 
 
+def step_extras(
+    model: torch.nn.Module,
+    experts: str,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    full_logits: bool = False,
+) -> tuple[int, int]:
+    """What a ``tokens``-long micro-batch of ``model`` on ``device`` adds besides its blocks'
+    saved tensors: the loss's logits (:func:`loss_bytes`, in place where :func:`loss_in_place`)
+    and what the experts' dense path holds while it runs (:func:`experts_transient_bytes`),
+    ``peak_bytes``'s ``extra`` and ``transient``."""
+    config = decoder_layers(model)[0].self_attn.config
+    loss = loss_bytes(config, tokens, dtype, full_logits, loss_in_place(model, device))
+    return loss, experts_transient_bytes(config, experts, tokens, dtype, device)
+
+
 def peak_bytes(
     costs: list[BlockCost], checkpointed: int, tokens: int, extra: int, transient: int = 0
 ) -> int:
@@ -383,9 +400,7 @@ def checkpointed_blocks(
     free_gb = _free_gb(model, device, budget_gb, held_gb)
     if free_gb is None:
         return 0
-    config = decoder_layers(model)[0].self_attn.config
-    loss = loss_bytes(config, tokens, dtype, full_logits, loss_in_place(model, device))
-    transient = experts_transient_bytes(config, experts, tokens, dtype, device)
+    loss, transient = step_extras(model, experts, tokens, dtype, device, full_logits)
     return plan_checkpointing(setting, costs, tokens, loss, free_gb, transient)
 
 
@@ -446,8 +461,7 @@ def activations_fit(
     if free_gb is None:
         return None
     costs = block_costs(model, experts, dtype, compiled, kernels)
-    config = decoder_layers(model)[0].self_attn.config
-    loss = loss_bytes(config, tokens, dtype, in_place=loss_in_place(model, device))
-    transient = experts_transient_bytes(config, experts, tokens, dtype, device)
-    need = copies * peak_bytes(costs, 0, tokens, loss, transient)
+    need = copies * peak_bytes(
+        costs, 0, tokens, *step_extras(model, experts, tokens, dtype, device)
+    )
     return need <= free_gb * GB

@@ -41,10 +41,8 @@ from mxlora.engine.memory import (
     block_costs,
     checkpointed_blocks,
     decoder_layers,
-    experts_transient_bytes,
-    loss_bytes,
-    loss_in_place,
     peak_bytes,
+    step_extras,
 )
 from mxlora.engine.packing import longest_packed, plan_steps
 from mxlora.model.load import (
@@ -113,8 +111,7 @@ def estimate_memory(
     checkpointed: int = 0,
     compiled: bool = False,
     kernels: EagerKernels = NO_KERNELS,
-    in_place_loss: bool = False,
-    transient: int = 0,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Training memory in GB (10^9 bytes) from sizes alone (module docstring).
 
@@ -128,10 +125,8 @@ def estimate_memory(
         checkpointed: decoder blocks checkpointed (``trl``: all or none).
         compiled: the blocks run compiled (``mxlora``).
         kernels: the CUDA kernels eager blocks run (:func:`mxlora.engine.loop.eager_kernels`).
-        in_place_loss: the loss keeps one chunk's logits in the compute dtype only
-            (:func:`mxlora.engine.memory.loss_in_place`).
-        transient: what one op holds while it runs
-            (:func:`mxlora.engine.memory.experts_transient_bytes`).
+        device: the training device (``None``: the CPU); its kernels set what the loss and the
+            experts' dense path hold (:func:`mxlora.engine.memory.step_extras`).
 
     Returns:
         ``{"weights_gb", "adapter_gb", "activations_gb", "total_gb"}``.
@@ -140,8 +135,8 @@ def estimate_memory(
     c = model.config
     if engine == "mxlora":
         costs = block_costs(model, experts, dtype, compiled, kernels)
-        loss = loss_bytes(c, tokens, dtype, in_place=in_place_loss)
-        activations = peak_bytes(costs, checkpointed, tokens, loss, transient)
+        extras = step_extras(model, experts, tokens, dtype, device or torch.device("cpu"))
+        activations = peak_bytes(costs, checkpointed, tokens, *extras)
     else:
         size = torch.empty((), dtype=dtype).element_size()
         logits = tokens * c.vocab_size * size
@@ -215,19 +210,8 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
             held_gb,
         )
         checkpointed = blocks if on else 0
-    in_place = loss_in_place(model, device)
-    transient = experts_transient_bytes(model.config, experts, tokens, dtype, device)
     memory = estimate_memory(
-        model,
-        experts,
-        dtype,
-        tokens,
-        t.engine,
-        checkpointed,
-        compiled,
-        kernels,
-        in_place,
-        transient,
+        model, experts, dtype, tokens, t.engine, checkpointed, compiled, kernels, device
     )
     memory["tokens"] = tokens
     memory["checkpointed_blocks"] = f"{checkpointed} of {blocks}"
