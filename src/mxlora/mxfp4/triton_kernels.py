@@ -623,6 +623,19 @@ GATE_TILE = (16, 128, 4)
 INTERPRETER_GATE_TILE = (4, 32, 1)
 
 
+def _launch(kernel, grid: tuple, args: tuple, meta: dict, warmup: bool) -> None:
+    """Launch ``kernel`` on ``args[0]``'s device once its background compile is done, or with
+    ``warmup`` compile and load what that launch would (:func:`precompile`; ``args`` may then
+    hold dtypes for pointers): one argument list for both (the gate's, norm's and loss's
+    launch helpers; the matmul has its own precompile tag)."""
+    if warmup:
+        _loaded(kernel.warmup(*args, grid=grid, **meta))
+        return
+    _wait_for_precompile(kernel)
+    with _on(args[0]):
+        kernel[grid](*args, **meta)
+
+
 def _gate_launch(
     kernel,
     tensors: tuple,
@@ -636,12 +649,7 @@ def _gate_launch(
     r, c, warps = INTERPRETER_GATE_TILE if INTERPRETED else GATE_TILE
     grid = (triton.cdiv(rows, r), triton.cdiv(cols, c))
     args = (*tensors, rows, cols, float(alpha), float(limit))
-    if warmup:
-        _loaded(kernel.warmup(*args, grid=grid, BLOCK_R=r, BLOCK_C=c, num_warps=warps))
-        return
-    _wait_for_precompile(kernel)
-    with _on(tensors[0]):
-        kernel[grid](*args, BLOCK_R=r, BLOCK_C=c, num_warps=warps)
+    _launch(kernel, grid, args, dict(BLOCK_R=r, BLOCK_C=c, num_warps=warps), warmup)
 
 
 def gate_forward_triton(
@@ -678,12 +686,7 @@ def _rms_norm_launch(
     block = triton.next_power_of_2(cols)
     warps = 1 if INTERPRETED else min(max(block // 512, 4), 16)
     args = (*tensors, cols, float(eps))
-    if warmup:
-        _loaded(kernel.warmup(*args, grid=(rows,), BLOCK=block, num_warps=warps))
-        return
-    _wait_for_precompile(kernel)
-    with _on(tensors[0]):
-        kernel[(rows,)](*args, BLOCK=block, num_warps=warps)
+    _launch(kernel, (rows,), args, dict(BLOCK=block, num_warps=warps), warmup)
 
 
 def rms_norm_forward_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -715,15 +718,8 @@ def _cross_entropy_launch(
 ) -> None:
     """Launch (or with ``warmup`` compile) the cross-entropy kernel: one program a row."""
     block, warps = INTERPRETER_CROSS_ENTROPY_TILE if INTERPRETED else CROSS_ENTROPY_TILE
-    kernel = _cross_entropy_rows_kernel
-    args = (*tensors, cols)
     meta = dict(IGNORE=ignore, BLOCK=block, num_warps=warps)
-    if warmup:
-        _loaded(kernel.warmup(*args, grid=(rows,), **meta))
-        return
-    _wait_for_precompile(kernel)
-    with _on(tensors[0]):
-        kernel[(rows,)](*args, **meta)
+    _launch(_cross_entropy_rows_kernel, (rows,), (*tensors, cols), meta, warmup)
 
 
 def cross_entropy_rows_triton(logits: Tensor, targets: Tensor, ignore: int) -> Tensor:
