@@ -703,6 +703,43 @@ def test_only_lengths_met_often_enough_are_captured():
     assert worth_capturing(lengths) == {512, 768}
 
 
+def test_new_buckets_are_captured_without_an_eager_run_once_warm(monkeypatch):
+    """The run's first micro-batch runs eagerly (the warm-up) before its capture; a later new
+    bucket is captured straight away and replayed, and one whose capture fails falls back to
+    the eager run and a second capture. Each micro-step's loss is the plain step's either way,
+    and every micro-batch is computed exactly once (on the CPU a "replay" is the call)."""
+    from mxlora.engine.graphs import GraphedSteps
+    from mxlora.engine.packing import pack
+
+    calls = []
+
+    def step(inputs):
+        calls.append(inputs.batch.length)
+        ids = inputs.batch.input_ids.float()
+        return (ids.sum() * inputs.weight / inputs.items).detach()
+
+    def batch(n):
+        return pack([list(range(1, n + 1))], [[1] * n], pad_id=0)
+
+    graphed = GraphedSteps(step, torch.device("cpu"), lengths={128, 256, 384})
+    failures = []
+    real_capture = GraphedSteps._capture
+
+    def capture(self, inputs, loss):
+        if inputs.batch.length == 384 and not failures:
+            failures.append(384)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_capture(self, inputs, loss)
+
+    monkeypatch.setattr(GraphedSteps, "_capture", capture)
+    for n in (100, 200, 120, 300, 210, 310):
+        want = torch.arange(1, n + 1).sum().float() * 2 / 7
+        assert graphed(batch(n), 2.0, 7).item() == pytest.approx(want.item(), rel=1e-6), n
+    assert set(graphed.buckets) == {128, 256, 384} and failures == [384]
+    assert graphed.captured_cold == 1  # 256; 128 warmed up the run, 384's capture failed
+    assert calls == [128, 256, 128, 384, 256, 384]
+
+
 def test_graphed_steps_train_exactly_what_plain_steps_train(both_engines, tmp_path, monkeypatch):
     """CUDA graphs' bookkeeping on the CPU (replays are eager calls on the static buffers):
     each bucket's first micro-batch runs on fresh buffers, later ones are copied into them
@@ -723,8 +760,10 @@ def test_graphed_steps_train_exactly_what_plain_steps_train(both_engines, tmp_pa
     result = fit(quotes_config(tmp_path, "mxlora"))
     plain_run, plain_lora = both_engines["mxlora"]
     (graphed,) = made
-    # Only lengths met often enough are "captured"; the others ran plain eager steps.
+    # Only lengths met often enough are "captured"; the others ran plain eager steps. All but
+    # the run's first captured bucket went without an eager run of their own.
     assert graphed.replays > 0 and set(graphed.buckets) == graphed.lengths
+    assert graphed.captured_cold >= len(graphed.buckets) - 1 >= 1
     ours, theirs = metrics(result.run_dir), metrics(plain_run)
     keys = ("step", "loss", "grad_norm", "eval_loss")
     assert [{k: r.get(k) for k in keys} for r in ours] == [
@@ -774,11 +813,25 @@ def test_compiled_blocks_train_what_eager_blocks_train(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_blocks", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16"])
-def test_cuda_graphs_train_what_eager_steps_train_on_cuda(tmp_path, dtype, compile_blocks):
-    """train.cuda_graphs=true (each bucket's micro-step captured once, then replayed) against
-    false, eager blocks (flash varlen attention) or compiled ones (flex_attention): the same per-step losses, eval
-    losses and adapter within bf16's noise (graphs need bf16: outside it torch's grouped_mm
-    syncs with the host, which failed a float32 capture on the H100)."""
+def test_cuda_graphs_train_what_eager_steps_train_on_cuda(
+    tmp_path, dtype, compile_blocks, monkeypatch
+):
+    """train.cuda_graphs=true (each bucket's micro-step captured once, then replayed; buckets
+    after the first captured without an eager run) against false, eager blocks (flash varlen
+    attention) or compiled ones (flex_attention): the same per-step losses, eval losses and
+    adapter within bf16's noise (graphs need bf16: outside it torch's grouped_mm syncs with the
+    host, which failed a float32 capture on the H100)."""
+    import mxlora.engine.loop as loop_module
+    from mxlora.engine.graphs import GraphedSteps
+
+    made = []
+
+    class Recorded(GraphedSteps):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(loop_module, "GraphedSteps", Recorded)
     runs = {}
     for graphs in (False, True):
         cfg = quotes_config(
@@ -796,6 +849,9 @@ def test_cuda_graphs_train_what_eager_steps_train_on_cuda(tmp_path, dtype, compi
             lora_state(result.model),
         )
     (losses, evals, lora), (g_losses, g_evals, g_lora) = runs[False], runs[True]
+    (graphed,) = made
+    if not compile_blocks:  # compiled blocks may compile a new shape's graph first: no promise
+        assert graphed.captured_cold >= len(graphed.buckets) - 1 >= 1
     rel = 1e-5 if dtype == "float32" else 1e-2
     assert len(g_losses) == 6
     assert g_losses == pytest.approx(losses, rel=rel)

@@ -9,10 +9,16 @@ forward, loss and backward of one micro-batch can be captured once per bucket in
 graph. Only buckets the run trains at least :data:`MIN_USES` times are captured
 (:func:`worth_capturing`; the plan is known in advance): a capture costs about one eager
 micro-step of host time and each replay saves about one, so a bucket met once or twice (the
-longest batches of an epoch, typically) runs eagerly. The first micro-batch of a bucket runs eagerly on those buffers (it is the warm-up
-PyTorch's docs prescribe before a capture, and its result is the real one: loss and gradients
-count), then the same call is captured (capture runs nothing). Later micro-batches of that bucket
-are copied into the buffers (``copy_``) and the graph is replayed. Rules the caller keeps:
+longest batches of an epoch, typically) runs eagerly. The run's first micro-batch runs eagerly
+on its bucket's buffers (the warm-up PyTorch's docs prescribe before a capture: libraries'
+lazy initialisation, the gradients' first accumulation; its result is the real one), then the
+same call is captured (capture runs nothing). Once that warm-up is done, a new bucket's first
+micro-batch is captured straight away and replayed: an eager run first would cost the host
+time of a whole micro-step again (about a third of a second on gpt-oss-20b) for nothing a
+replay does not do. Should such a capture fail (something still initialising lazily at the
+new shapes), the bucket falls back to the eager run and a second capture. Later micro-batches
+of a bucket are copied into its buffers (``copy_``) and the graph is replayed. Rules the
+caller keeps:
 
 - everything runs on one side stream (:attr:`GraphedSteps.stream`): warm-up and capture must not
   use the default stream, and one stream keeps the caching allocator from splitting memory;
@@ -127,6 +133,10 @@ class GraphedSteps:
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.replays = 0
+        #: Whether an eager micro-step has run (the warm-up a capture needs; module docstring).
+        self.warm = False
+        #: Buckets captured without an eager run of their own first.
+        self.captured_cold = 0
 
     @contextlib.contextmanager
     def on_stream(self) -> Iterator[None]:
@@ -148,10 +158,15 @@ class GraphedSteps:
         bucket = self.buckets.get(batch.length)
         if batch.length not in self.lengths or (bucket and not bucket.inputs.fits(batch)):
             # Not captured: a rare length, or fewer rows than the capture had (a last step).
+            self.warm = True
             return self.step(StepInputs.create(batch, weight, items, self.device))
         if bucket is None:
-            return self._first(batch, weight, items)
-        bucket.inputs.fill(batch, weight, items)
+            inputs = StepInputs.create(batch, weight, items, self.device)
+            if not self.warm or not self._capture_cold(batch.length, inputs):
+                return self._first(batch.length, inputs)
+            bucket = self.buckets[batch.length]
+        else:
+            bucket.inputs.fill(batch, weight, items)
         self.replays += 1
         if bucket.graph is None:
             bucket.loss.copy_(self.step(bucket.inputs))
@@ -159,25 +174,45 @@ class GraphedSteps:
             bucket.graph.replay()
         return bucket.loss.clone()  # the next replay overwrites the static one
 
-    def _first(self, batch: PackedBatch, weight: float, items: int) -> torch.Tensor:
+    def _capture(self, inputs: StepInputs, loss: torch.Tensor) -> torch.cuda.CUDAGraph | None:
+        """The micro-step on ``inputs`` captured, writing its loss into ``loss`` (None on the
+        CPU, where nothing is captured)."""
+        if not self.cuda:
+            return None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            loss.copy_(self.step(inputs))
+        return graph
+
+    def _capture_cold(self, length: int, inputs: StepInputs) -> bool:
+        """Capture a new bucket without an eager run first (the run is warm); False where the
+        capture fails, nothing run and nothing kept."""
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        try:
+            graph = self._capture(inputs, loss)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            return False
+        self.buckets[length] = _Bucket(inputs, loss, graph)
+        self.captured_cold += 1
+        return True
+
+    def _first(self, length: int, inputs: StepInputs) -> torch.Tensor:
         """Run a new bucket's first micro-batch eagerly on its static buffers, then capture."""
-        inputs = StepInputs.create(batch, weight, items, self.device)
         loss = self.step(inputs)
+        self.warm = True
         static_loss = torch.empty_like(loss)
-        graph = None
-        if self.cuda:
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                    static_loss.copy_(self.step(inputs))
-            except RuntimeError as e:
-                if isinstance(e, torch.OutOfMemoryError):
-                    raise
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                raise TrainingError(
-                    f"train.cuda_graphs: capturing the micro-step of packed length "
-                    f"{batch.length} failed ({type(e).__name__}: {first}); set "
-                    f"train.cuda_graphs=false to train without CUDA graphs"
-                ) from e
-        self.buckets[batch.length] = _Bucket(inputs, static_loss, graph)
+        try:
+            graph = self._capture(inputs, static_loss)
+        except RuntimeError as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise TrainingError(
+                f"train.cuda_graphs: capturing the micro-step of packed length "
+                f"{length} failed ({type(e).__name__}: {first}); set "
+                f"train.cuda_graphs=false to train without CUDA graphs"
+            ) from e
+        self.buckets[length] = _Bucket(inputs, static_loss, graph)
         return loss
