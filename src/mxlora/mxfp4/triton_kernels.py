@@ -89,11 +89,12 @@ class KernelConfig:
 #: shorter or narrower ones give more programs when experts have few rows. The last two are
 #: swapped (:attr:`KernelConfig.swap`): 32-row tiles on wgmma, for experts of at most 16 rows.
 #: All compile for sm_90 to tensor cores with pipelined loads and no register spills
-#: (tests/test_mxfp4_triton.py).
+#: (tests/test_mxfp4_triton.py); the third keeps 2 stages, as its input gradient spilled with
+#: more once bf16 tiles decoded in PTX.
 CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4),
-    KernelConfig(32, 64, 128, num_warps=4, num_stages=4),
+    KernelConfig(32, 64, 128, num_warps=4, num_stages=2),
     KernelConfig(16, 64, 128, num_warps=4, num_stages=4),
     KernelConfig(64, 32, 256, num_warps=4, num_stages=3),
     KernelConfig(256, 128, 64, num_warps=8, num_stages=3),
@@ -153,6 +154,60 @@ def _e2m1_bits(code_bits, SHIFT: tl.constexpr):
     return (sign | magnitude).to(tl.float32, bitcast=True)
 
 
+def _bf16_decode_ptx() -> str:
+    """PTX decoding 4 packed bytes (``$4``) to bf16: the low nibbles' values in ``$0, $1``,
+    the high nibbles' in ``$2, $3``, each times its byte's scale (bf16 bits ``$5, $6``).
+
+    Two bytes at a time, as bf16x2: a byte permute puts bytes ``i`` and ``i + 1`` 16 bits
+    apart; shifts and masks move each code's 2 exponent bits and 1 mantissa bit to the bf16
+    exponent's low bits and the mantissa's top bit, and its sign to bit 15 (bf16 of the e2m1
+    value times 2**-126, the exponent-0 codes landing on subnormals, as :func:`_e2m1_bits`
+    does in fp32); then two exact packed products, by 2**126 and by the scales
+    (``fma`` with -0.0 added: a product, sm_80 and up). About 3.5 instructions a value against
+    7.5 for the fp32 arithmetic; bit-exact with it (the GPU tests check every code under
+    every scale).
+    """
+    lines = [
+        "{",
+        ".reg .b32 w, v, t, u, k, z;",
+        "mov.b32 k, 0x7E807E80;",  # 2**126, twice
+        "mov.b32 z, 0x80008000;",  # -0.0, twice
+    ]
+    for pair, (select, scale) in enumerate((("0x4140", "$5"), ("0x4342", "$6"))):
+        lines.append(f"prmt.b32 w, $4, 0, {select};")  # byte 2 pair (low) | byte 2 pair + 1 << 16
+        for half, source in ((0, "w"), (2, "v")):
+            if half == 2:
+                lines.append("shr.b32 v, w, 4;")  # the high nibbles down to the low ones' place
+            lines += [
+                f"shl.b32 t, {source}, 6;",
+                "and.b32 t, t, 0x01C001C0;",
+                f"shl.b32 u, {source}, 12;",
+                "and.b32 u, u, 0x80008000;",
+                "or.b32 t, t, u;",
+                "fma.rn.bf16x2 t, t, k, z;",
+                f"fma.rn.bf16x2 ${half + pair}, t, {scale}, z;",
+            ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_BF16_DECODE_PTX = tl.constexpr(_bf16_decode_ptx())
+
+
+@triton.jit
+def _e2m1_pairs_bf16(packed, scale_bits):
+    """Bytes ``packed`` (uint8) to the bf16 values of their low and high nibbles times the
+    scale whose bf16 bits are ``scale_bits`` (int16, one per byte): :func:`_bf16_decode_ptx`."""
+    return tl.inline_asm_elementwise(
+        _BF16_DECODE_PTX,
+        "=r,=r,=r,=r,r,r,r",
+        [packed, scale_bits],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
+
+
 @triton.jit
 def _e8m0_to_fp32(scale):
     """e8m0 scale bytes to ``2**(byte - 127)`` in fp32, exactly (byte 0 is the subnormal 2**-127)."""
@@ -192,17 +247,30 @@ def _dequantize_tile(
         mask=rows[:, None] & (offs_group < n_in // 32)[None, :],
         other=0,
     )
-    # One scale per 32 values = per 16 bytes: widen the scales to the byte tile.
-    scale = _e8m0_to_fp32(scale)
-    scale = tl.reshape(
-        tl.broadcast_to(scale[:, :, None], (O_WIDTH, K_WIDTH // 32, 16)), (O_WIDTH, K_WIDTH // 2)
-    )
-    # Exact in fp32 and in DTYPE: an e2m1 value has at most 2 significant bits and both factors
-    # are powers of two, so this equals the reference's ldexp in DTYPE (bar overflow to inf).
-    # Two products, not one by 2**(scale - 1): that would overflow fp32 for scale bytes > 128.
-    packed = packed.to(tl.uint32)
-    low = (_e2m1_bits(packed, 0) * _E2M1_BITS_SCALE * scale).to(DTYPE)
-    high = (_e2m1_bits(packed, 4) * _E2M1_BITS_SCALE * scale).to(DTYPE)
+    if PTX_DECODE and tl.bfloat16 == DTYPE:
+        # 2**(byte - 127) as bf16 bits (byte 0: the subnormal 2**-127), one per 16 bytes,
+        # widened to the byte tile; the decode is packed bf16x2 arithmetic in PTX.
+        s = scale.to(tl.int32)
+        bits = tl.where(s == 0, 0x40, s << 7).to(tl.int16)
+        bits = tl.reshape(
+            tl.broadcast_to(bits[:, :, None], (O_WIDTH, K_WIDTH // 32, 16)),
+            (O_WIDTH, K_WIDTH // 2),
+        )
+        low, high = _e2m1_pairs_bf16(packed, bits)
+    else:
+        # One scale per 32 values = per 16 bytes: widen the scales to the byte tile.
+        scale = _e8m0_to_fp32(scale)
+        scale = tl.reshape(
+            tl.broadcast_to(scale[:, :, None], (O_WIDTH, K_WIDTH // 32, 16)),
+            (O_WIDTH, K_WIDTH // 2),
+        )
+        # Exact in fp32 and in DTYPE: an e2m1 value has at most 2 significant bits and both
+        # factors are powers of two, so this equals the reference's ldexp in DTYPE (bar
+        # overflow to inf). Two products, not one by 2**(scale - 1): that would overflow fp32
+        # for scale bytes > 128.
+        packed = packed.to(tl.uint32)
+        low = (_e2m1_bits(packed, 0) * _E2M1_BITS_SCALE * scale).to(DTYPE)
+        high = (_e2m1_bits(packed, 4) * _E2M1_BITS_SCALE * scale).to(DTYPE)
     # Element 2i is the low nibble of byte i, 2i + 1 the high one: interleave along ``in``.
     return tl.reshape(tl.join(low, high), (O_WIDTH, K_WIDTH))
 
@@ -480,6 +548,9 @@ def _cross_entropy_rows_kernel(
 #: Whether the kernel runs in Triton's CPU interpreter: ``triton.jit`` decides once, when this
 #: module is imported, from ``TRITON_INTERPRET``.
 INTERPRETED: bool = isinstance(_grouped_mxfp4_kernel, InterpretedFunction)
+#: bf16 tiles decode with packed bf16x2 PTX (:func:`_bf16_decode_ptx`) on the GPU; the
+#: interpreter cannot run PTX and keeps the fp32 arithmetic (the same values, bit for bit).
+PTX_DECODE = tl.constexpr(not INTERPRETED)
 
 #: Dequantizer tiles ``(rows, values, warps)``: the first is what runs (the fastest in the H100
 #: table of docs/BENCHMARKS.md: 8 KiB of packed bytes a program, enough in flight to stream at
