@@ -163,9 +163,9 @@ def _bf16_decode_ptx() -> str:
     exponent's low bits and the mantissa's top bit, and its sign to bit 15 (bf16 of the e2m1
     value times 2**-126, the exponent-0 codes landing on subnormals, as :func:`_e2m1_bits`
     does in fp32); then two exact packed products, by 2**126 and by the scales
-    (``fma`` with -0.0 added: a product, sm_80 and up). About 3.5 instructions a value against
-    7.5 for the fp32 arithmetic; bit-exact with it (the GPU tests check every code under
-    every scale).
+    (``fma`` with -0.0 added: a product, sm_80 and up). Fewer instructions than the fp32
+    arithmetic (docs/BENCHMARKS.md has the counts and times) and the same values: the GPU tests
+    dequantize every code under every finite scale byte, in the dequantizer and in the matmul.
     """
     lines = [
         "{",
@@ -174,7 +174,7 @@ def _bf16_decode_ptx() -> str:
         "mov.b32 z, 0x80008000;",  # -0.0, twice
     ]
     for pair, (select, scale) in enumerate((("0x4140", "$5"), ("0x4342", "$6"))):
-        lines.append(f"prmt.b32 w, $4, 0, {select};")  # byte 2 pair (low) | byte 2 pair + 1 << 16
+        lines.append(f"prmt.b32 w, $4, 0, {select};")  # bytes 2 pair, 2 pair + 1: 16 bits apart
         for half, source in ((0, "w"), (2, "v")):
             if half == 2:
                 lines.append("shr.b32 v, w, 4;")  # the high nibbles down to the low ones' place
