@@ -614,17 +614,16 @@ def test_training_config_follows_the_size_classes():
     """Training picks the table's config by mean rows per expert rounded up to a power of two."""
     from mxlora.mxfp4.triton_kernels import CONFIGS, TRAINING_CONFIGS, training_config
 
-    assert TRAINING_CONFIGS[False] == ((16, 10), (32, 9), (None, 0))  # the table this test reads
-    assert training_config(16 * 32, 32, transpose=False) is CONFIGS[10]
-    assert training_config(5, 32, transpose=False) is CONFIGS[10]  # fewer rows than experts
-    assert training_config(17 * 32, 32, transpose=False) is CONFIGS[9]  # class 32
-    assert training_config(32 * 32, 32, transpose=False) is CONFIGS[9]
-    assert training_config(33 * 32, 32, transpose=False) is CONFIGS[0]  # class 64
-    assert TRAINING_CONFIGS[True] == ((16, 11), (None, 9))
-    assert training_config(16 * 32, 32, transpose=True) is CONFIGS[11]
-    assert training_config(17 * 32, 32, transpose=True) is CONFIGS[9]
-    assert training_config(4096 * 32, 32, transpose=True) is CONFIGS[9]
-    assert CONFIGS[10].swap and CONFIGS[11].swap and not CONFIGS[9].swap
+    table = ((16, 11), (32, 9), (None, 0))  # the table this test reads
+    assert TRAINING_CONFIGS[False] == TRAINING_CONFIGS[True] == table
+    for transpose in (False, True):
+        assert training_config(16 * 32, 32, transpose) is CONFIGS[11]
+        assert training_config(5, 32, transpose) is CONFIGS[11]  # fewer rows than experts
+        assert training_config(17 * 32, 32, transpose) is CONFIGS[9]  # class 32
+        assert training_config(32 * 32, 32, transpose) is CONFIGS[9]
+        assert training_config(33 * 32, 32, transpose) is CONFIGS[0]  # class 64
+        assert training_config(4096 * 32, 32, transpose) is CONFIGS[0]
+    assert CONFIGS[11].swap and not CONFIGS[9].swap and not CONFIGS[0].swap
 
 
 def _gate_reference_run(job: dict, dtype: torch.dtype):
