@@ -109,10 +109,10 @@ CONFIGS: tuple[KernelConfig, ...] = (
 #: What training runs, by direction (``transpose``) and size class (mean rows per expert rounded
 #: up to a power of two): ``(largest class, index into CONFIGS)``, the last for every larger
 #: class. Fixed rather than autotuned, so a run compiles only the configs it uses and times none:
-#: per class the fastest in the H100 table of docs/BENCHMARKS.md (the PTX decode's, late night),
-#: or one within 7 % of it that another class uses too (each config is a Triton compile of about
-#: a second, in the background while the model loads: :func:`precompile`). Both directions
-#: came out the same.
+#: per class the fastest in the H100 table of docs/BENCHMARKS.md measured with the PTX decode
+#: (class 32, not in it, keeps the earlier table's choice), or one within 7 % of it that another
+#: class uses too (each config is a Triton compile of about a second, in the background while
+#: the model loads: :func:`precompile`). Both directions came out the same.
 TRAINING_CONFIGS: dict[bool, tuple[tuple[int | None, int], ...]] = {
     False: ((16, 11), (32, 9), (None, 0)),
     True: ((16, 11), (32, 9), (None, 0)),
