@@ -153,10 +153,11 @@ MAX_SLOWDOWN = 1.25
 
 def test_mxfp4_train_step_is_no_slower_than_dequantized():
     """Steps alternate between the two modes, in both orders; the fastest of each, after a
-    warm-up step, are compared."""
+    warm-up step, are compared. Ten rounds: with six, the other test worker's load on CI's two
+    cores once pushed the ratio past the bound with neither mode's code changed."""
     steps = {"mxfp4": _trainer("mxfp4"), "dequantize-bf16": _trainer("dequantize-bf16")}
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(6):
+    for i in range(10):
         for name in list(steps)[:: 1 if i % 2 else -1]:
             times[name].append(steps[name]())
     best = {name: min(t[1:]) for name, t in times.items()}
