@@ -284,17 +284,17 @@ def experts_transient_bytes(
 ) -> int:
     """What the MXFP4 experts' dense path holds while it runs (:mod:`mxlora.mxfp4.ops`): one
     projection of one layer dequantized to the compute dtype, the larger (``gate_up``), freed
-    when the op returns. It runs from ``FUSED_MAX_ROWS_PER_EXPERT`` rows per expert with the
-    Triton kernels (bf16), always with the torch path; 0 for experts held dequantized."""
-    from mxlora.mxfp4.ops import FUSED_MAX_ROWS_PER_EXPERT
+    when the op returns. With the Triton kernels it runs where :func:`mxlora.mxfp4.ops.dense_path`
+    says, always with the torch path; 0 for experts held dequantized."""
+    from mxlora.mxfp4.ops import dense_path
 
     if experts != "mxfp4":
         return 0
-    if resolve_backend(device) == TRITON:
-        rows = tokens * config.num_experts_per_tok
-        many = rows >= FUSED_MAX_ROWS_PER_EXPERT * config.num_local_experts
-        if not (many and device.type == "cuda" and dtype == torch.bfloat16):
-            return 0
+    rows = tokens * config.num_experts_per_tok
+    if resolve_backend(device) == TRITON and not dense_path(
+        rows, config.num_local_experts, dtype, device
+    ):
+        return 0
     d = torch.empty((), dtype=dtype).element_size()
     return config.num_local_experts * 2 * config.intermediate_size * config.hidden_size * d
 

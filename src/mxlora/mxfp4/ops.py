@@ -232,17 +232,20 @@ def _triton_impl(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool) ->
     )
 
 
-def uses_dense_path(x: Tensor, n_experts: int) -> bool:
-    """``triton`` backend: whether ``x`` takes dequantize + ``grouped_mm`` (else the fused kernel).
-
-    From the shape alone (no host sync): many rows per expert, and bf16 on CUDA (torch's grouped
-    GEMM runs on tensor cores in bf16 only).
-    """
+def dense_path(rows: int, n_experts: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """``triton`` backend: whether ``rows`` rows of ``dtype`` on ``device`` take dequantize +
+    ``grouped_mm`` (else the fused kernel): many rows per expert, and bf16 on CUDA (torch's
+    grouped GEMM runs on tensor cores in bf16 only). The memory plan asks it too."""
     return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and x.shape[0] >= FUSED_MAX_ROWS_PER_EXPERT * n_experts
+        device.type == "cuda"
+        and dtype == torch.bfloat16
+        and rows >= FUSED_MAX_ROWS_PER_EXPERT * n_experts
     )
+
+
+def uses_dense_path(x: Tensor, n_experts: int) -> bool:
+    """:func:`dense_path` for ``x``, from its shape alone (no host sync)."""
+    return dense_path(x.shape[0], n_experts, x.dtype, x.device)
 
 
 _IMPLS = {REFERENCE: _reference_impl, TORCH: _torch_impl, TRITON: _triton_impl}

@@ -210,11 +210,17 @@ def _e2m1_pairs_bf16(packed, scale_bits):
 
 
 @triton.jit
+def _e8m0_bits(scale, MANTISSA: tl.constexpr):
+    """e8m0 scale bytes to the bits of ``2**(byte - 127)`` in a float with 8 exponent bits and
+    ``MANTISSA`` mantissa bits (fp32: 23, bf16: 7), exactly: byte 0 is the subnormal 2**-127."""
+    s = scale.to(tl.int32)
+    return tl.where(s == 0, 1 << (MANTISSA - 1), s << MANTISSA)
+
+
+@triton.jit
 def _e8m0_to_fp32(scale):
     """e8m0 scale bytes to ``2**(byte - 127)`` in fp32, exactly (byte 0 is the subnormal 2**-127)."""
-    s = scale.to(tl.int32)
-    bits = tl.where(s == 0, 0x00400000, s << 23)
-    return bits.to(tl.float32, bitcast=True)
+    return _e8m0_bits(scale, 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -249,10 +255,9 @@ def _dequantize_tile(
         other=0,
     )
     if PTX_DECODE and tl.bfloat16 == DTYPE:
-        # 2**(byte - 127) as bf16 bits (byte 0: the subnormal 2**-127), one per 16 bytes,
-        # widened to the byte tile; the decode is packed bf16x2 arithmetic in PTX.
-        s = scale.to(tl.int32)
-        bits = tl.where(s == 0, 0x40, s << 7).to(tl.int16)
+        # 2**(byte - 127) as bf16 bits, one per 16 bytes, widened to the byte tile; the decode
+        # is packed bf16x2 arithmetic in PTX.
+        bits = _e8m0_bits(scale, 7).to(tl.int16)
         bits = tl.reshape(
             tl.broadcast_to(bits[:, :, None], (O_WIDTH, K_WIDTH // 32, 16)),
             (O_WIDTH, K_WIDTH // 2),
