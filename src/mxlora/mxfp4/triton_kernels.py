@@ -89,12 +89,12 @@ class KernelConfig:
 #: shorter or narrower ones give more programs when experts have few rows. The last two are
 #: swapped (:attr:`KernelConfig.swap`): 32-row tiles on wgmma, for experts of at most 16 rows.
 #: All compile for sm_90 to tensor cores with pipelined loads and no register spills
-#: (tests/test_mxfp4_triton.py); the third keeps 2 stages, as its input gradient spilled with
-#: more once bf16 tiles decoded in PTX.
+#: (tests/test_mxfp4_triton.py); the third has 3 stages: its input gradient spilled with 4 and,
+#: once the scale bytes were fetched a step ahead, with 2.
 CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4),
-    KernelConfig(32, 64, 128, num_warps=4, num_stages=2),
+    KernelConfig(32, 64, 128, num_warps=4, num_stages=3),
     KernelConfig(16, 64, 128, num_warps=4, num_stages=4),
     KernelConfig(64, 32, 256, num_warps=4, num_stages=3),
     KernelConfig(256, 128, 64, num_warps=8, num_stages=3),
@@ -224,34 +224,45 @@ def _e8m0_to_fp32(scale):
 
 
 @triton.jit
+def _tile_scales(s_ptr, offs_o, k0, n_out, n_in, stride_so, K_WIDTH: tl.constexpr):
+    """The e8m0 scale bytes of ``W[offs_o, k0 : k0 + K_WIDTH]``, ``[len(offs_o), K_WIDTH // 32]``.
+
+    Loaded apart from the tile's codes so that a loop can fetch them a step ahead: a row's few
+    contiguous scale bytes are too narrow for Triton's pipelined (asynchronous) copies, so a
+    load in the step that decodes would stall it for a full memory round trip every step.
+    Rows past ``n_out`` and groups past ``n_in`` read as zero.
+    """
+    offs_group = k0 // 32 + tl.arange(0, K_WIDTH // 32)
+    return tl.load(
+        s_ptr + offs_o[:, None] * stride_so + offs_group[None, :],
+        mask=(offs_o < n_out)[:, None] & (offs_group < n_in // 32)[None, :],
+        other=0,
+    )
+
+
+@triton.jit
 def _dequantize_tile(
     b_ptr,
-    s_ptr,
+    scale,
     offs_o,
     k0,
     n_out,
     n_in,
     stride_bo,
-    stride_so,
     O_WIDTH: tl.constexpr,
     K_WIDTH: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """``W[offs_o, k0 : k0 + K_WIDTH]`` of one expert as ``DTYPE [O_WIDTH, K_WIDTH]``.
+    """``W[offs_o, k0 : k0 + K_WIDTH]`` of one expert as ``DTYPE [O_WIDTH, K_WIDTH]``, its scale
+    bytes given (:func:`_tile_scales`).
 
     ``k0`` is a multiple of 32; rows past ``n_out`` and columns past ``n_in`` read as zero.
     """
     offs_byte = k0 // 2 + tl.arange(0, K_WIDTH // 2)
-    offs_group = k0 // 32 + tl.arange(0, K_WIDTH // 32)
     rows = offs_o < n_out
     packed = tl.load(
         b_ptr + offs_o[:, None] * stride_bo + offs_byte[None, :],
         mask=rows[:, None] & (offs_byte < n_in // 2)[None, :],
-        other=0,
-    )
-    scale = tl.load(
-        s_ptr + offs_o[:, None] * stride_so + offs_group[None, :],
-        mask=rows[:, None] & (offs_group < n_in // 32)[None, :],
         other=0,
     )
     if PTX_DECODE and tl.bfloat16 == DTYPE:
@@ -358,25 +369,36 @@ def _grouped_mxfp4_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The scale bytes are fetched a step ahead (see _tile_scales): the first step's here, each
+    # step the next one's (masked off past the end).
+    if TRANSPOSE:
+        scale = _tile_scales(
+            s_e, tl.arange(0, BLOCK_K), pid_n * BLOCK_N, n_out, n_in, stride_so, BLOCK_N
+        )
+    else:
+        scale = _tile_scales(s_e, offs_n, 0, n_out, n_in, stride_so, BLOCK_K)
     for r0 in range(0, RED, BLOCK_K):
         offs_k = r0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + offs_k[None, :], mask=rows[:, None] & (offs_k < RED)[None, :], other=0)
         if TRANSPOSE:
             # W[o, i] with o = reduction step, i = output columns: as stored ([K, N]).
+            following = _tile_scales(
+                s_e, offs_k + BLOCK_K, pid_n * BLOCK_N, n_out, n_in, stride_so, BLOCK_N
+            )
             w = _dequantize_tile(
-                b_e, s_e, offs_k, pid_n * BLOCK_N, n_out, n_in, stride_bo, stride_so,
-                BLOCK_K, BLOCK_N, dtype,
-            )  # fmt: skip
+                b_e, scale, offs_k, pid_n * BLOCK_N, n_out, n_in, stride_bo, BLOCK_K, BLOCK_N, dtype
+            )
             if SWAP:
                 w = tl.trans(w)
         else:
             # W[o, i] with o = output columns, i = reduction step: read along i ([N, K]).
+            following = _tile_scales(s_e, offs_n, r0 + BLOCK_K, n_out, n_in, stride_so, BLOCK_K)
             w = _dequantize_tile(
-                b_e, s_e, offs_n, r0, n_out, n_in, stride_bo, stride_so,
-                BLOCK_N, BLOCK_K, dtype,
-            )  # fmt: skip
+                b_e, scale, offs_n, r0, n_out, n_in, stride_bo, BLOCK_N, BLOCK_K, dtype
+            )
             if not SWAP:
                 w = tl.trans(w)
+        scale = following
         # The operands: [M, K] · [K, N], or swapped [N, K] · [K, M].
         if SWAP:
             left = w
@@ -417,10 +439,10 @@ def _dequantize_kernel(
     pid_k = tl.program_id(1)
     offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     k0 = pid_k * BLOCK_K
+    scale = _tile_scales(s_ptr, offs_r, k0, n_rows, n_in, n_in // 32, BLOCK_K)
     tile = _dequantize_tile(
-        b_ptr, s_ptr, offs_r, k0, n_rows, n_in, n_in // 2, n_in // 32,
-        BLOCK_R, BLOCK_K, w_ptr.dtype.element_ty,
-    )  # fmt: skip
+        b_ptr, scale, offs_r, k0, n_rows, n_in, n_in // 2, BLOCK_R, BLOCK_K, w_ptr.dtype.element_ty
+    )
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_r < n_rows)[:, None] & (offs_k < n_in)[None, :]
     tl.store(w_ptr + offs_r[:, None] * n_in + offs_k[None, :], tile, mask=mask)
