@@ -69,6 +69,18 @@ def gate(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out.detach(), gate_up.grad
 
 
+def combine(job: dict) -> tuple[torch.Tensor, ...]:
+    """The registered combine op (the Triton kernels here): output, then the gradients of the
+    rows and (when weighted) of the weights."""
+    from mxlora.mxfp4.combine import fused_combine
+
+    src = job["src"].clone().requires_grad_()
+    weights = None if job["weights"] is None else job["weights"].clone().requires_grad_()
+    out = fused_combine(src, weights, job["index"])
+    out.backward(job["grad"])
+    return out.detach(), src.grad, None if weights is None else weights.grad
+
+
 def norm(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The registered RMSNorm op (the Triton kernels here), forward and its input gradient."""
     from mxlora.engine.norm import fused_rms_norm
@@ -108,6 +120,7 @@ def main(jobs_path: str, results_path: str) -> None:
         "layer": {name: layer(job) for name, job in jobs["layer"].items()},
         "dequantize": {name: dequantize(job) for name, job in jobs["dequantize"].items()},
         "gate": {name: gate(job) for name, job in jobs["gate"].items()},
+        "combine": {name: combine(job) for name, job in jobs["combine"].items()},
         "norm": {name: norm(job) for name, job in jobs["norm"].items()},
         "cross_entropy": {n: cross_entropy(job) for n, job in jobs["cross_entropy"].items()},
         "layer_backend": resolve_backend("cpu"),

@@ -174,6 +174,11 @@ def build_jobs() -> dict[str, dict]:
     gate = {}
     for dname, dtype in DTYPES.items():
         gate[dname] = gate_job(dtype, seed=12)
+    combine = {
+        f"{dname}-{'weighted' if weighted else 'unweighted'}": combine_job(dtype, weighted, seed=15)
+        for dname, dtype in DTYPES.items()
+        for weighted in (True, False)
+    }
     norm = {}
     for dname, dtype in DTYPES.items():
         norm[dname] = norm_job(dtype, seed=13)
@@ -184,6 +189,7 @@ def build_jobs() -> dict[str, dict]:
         "layer": layer,
         "dequantize": dequantize,
         "gate": gate,
+        "combine": combine,
         "norm": norm,
         "cross_entropy": cross_entropy,
     }
@@ -208,6 +214,21 @@ def gate_job(dtype: torch.dtype, seed: int) -> dict:
     return dict(
         gate_up=gate_up.to(dtype), bias=bias.to(dtype), expert_ids=expert_ids,
         grad=grad.to(dtype), alpha=GATE_ALPHA, limit=GATE_LIMIT,
+    )  # fmt: skip
+
+
+def combine_job(dtype: torch.dtype, weighted: bool, seed: int) -> dict:
+    """The combine's inputs on an odd shape: 23 tokens x top-3 over rows 150 wide (not a multiple
+    of the interpreter's 64-wide column block: three masked passes), a random permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens, k, width = 23, 3, 150
+    src = torch.randn(tokens * k, width, generator=gen)
+    weights = torch.softmax(torch.randn(tokens, k, generator=gen), -1) if weighted else None
+    index = torch.randperm(tokens * k, generator=gen).view(tokens, k)
+    grad = torch.randn(tokens, width, generator=gen)
+    return dict(
+        src=src.to(dtype), weights=None if weights is None else weights.to(dtype), index=index,
+        grad=grad.to(dtype),
     )  # fmt: skip
 
 
@@ -664,6 +685,71 @@ def test_fused_gate_equals_the_reference_with_gradients(interpreted, dname):
         assert ours <= theirs + 2 * ulp * want.abs().max().item(), (ours, theirs)
 
 
+def _combine_reference_run(job: dict, dtype: torch.dtype):
+    from mxlora.mxfp4.combine import combine_reference
+
+    src = job["src"].to(dtype).requires_grad_()
+    weights = None if job["weights"] is None else job["weights"].to(dtype).requires_grad_()
+    out = combine_reference(src, weights, job["index"])
+    out.backward(job["grad"].to(dtype))
+    return out.detach(), src.grad, None if weights is None else weights.grad
+
+
+@pytest.mark.parametrize(
+    "name", ["fp32-weighted", "fp32-unweighted", "bf16-weighted", "bf16-unweighted"]
+)
+def test_fused_combine_equals_the_reference_with_gradients(interpreted, name):
+    """The Triton combine (one kernel each way) == the index-multiply-sum in torch ops under
+    autograd, output and both gradients: fp32 to fp32 rounding; bf16 no further from the fp64
+    result than eager bf16, plus one rounding (the interpreter truncates where the GPU rounds)."""
+    jobs, results = interpreted
+    job = jobs["combine"][name]
+    got = results["combine"][name]
+    dtype = job["src"].dtype
+    truth = _combine_reference_run(job, torch.float64)
+    eager = _combine_reference_run(job, dtype)
+    assert (got[2] is None) == (job["weights"] is None)
+    for ours, ref, want in zip(got, eager, truth, strict=True):
+        if want is None:
+            continue
+        assert ours.dtype == dtype and ours.shape == want.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5)
+            continue
+        mine = (ours.double() - want).abs().max().item()
+        theirs = (ref.double() - want).abs().max().item()
+        assert mine <= theirs + 2.0**-8 * want.abs().max().item(), (mine, theirs)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_combine_kernels_compile_for_h100(dtype, tmp_path, sm90):
+    """Both combine kernels compile to sm_90 cubins without spills, weighted or not, at
+    gpt-oss's width and top-4."""
+    from mxlora.mxfp4.triton_kernels import (
+        COMBINE_BLOCK,
+        COMBINE_WARPS,
+        _combine_backward_kernel,
+        _combine_kernel,
+    )
+
+    for kernel, pointers in (
+        (_combine_kernel, {"src_ptr": dtype, "w_ptr": dtype, "idx_ptr": "i64", "y_ptr": dtype}),
+        (
+            _combine_backward_kernel,
+            {
+                "g_ptr": dtype, "src_ptr": dtype, "w_ptr": dtype, "idx_ptr": "i64",
+                "dsrc_ptr": dtype, "dw_ptr": dtype,
+            },
+        ),
+    ):  # fmt: skip
+        for weighted in (True, False):
+            signature = {n: f"*{t}" for n, t in pointers.items()} | {"width": "i32"}
+            constexprs = {"K": 4, "WEIGHTED": weighted, "BLOCK": COMBINE_BLOCK}
+            aligned = [*pointers, "width"]
+            compiled = sm90_cubin(kernel, signature, constexprs, aligned, num_warps=COMBINE_WARPS)
+            assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_gate_kernels_compile_for_h100(dtype, tmp_path, sm90):
     """Both gate kernels compile to sm_90 cubins without spills (the interpreter does not
@@ -717,19 +803,19 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
     launched, warmed = [], []
     for name in (
         "_grouped_mxfp4_kernel", "_dequantize_kernel", "_gate_forward_kernel",
-        "_gate_backward_kernel", "_rms_norm_forward_kernel", "_rms_norm_backward_kernel",
-        "_cross_entropy_rows_kernel",
+        "_gate_backward_kernel", "_combine_kernel", "_combine_backward_kernel",
+        "_rms_norm_forward_kernel", "_rms_norm_backward_kernel", "_cross_entropy_rows_kernel",
     ):  # fmt: skip
         monkeypatch.setattr(tk, name, _Recorder(name, launched, warmed))
     monkeypatch.setattr(tk, "_on_device", lambda device, fn, *args: fn(*args))
     monkeypatch.setattr(tk, "_PRECOMPILED", set())
     experts, hidden, inter, vocab = 32, 2880, 2880, 201088
-    tk.precompile(torch.bfloat16, experts, hidden, inter, vocab, torch.device("cuda", 0))
+    tk.precompile(torch.bfloat16, experts, hidden, inter, vocab, 4, torch.device("cuda", 0))
     # Again: started once per model shape.
-    tk.precompile(torch.bfloat16, experts, hidden, inter, vocab, torch.device("cuda", 0))
-    # The matmul's config for 64 rows per expert and more, each way; 2 gate, 2 norm kernels and
-    # the loss's.
-    assert len(tk._PENDING) == 7
+    tk.precompile(torch.bfloat16, experts, hidden, inter, vocab, 4, torch.device("cuda", 0))
+    # The matmul's config for 64 rows per expert and more, each way; 2 gate, 2 combine (the
+    # forward weighted and not), 2 norm kernels and the loss's.
+    assert len(tk._PENDING) == 9
     tk._wait_for_precompile()
     assert not launched
 
@@ -750,6 +836,11 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
         tk.grouped_mxfp4_matmul_triton(x, *down, offsets, transpose=True)
         tk.gate_backward_triton(gated, mid, bias, ids, 1.702, 7.0)
         tk.grouped_mxfp4_matmul_triton(mid, *gate_up, offsets, transpose=True)
+        index = torch.zeros(tokens, 4, dtype=torch.int64)
+        routing = torch.empty(tokens, 4, dtype=bf16)
+        y = tk.combine_triton(x, routing, index)
+        tk.combine_backward_triton(y, x, routing, index)
+        tk.combine_triton(x, None, index)
         hidden_states = torch.empty(1, tokens, hidden, dtype=bf16)
         norm_weight = torch.empty(hidden, dtype=bf16)
         tk.rms_norm_forward_triton(hidden_states, norm_weight, 1e-5)
@@ -759,12 +850,12 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
         tk.cross_entropy_rows_triton(logits, torch.empty(positions, dtype=torch.int64), -100)
     tk.dequantize_mxfp4_triton(*gate_up, bf16)
     tk.dequantize_mxfp4_triton(*down, bf16)
-    assert len(launched) == 5 * 9 + 2
+    assert len(launched) == 5 * 12 + 2
     # Compiled ahead: every launch of 512 tokens or more (64 rows per expert and more) bar the
     # dequantizer of the dense path; the smaller classes compile on first use.
-    big = [key for key in launched[2 * 9 :] if key[0] != "_dequantize_kernel"]
-    small = [key for key in launched[: 2 * 9] if key[0] == "_grouped_mxfp4_kernel"]
-    assert len(big) == 3 * 9 and not set(big) - set(warmed)
+    big = [key for key in launched[2 * 12 :] if key[0] != "_dequantize_kernel"]
+    small = [key for key in launched[: 2 * 12] if key[0] == "_grouped_mxfp4_kernel"]
+    assert len(big) == 3 * 12 and not set(big) - set(warmed)
     assert set(small) - set(warmed)
 
 

@@ -39,6 +39,7 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from peft.utils.other import get_pattern_key
 from torch import Tensor, nn
 
+from mxlora.mxfp4.combine import fused_combine
 from mxlora.mxfp4.gate import fused_gate, gate_reference
 from mxlora.mxfp4.kernels import TRITON, resolve_backend
 from mxlora.mxfp4.ops import (
@@ -84,22 +85,27 @@ def grouped_lora(x: Tensor, factors: LoraFactors, offsets: Tensor) -> Tensor:
 class _Gathered(torch.autograd.Function):
     """``x[index]``, where each row of ``x`` is taken ``copies`` times and ``inverse[r * copies +
     c]`` is the position of row r's copy c: the backward gathers the gradient back to row order
-    and sums each row's copies. Autograd's own index backward would scatter-add, with atomics,
-    not knowing ``index`` is (copies of) a permutation."""
+    and sums each row's copies (with ``fused``, in one kernel: :func:`fused_combine` unweighted).
+    Autograd's own index backward would scatter-add, with atomics, not knowing ``index`` is
+    (copies of) a permutation."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor, copies: int) -> Tensor:
+    def forward(
+        ctx, x: Tensor, index: Tensor, inverse: Tensor, copies: int, fused: bool = False
+    ) -> Tensor:
         ctx.save_for_backward(inverse)
-        ctx.copies = copies
+        ctx.copies, ctx.fused = copies, fused
         return x[index]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
+        if ctx.fused:
+            return fused_combine(grad, None, inverse.view(-1, ctx.copies)), None, None, None, None
         grad = grad[inverse]
         if ctx.copies > 1:
             grad = grad.view(-1, ctx.copies, grad.shape[-1]).sum(1)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class Mxfp4Experts(nn.Module):
@@ -220,21 +226,24 @@ class Mxfp4Experts(nn.Module):
         bounds = torch.arange(1, self.num_experts + 1, device=expert_ids.device)
         offsets = torch.searchsorted(expert_ids, bounds.to(expert_ids.dtype), out_int32=True)
 
-        x = _Gathered.apply(hidden_states, order // top_k, inverse, top_k)
-        # The gate adds gate_up's bias itself (in one kernel on the triton backend).
-        gate_up = self._project("gate_up_proj", x, expert_ids, offsets, lora, bias=False)
-        # The gate: one Triton kernel each way on the kernel backend in eager blocks;
-        # transformers' formula in torch ops otherwise (mxlora.mxfp4.gate), which compiled
+        # The gate and the combine: one Triton kernel each way on the kernel backend in eager
+        # blocks; torch ops otherwise (mxlora.mxfp4.gate, mxlora.mxfp4.combine), which compiled
         # blocks fuse themselves (inductor's kernels beat ours at many rows: docs/BENCHMARKS.md).
         fused = self.backend == TRITON and not torch.compiler.is_compiling()
+        x = _Gathered.apply(hidden_states, order // top_k, inverse, top_k, fused)
+        # The gate adds gate_up's bias itself (in one kernel on the triton backend).
+        gate_up = self._project("gate_up_proj", x, expert_ids, offsets, lora, bias=False)
         gate = fused_gate if fused else gate_reference
         gated = gate(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
         out = self._project("down_proj", gated, expert_ids, offsets, lora)
         # Back to (token, slot) order, then each token's routing-weighted sum over its slots:
         # permutations and a reduction, no scatter (atomics) either way.
-        out = _Gathered.apply(out, inverse, order, 1).view(tokens, top_k, out.shape[-1])
-        weighted = out * routing_weights.unsqueeze(-1)
-        return weighted.sum(1).to(hidden_states.dtype)
+        if fused:
+            combined = fused_combine(out, routing_weights, inverse.view(tokens, top_k))
+        else:
+            out = _Gathered.apply(out, inverse, order, 1).view(tokens, top_k, out.shape[-1])
+            combined = (out * routing_weights.unsqueeze(-1)).sum(1)
+        return combined.to(hidden_states.dtype)
 
     def _project(
         self,

@@ -189,6 +189,7 @@ def mxfp4_model_from_tensors(
             config.hidden_size,
             config.intermediate_size,
             config.vocab_size,
+            config.num_experts_per_tok,
             device,
         )
     model = mxfp4_skeleton(config, dtype, attn_implementation, backend)

@@ -541,6 +541,54 @@ def _rms_norm_backward_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, n_cols, eps, BLOCK: t
 
 
 @triton.jit
+def _combine_kernel(
+    src_ptr, w_ptr, idx_ptr, y_ptr, width,
+    K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``y[t] = Σ_k w[t, k] · src[idx[t, k]]`` (``w`` = 1 unless ``WEIGHTED``), in fp32 rounded
+    once: one program per output row ``t``, ``idx``/``w`` ``[T, K]``, rows ``width`` wide."""
+    t = tl.program_id(0).to(tl.int64)
+    for c0 in range(0, width, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < width
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(idx_ptr + t * K + k).to(tl.int64)
+            v = tl.load(src_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+            if WEIGHTED:
+                v = v * tl.load(w_ptr + t * K + k).to(tl.float32)
+            acc += v
+        tl.store(y_ptr + t * width + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_backward_kernel(
+    g_ptr, src_ptr, w_ptr, idx_ptr, dsrc_ptr, dw_ptr, width,
+    K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The gradients of :func:`_combine_kernel` for ``g [T, width]``: ``dsrc[idx[t, k]] =
+    w[t, k] · g[t]`` (each source row is some ``idx[t, k]`` exactly once: plain stores, no
+    atomics) and, if ``WEIGHTED``, ``dw[t, k] = <g[t], src[idx[t, k]]>`` summed in fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    for k in tl.static_range(K):
+        row = tl.load(idx_ptr + t * K + k).to(tl.int64)
+        if WEIGHTED:
+            weight = tl.load(w_ptr + t * K + k).to(tl.float32)
+        dot = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c0 in range(0, width, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < width
+            g = tl.load(g_ptr + t * width + cols, mask=mask, other=0.0).to(tl.float32)
+            if WEIGHTED:
+                v = tl.load(src_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+                dot += g * v
+                g = g * weight
+            tl.store(dsrc_ptr + row * width + cols, g.to(dsrc_ptr.dtype.element_ty), mask=mask)
+        if WEIGHTED:
+            tl.store(dw_ptr + t * K + k, tl.sum(dot, 0).to(dw_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _cross_entropy_rows_kernel(
     logits_ptr, targets_ptr, losses_ptr, n_cols, IGNORE: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -831,6 +879,60 @@ def cross_entropy_rows_triton(logits: Tensor, targets: Tensor, ignore: int) -> T
     return losses
 
 
+#: The combine's widest column block on the GPU (gpt-oss's 2880 in one pass) and its warps; the
+#: interpreter's narrow block makes odd widths take several masked passes.
+COMBINE_BLOCK, COMBINE_WARPS = 4096, 8
+INTERPRETER_COMBINE_BLOCK = 64
+
+
+def _combine_launch(
+    kernel, tensors: tuple, tokens: int, width: int, k: int, weighted: bool, warmup: bool = False
+) -> None:
+    """Launch (or with ``warmup`` compile) a combine kernel, as :func:`_matmul_launch`: one
+    program per output row."""
+    if INTERPRETED:
+        block, warps = INTERPRETER_COMBINE_BLOCK, 1
+    else:
+        block, warps = min(COMBINE_BLOCK, triton.next_power_of_2(width)), COMBINE_WARPS
+    meta = dict(K=k, WEIGHTED=weighted, BLOCK=block, num_warps=warps)
+    _launch(kernel, (tokens,), (*tensors, width), meta, warmup)
+
+
+def combine_triton(src: Tensor, weights: Tensor | None, index: Tensor) -> Tensor:
+    """:func:`mxlora.mxfp4.combine.combine_reference` in one kernel: ``[T, width]`` in the
+    promoted dtype of ``src`` and ``weights``."""
+    tokens, k = index.shape
+    dtype = src.dtype if weights is None else torch.promote_types(src.dtype, weights.dtype)
+    y = src.new_empty(tokens, src.shape[1], dtype=dtype)
+    if tokens:
+        w = src if weights is None else weights.contiguous()  # an unused pointer when unweighted
+        tensors = (src.contiguous(), w, index.contiguous(), y)
+        _combine_launch(_combine_kernel, tensors, tokens, src.shape[1], k, weights is not None)
+    return y
+
+
+def combine_backward_triton(
+    grad: Tensor, src: Tensor, weights: Tensor | None, index: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """The gradients of :func:`combine_triton` with respect to ``src`` and ``weights`` (None
+    when unweighted), in one kernel."""
+    tokens, k = index.shape
+    d_src = torch.empty_like(src, memory_format=torch.contiguous_format)
+    d_weights = (
+        None
+        if weights is None
+        else torch.empty_like(weights, memory_format=torch.contiguous_format)
+    )
+    if tokens:
+        w = src if weights is None else weights.contiguous()
+        dw = d_src if d_weights is None else d_weights
+        tensors = (grad.contiguous(), src.contiguous(), w, index.contiguous(), d_src, dw)
+        _combine_launch(
+            _combine_backward_kernel, tensors, tokens, src.shape[1], k, weights is not None
+        )
+    return d_src, d_weights
+
+
 #: Compiles :func:`precompile` started, not yet waited for (:func:`_wait_for_precompile`), by
 #: what a launch waits for: the kernel, or for the matmul ``("matmul", transpose, config)``.
 _PENDING: dict[object, concurrent.futures.Future] = {}
@@ -843,6 +945,7 @@ def precompile(
     hidden: int,
     intermediate: int,
     vocab: int,
+    top_k: int,
     device: torch.device,
 ) -> None:
     """Start compiling, in background threads, the kernels training launches on ``device``.
@@ -852,10 +955,11 @@ def precompile(
     run beside the load (Triton's compiler releases the GIL for much of its work), in parallel;
     a launch waits for its own kernel if that is still compiling. Only what every short-row
     step runs is compiled ahead (more threads slowed the first step down by holding the GIL):
-    the matmul's config for 64 rows per expert and more, each direction, the gate's and the
-    norm's kernels and the loss's; the rest compiles on first use. Each compile is exactly the
-    launch's (same argument list: :func:`_matmul_launch`, :func:`_gate_launch`,
-    :func:`_rms_norm_launch`, :func:`_cross_entropy_launch`),
+    the matmul's config for 64 rows per expert and more, each direction, the gate's, the
+    combine's and the norm's kernels and the loss's; the rest compiles on first use. Each
+    compile is exactly the launch's (same argument list: :func:`_matmul_launch`,
+    :func:`_gate_launch`, :func:`_combine_launch`, :func:`_rms_norm_launch`,
+    :func:`_cross_entropy_launch`),
     for row counts that are multiples of 16, as packed training batches' are. A kernel that
     fails to compile here is only warned about: its launch compiles it again and raises there.
     No-op under the interpreter and off CUDA.
@@ -865,9 +969,10 @@ def precompile(
         n_experts, hidden, intermediate: the model's (gate_up is ``[E, 2 intermediate, hidden]``,
             down ``[E, hidden, intermediate]``).
         vocab: the model's vocabulary (the loss's logits are ``[positions, vocab]``).
+        top_k: experts per token (the combine sums that many rows).
         device: the CUDA device training runs on.
     """
-    key = (dtype, n_experts, hidden, intermediate, vocab, device)
+    key = (dtype, n_experts, hidden, intermediate, vocab, top_k, device)
     if INTERPRETED or device.type != "cuda" or key in _PRECOMPILED:
         return
     _PRECOMPILED.add(key)
@@ -890,6 +995,12 @@ def precompile(
         for kernel, pointers in ((_gate_forward_kernel, fwd), (_gate_backward_kernel, bwd)):
             warm = (_gate_launch, kernel, pointers, rows, intermediate, 1.0, 1.0, True)
             jobs.append((kernel, *warm))
+        # The experts' combine (weighted, the routing weights in the model's dtype) and the
+        # gradient gather back to token order (unweighted: the weights' pointer unused).
+        jobs.append((_combine_kernel, _warm_combine, dtype, hidden, top_k))
+        pointers = (dtype,) * 3 + (torch.int64, dtype, dtype)
+        warm = (_combine_launch, _combine_backward_kernel, pointers, 16, hidden, top_k, True, True)
+        jobs.append((_combine_backward_kernel, *warm))
         # gpt-oss's RMSNorm (eager blocks): the weight is in the model's dtype too.
         for kernel, pointers in (
             (_rms_norm_forward_kernel, (dtype,) * 3),
@@ -933,6 +1044,12 @@ def _warm_matmul(dtype, n_experts, shapes, transpose, config, rows) -> None:
         _matmul_launch(
             pointers, rows, n_experts, red, cols, strides, transpose, dtype, config, True
         )
+
+
+def _warm_combine(dtype, width, top_k) -> None:
+    for weighted in (True, False):
+        pointers = (dtype, dtype, torch.int64, dtype)
+        _combine_launch(_combine_kernel, pointers, 16, width, top_k, weighted, True)
 
 
 def _wait_for_precompile(tag: object = None) -> None:
