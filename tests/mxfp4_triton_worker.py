@@ -81,6 +81,19 @@ def combine(job: dict) -> tuple[torch.Tensor, ...]:
     return out.detach(), src.grad, None if weights is None else weights.grad
 
 
+def rotary(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered rotary op (the Triton kernels here) on a view of a projection's output:
+    the rotated heads and the projection's gradient."""
+    from mxlora.engine.rotary import fused_rotary
+
+    projected = job["projected"].clone().requires_grad_()
+    tokens, heads = projected.shape[1], job["heads"]
+    x = projected.view(1, tokens, heads, -1).transpose(1, 2)
+    out = fused_rotary(x, job["cos"], job["sin"])
+    out.backward(job["grad"])
+    return out.detach(), projected.grad
+
+
 def norm(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The registered RMSNorm op (the Triton kernels here), forward and its input gradient."""
     from mxlora.engine.norm import fused_rms_norm
@@ -121,6 +134,7 @@ def main(jobs_path: str, results_path: str) -> None:
         "dequantize": {name: dequantize(job) for name, job in jobs["dequantize"].items()},
         "gate": {name: gate(job) for name, job in jobs["gate"].items()},
         "combine": {name: combine(job) for name, job in jobs["combine"].items()},
+        "rotary": {name: rotary(job) for name, job in jobs["rotary"].items()},
         "norm": {name: norm(job) for name, job in jobs["norm"].items()},
         "cross_entropy": {n: cross_entropy(job) for n, job in jobs["cross_entropy"].items()},
         "layer_backend": resolve_backend("cpu"),

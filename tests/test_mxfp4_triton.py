@@ -29,7 +29,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from filelock import FileLock
+from transformers import GptOssConfig
 
+from mxlora.model.configs import gpt_oss_20b_config
 from mxlora.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from mxlora.mxfp4.experts import Mxfp4Experts, grouped_mxfp4_matmul_reference
 from mxlora.mxfp4.kernels import KERNELS_ENV, kernel_available, resolve_backend
@@ -179,6 +181,7 @@ def build_jobs() -> dict[str, dict]:
         for dname, dtype in DTYPES.items()
         for weighted in (True, False)
     }
+    rotary = {dname: rotary_job(dtype, seed=16) for dname, dtype in DTYPES.items()}
     norm = {}
     for dname, dtype in DTYPES.items():
         norm[dname] = norm_job(dtype, seed=13)
@@ -190,6 +193,7 @@ def build_jobs() -> dict[str, dict]:
         "dequantize": dequantize,
         "gate": gate,
         "combine": combine,
+        "rotary": rotary,
         "norm": norm,
         "cross_entropy": cross_entropy,
     }
@@ -229,6 +233,22 @@ def combine_job(dtype: torch.dtype, weighted: bool, seed: int) -> dict:
     return dict(
         src=src.to(dtype), weights=None if weights is None else weights.to(dtype), index=index,
         grad=grad.to(dtype),
+    )  # fmt: skip
+
+
+def rotary_job(dtype: torch.dtype, seed: int) -> dict:
+    """The rotary embedding's inputs on an odd shape: 5 heads of 12 (halves of 6, not a power of
+    two: the masked columns) over 7 tokens, the heads a view of a projection's ``[1, T, 60]``
+    output as in transformers' attention; angles of gpt-oss's form, the gradient token-major
+    and transposed (the layout the next op hands back)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens, heads, dim = 7, 5, 12
+    projected = torch.randn(1, tokens, heads * dim, generator=gen)
+    angles = torch.randn(1, tokens, dim // 2, generator=gen) * 3
+    grad = torch.randn(1, tokens, heads, dim, generator=gen).transpose(1, 2)
+    return dict(
+        projected=projected.to(dtype), heads=heads, cos=angles.cos().to(dtype),
+        sin=angles.sin().to(dtype), grad=grad.to(dtype),
     )  # fmt: skip
 
 
@@ -721,6 +741,81 @@ def test_fused_combine_equals_the_reference_with_gradients(interpreted, name):
         assert mine <= theirs + 2.0**-8 * want.abs().max().item(), (mine, theirs)
 
 
+def _rotary_reference_run(job: dict, dtype: torch.dtype):
+    from mxlora.engine.rotary import rotary_reference
+
+    projected = job["projected"].to(dtype).requires_grad_()
+    x = projected.view(1, projected.shape[1], job["heads"], -1).transpose(1, 2)
+    out = rotary_reference(x, job["cos"].to(dtype), job["sin"].to(dtype))
+    out.backward(job["grad"].to(dtype))
+    return out.detach(), projected.grad
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_fused_rotary_equals_transformers_with_gradients(interpreted, dname):
+    """The Triton rotary embedding (one kernel each way) == transformers' apply_rotary_pos_emb
+    under autograd, the rotated heads and the projection's gradient: fp32 to fp32 rounding;
+    bf16 no further from the fp64 result than transformers' in bf16, plus one rounding. Its
+    output is stored token-major (what the varlen attention reads without a copy)."""
+    jobs, results = interpreted
+    job = jobs["rotary"][dname]
+    got = results["rotary"][dname]
+    dtype = DTYPES[dname]
+    tokens, heads = job["projected"].shape[1], job["heads"]
+    assert got[0].transpose(1, 2).is_contiguous() and got[0].shape == (1, heads, tokens, 12)
+    truth = _rotary_reference_run(job, torch.float64)
+    eager = _rotary_reference_run(job, dtype)
+    for ours, ref, want in zip(got, eager, truth, strict=True):
+        assert ours.dtype == dtype and ours.shape == want.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5)
+            continue
+        mine = (ours.double() - want).abs().max().item()
+        theirs = (ref.double() - want).abs().max().item()
+        assert mine <= theirs + 2.0**-8 * want.abs().max().item(), (mine, theirs)
+
+
+def test_fused_rotary_is_transformers_function_only_for_the_duration():
+    """The swap points transformers' gpt-oss attention at the op only inside the context (and
+    only when active), restores it on an error, and leaves what the op does not take (a batch
+    of several sequences) to transformers' own function."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    from mxlora.engine.rotary import _TRANSFORMERS_ROTARY, fused_rotary_embeddings
+
+    with fused_rotary_embeddings(False):
+        assert modeling_gpt_oss.apply_rotary_pos_emb is _TRANSFORMERS_ROTARY
+    with pytest.raises(RuntimeError, match="inside"), fused_rotary_embeddings(True):
+        swapped = modeling_gpt_oss.apply_rotary_pos_emb
+        assert swapped is not _TRANSFORMERS_ROTARY
+        raise RuntimeError("inside")
+    assert modeling_gpt_oss.apply_rotary_pos_emb is _TRANSFORMERS_ROTARY
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
+    cos, sin = torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 4, generator=gen)
+    for got, want in zip(
+        swapped(q, k, cos, sin), _TRANSFORMERS_ROTARY(q, k, cos, sin), strict=True
+    ):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_rotary_kernel_compiles_for_h100(dtype, tmp_path, sm90):
+    """The rotary kernel compiles to sm_90 cubins without spills, for gpt-oss's queries (64
+    heads) and keys (8), each way."""
+    from mxlora.mxfp4.triton_kernels import _rotary_kernel
+
+    pointers = {"x_ptr": dtype, "cos_ptr": dtype, "sin_ptr": dtype, "y_ptr": dtype}
+    ints = {"heads": "i32", "stride_xt": "i32", "stride_xh": "i32", "stride_ct": "i32"}
+    signature = {n: f"*{t}" for n, t in pointers.items()} | ints
+    for heads in (64, 8):
+        for sign in (1, -1):
+            constexprs = {"HALF": 32, "BLOCK_H": heads, "BLOCK_D": 32, "SIGN": sign}
+            aligned = [*pointers, "stride_xt", "stride_xh", "stride_ct"] + ["heads"] * (heads == 64)
+            compiled = sm90_cubin(_rotary_kernel, signature, constexprs, aligned, num_warps=4)
+            assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_combine_kernels_compile_for_h100(dtype, tmp_path, sm90):
     """Both combine kernels compile to sm_90 cubins without spills, weighted or not, at
@@ -803,19 +898,21 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
     launched, warmed = [], []
     for name in (
         "_grouped_mxfp4_kernel", "_dequantize_kernel", "_gate_forward_kernel",
-        "_gate_backward_kernel", "_combine_kernel", "_combine_backward_kernel",
+        "_gate_backward_kernel", "_combine_kernel", "_combine_backward_kernel", "_rotary_kernel",
         "_rms_norm_forward_kernel", "_rms_norm_backward_kernel", "_cross_entropy_rows_kernel",
     ):  # fmt: skip
         monkeypatch.setattr(tk, name, _Recorder(name, launched, warmed))
     monkeypatch.setattr(tk, "_on_device", lambda device, fn, *args: fn(*args))
     monkeypatch.setattr(tk, "_PRECOMPILED", set())
+    config = GptOssConfig(**gpt_oss_20b_config())
     experts, hidden, inter, vocab = 32, 2880, 2880, 201088
-    tk.precompile(torch.bfloat16, experts, hidden, inter, vocab, 4, torch.device("cuda", 0))
+    tk.precompile(config, torch.bfloat16, torch.device("cuda", 0))
     # Again: started once per model shape.
-    tk.precompile(torch.bfloat16, experts, hidden, inter, vocab, 4, torch.device("cuda", 0))
+    tk.precompile(config, torch.bfloat16, torch.device("cuda", 0))
     # The matmul's config for 64 rows per expert and more, each way; 2 gate, 2 combine (the
-    # forward weighted and not), 2 norm kernels and the loss's.
-    assert len(tk._PENDING) == 9
+    # forward weighted and not), the rotary (queries and keys, each way), 2 norm kernels and
+    # the loss's.
+    assert len(tk._PENDING) == 10
     tk._wait_for_precompile()
     assert not launched
 
@@ -841,6 +938,13 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
         y = tk.combine_triton(x, routing, index)
         tk.combine_backward_triton(y, x, routing, index)
         tk.combine_triton(x, None, index)
+        angles = torch.empty(1, tokens, 32, dtype=bf16)
+        for heads in (64, 8):  # queries, keys: views of the projections' outputs
+            projected = torch.empty(1, tokens, heads * 64, dtype=bf16)
+            rotated = tk.rotary_triton(
+                projected.view(1, tokens, heads, 64).transpose(1, 2), angles, angles
+            )
+            tk.rotary_triton(rotated, angles, angles, inverse=True)
         hidden_states = torch.empty(1, tokens, hidden, dtype=bf16)
         norm_weight = torch.empty(hidden, dtype=bf16)
         tk.rms_norm_forward_triton(hidden_states, norm_weight, 1e-5)
@@ -850,12 +954,12 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
         tk.cross_entropy_rows_triton(logits, torch.empty(positions, dtype=torch.int64), -100)
     tk.dequantize_mxfp4_triton(*gate_up, bf16)
     tk.dequantize_mxfp4_triton(*down, bf16)
-    assert len(launched) == 5 * 12 + 2
+    assert len(launched) == 5 * 16 + 2
     # Compiled ahead: every launch of 512 tokens or more (64 rows per expert and more) bar the
     # dequantizer of the dense path; the smaller classes compile on first use.
-    big = [key for key in launched[2 * 12 :] if key[0] != "_dequantize_kernel"]
-    small = [key for key in launched[: 2 * 12] if key[0] == "_grouped_mxfp4_kernel"]
-    assert len(big) == 3 * 12 and not set(big) - set(warmed)
+    big = [key for key in launched[2 * 16 :] if key[0] != "_dequantize_kernel"]
+    small = [key for key in launched[: 2 * 16] if key[0] == "_grouped_mxfp4_kernel"]
+    assert len(big) == 3 * 16 and not set(big) - set(warmed)
     assert set(small) - set(warmed)
 
 

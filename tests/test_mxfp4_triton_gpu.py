@@ -295,7 +295,9 @@ def test_fused_rms_norm_at_20b_width():
     from mxlora.engine.norm import fused_rms_norm, rms_norm_reference
     from mxlora.mxfp4 import triton_kernels
 
-    triton_kernels.precompile(torch.bfloat16, 32, 2880, 2880, 201088, 4, torch.device("cuda"))
+    triton_kernels.precompile(
+        GptOssConfig(**gpt_oss_20b_config()), torch.bfloat16, torch.device("cuda")
+    )
     gen = torch.Generator().manual_seed(0)
     # Inputs exact in bf16, so that the fp64 truth sees the values the bf16 runs see.
     x = (torch.randn(1, 754, 2880, generator=gen) * 3).bfloat16().cuda()
@@ -348,6 +350,55 @@ def test_fused_combine_at_20b_width():
             scale = want.abs().amax(-1, keepdim=True)
             assert ((got - want).abs() / scale).max() <= 2**-7
             assert ((got - want).abs() / scale).mean() <= 1.5 * ((ref - want).abs() / scale).mean()
+
+
+def test_fused_rotary_in_20b_attention():
+    """The Triton rotary embedding on the GPU inside transformers' gpt-oss attention (20b's
+    heads, bf16, a short step's tokens, the packed varlen attention): the attention's output and
+    the gradients of its input and q/k projections within one bf16 rounding of fp64 (relative
+    to each row's largest), and on average no further than transformers' own rotary in bf16."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, GptOssRotaryEmbedding
+
+    from mxlora.engine.attention import build_masks, register
+    from mxlora.engine.rotary import fused_rotary_embeddings
+
+    config = GptOssConfig(**gpt_oss_20b_config())
+    config._attn_implementation = register()
+    torch.manual_seed(0)
+    # Weights and inputs exact in bf16, so that the fp64 truth sees the values bf16 runs see.
+    attention = GptOssAttention(config, layer_idx=0).cuda()  # a sliding layer
+    torch.nn.init.normal_(attention.sinks)
+    attention.bfloat16()
+    tokens = 754
+    doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([300, 254, 200])).cuda()
+    positions = torch.cat([torch.arange(n) for n in (300, 254, 200)])[None].cuda()
+    cu_seqlens = torch.tensor([0, 300, 554, 754, 754], dtype=torch.int32).cuda()  # no padding
+    x = (torch.randn(1, tokens, config.hidden_size) * 0.5).bfloat16().cuda()
+    grad = torch.randn(1, tokens, config.hidden_size).bfloat16().cuda()
+
+    def run(dtype, fused):
+        module = attention.to(dtype)
+        rotary = GptOssRotaryEmbedding(config).cuda()
+        xi = x.to(dtype).requires_grad_()
+        cos_sin = rotary(xi, positions)
+        kind = "varlen" if dtype != torch.float64 else "reference"
+        masks = build_masks(doc_ids, config.sliding_window, kind, dtype, cu_seqlens)
+        mask = masks[config.layer_types[0]]
+        module.zero_grad()
+        with fused_rotary_embeddings(fused):
+            out = module(xi, cos_sin, mask)[0]
+        out.backward(grad.to(dtype))
+        return [
+            t.double() for t in (out, xi.grad, module.q_proj.weight.grad, module.k_proj.weight.grad)
+        ]
+
+    truth = run(torch.float64, False)
+    fused = run(torch.bfloat16, True)
+    eager = run(torch.bfloat16, False)
+    for got, ref, want in zip(fused, eager, truth, strict=True):
+        scale = want.abs().amax(-1, keepdim=True)
+        assert ((got - want).abs() / scale).max() <= 2**-5
+        assert ((got - want).abs() / scale).mean() <= 1.1 * ((ref - want).abs() / scale).mean()
 
 
 def test_fused_linear_cross_entropy_at_20b_vocabulary():

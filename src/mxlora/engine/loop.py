@@ -18,8 +18,8 @@ Per run (:meth:`Loop.prepared`): gradient checkpointing when the activations wou
 for compiled code to pay its compile time (:func:`use_compile`); flex_attention under compiled
 blocks on CUDA (block-sparse: pays on long sequences), else flash attention's varlen kernels
 (CUDA, bf16) or SDPA with the sink key (no compile either way); in eager blocks on CUDA the
-norms as one Triton kernel each way (:mod:`mxlora.engine.norm`, bf16); CUDA graphs where they
-can run (:func:`use_cuda_graphs`).
+norms and the rotary embeddings as one Triton kernel each way (:mod:`mxlora.engine.norm`,
+:mod:`mxlora.engine.rotary`, bf16); CUDA graphs where they can run (:func:`use_cuda_graphs`).
 
 Under a launcher (torchrun, ``mxlora train --nproc N``; :mod:`mxlora.distributed`) the plan is
 the same global plan: each rank packs its contiguous share of every micro-batch
@@ -74,6 +74,7 @@ from mxlora.engine.packing import (
     pack,
     plan_steps,
 )
+from mxlora.engine.rotary import fused_rotary_embeddings
 from mxlora.engine.run_folder import (
     NonFiniteLossError,
     TrainingError,
@@ -142,7 +143,8 @@ class Setup:
     compiled: bool
     cuda_graphs: bool
     attention: Kind
-    fused_norm: bool = False  # eager blocks' norms as mxlora.engine.norm's Triton op
+    # Eager blocks' norms and rotary embeddings as Triton ops (mxlora.engine.norm, .rotary).
+    fused_norm: bool = False
 
 
 @dataclass
@@ -494,6 +496,7 @@ class Loop:
                 loud_compile(setup.compiled),
                 disable_input_dtype_casting(self.model, active=self.dtype != torch.float32),
                 fused_norms(lm, setup.fused_norm),
+                fused_rotary_embeddings(setup.fused_norm),
             ):
                 if setup.cuda_graphs:
                     for p in self.params:  # the captured backward accumulates into these

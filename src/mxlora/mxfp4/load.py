@@ -183,15 +183,7 @@ def mxfp4_model_from_tensors(
         from mxlora.mxfp4 import triton_kernels
 
         # The kernels compile while the weights load (instead of on the first step).
-        triton_kernels.precompile(
-            dtype,
-            config.num_local_experts,
-            config.hidden_size,
-            config.intermediate_size,
-            config.vocab_size,
-            config.num_experts_per_tok,
-            device,
-        )
+        triton_kernels.precompile(config, dtype, device)
     model = mxfp4_skeleton(config, dtype, attn_implementation, backend)
     expected = model.state_dict(keep_vars=True)
     loaded: set[str] = set()

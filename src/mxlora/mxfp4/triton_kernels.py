@@ -589,6 +589,30 @@ def _combine_backward_kernel(
 
 
 @triton.jit
+def _rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, y_ptr, heads, stride_xt, stride_xh, stride_ct,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SIGN: tl.constexpr,
+):  # fmt: skip
+    """One token's heads rotated, in fp32 rounded once: with ``x = [x1, x2]`` (halves of the
+    head dimension), ``y = [x1 · cos - SIGN · x2 · sin, x2 · cos + SIGN · x1 · sin]``; ``SIGN``
+    -1 is the inverse rotation (the backward). ``x`` ``[T, heads, 2 HALF]`` strided (the last
+    dimension contiguous), ``y`` ``[T, heads, 2 HALF]`` contiguous, ``cos``/``sin`` ``[T, HALF]``."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < heads) & (d < HALF)
+    x = x_ptr + t * stride_xt + h * stride_xh + d
+    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * stride_ct + d, mask=d < HALF, other=0.0).to(tl.float32)
+    s = SIGN * tl.load(sin_ptr + t * stride_ct + d, mask=d < HALF, other=0.0).to(tl.float32)
+    y = y_ptr + (t * heads + h) * (2 * HALF) + d
+    dtype = y_ptr.dtype.element_ty
+    tl.store(y, (x1 * c - x2 * s).to(dtype), mask=mask)
+    tl.store(y + HALF, (x2 * c + x1 * s).to(dtype), mask=mask)
+
+
+@triton.jit
 def _cross_entropy_rows_kernel(
     logits_ptr, targets_ptr, losses_ptr, n_cols, IGNORE: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -879,6 +903,43 @@ def cross_entropy_rows_triton(logits: Tensor, targets: Tensor, ignore: int) -> T
     return losses
 
 
+def _rotary_launch(
+    tensors: tuple,
+    tokens: int,
+    heads: int,
+    strides: tuple,
+    half: int,
+    sign: int,
+    warmup: bool = False,
+) -> None:
+    """Launch (or with ``warmup`` compile) the rotary kernel, as :func:`_matmul_launch`: one
+    program per token."""
+    meta = dict(
+        HALF=half,
+        BLOCK_H=triton.next_power_of_2(heads),
+        BLOCK_D=triton.next_power_of_2(half),
+        SIGN=sign,
+        num_warps=1 if INTERPRETED else 4,
+    )
+    _launch(_rotary_kernel, (tokens,), (*tensors, heads, *strides), meta, warmup)
+
+
+def rotary_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Rotate ``x [1, heads, T, D]`` by ``cos``/``sin`` ``[1, T, D // 2]`` (the inverse rotation
+    with ``inverse``): :func:`mxlora.engine.rotary.rotary_reference` in one kernel. The result
+    is ``[1, heads, T, D]`` stored token-major (a transposed view of ``[1, T, heads, D]``), the
+    layout the varlen attention reads without a copy."""
+    _, heads, tokens, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = x.new_empty(1, tokens, heads, dim)
+    if tokens and heads:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        strides = (x.stride(2), x.stride(1), cos.stride(1))
+        _rotary_launch((x, cos, sin, y), tokens, heads, strides, dim // 2, -1 if inverse else 1)
+    return y.transpose(1, 2)
+
+
 #: The combine's widest column block on the GPU (gpt-oss's 2880 in one pass) and its warps; the
 #: interpreter's narrow block makes odd widths take several masked passes.
 COMBINE_BLOCK, COMBINE_WARPS = 4096, 8
@@ -939,15 +1000,7 @@ _PENDING: dict[object, concurrent.futures.Future] = {}
 _PRECOMPILED: set[tuple] = set()
 
 
-def precompile(
-    dtype: torch.dtype,
-    n_experts: int,
-    hidden: int,
-    intermediate: int,
-    vocab: int,
-    top_k: int,
-    device: torch.device,
-) -> None:
+def precompile(config, dtype: torch.dtype, device: torch.device) -> None:
     """Start compiling, in background threads, the kernels training launches on ``device``.
 
     Triton compiles a kernel on its first launch, about a second each for the handful a run
@@ -956,23 +1009,29 @@ def precompile(
     a launch waits for its own kernel if that is still compiling. Only what every short-row
     step runs is compiled ahead (more threads slowed the first step down by holding the GIL):
     the matmul's config for 64 rows per expert and more, each direction, the gate's, the
-    combine's and the norm's kernels and the loss's; the rest compiles on first use. Each
-    compile is exactly the launch's (same argument list: :func:`_matmul_launch`,
-    :func:`_gate_launch`, :func:`_combine_launch`, :func:`_rms_norm_launch`,
-    :func:`_cross_entropy_launch`),
+    combine's, the rotary embedding's and the norm's kernels and the loss's; the rest compiles
+    on first use. Each compile is exactly the launch's (same argument list:
+    :func:`_matmul_launch`, :func:`_gate_launch`, :func:`_combine_launch`,
+    :func:`_rotary_launch`, :func:`_rms_norm_launch`, :func:`_cross_entropy_launch`),
     for row counts that are multiples of 16, as packed training batches' are. A kernel that
     fails to compile here is only warned about: its launch compiles it again and raises there.
     No-op under the interpreter and off CUDA.
 
     Args:
+        config: the model's gpt-oss config (``GptOssConfig``: its experts, widths, heads,
+            vocabulary and experts per token).
         dtype: the activations' dtype.
-        n_experts, hidden, intermediate: the model's (gate_up is ``[E, 2 intermediate, hidden]``,
-            down ``[E, hidden, intermediate]``).
-        vocab: the model's vocabulary (the loss's logits are ``[positions, vocab]``).
-        top_k: experts per token (the combine sums that many rows).
         device: the CUDA device training runs on.
     """
-    key = (dtype, n_experts, hidden, intermediate, vocab, top_k, device)
+    n_experts, hidden = config.num_local_experts, config.hidden_size
+    intermediate, vocab, top_k = (
+        config.intermediate_size,
+        config.vocab_size,
+        config.num_experts_per_tok,
+    )
+    heads = (config.num_attention_heads, config.num_key_value_heads)
+    head_dim = config.head_dim
+    key = (dtype, n_experts, hidden, intermediate, vocab, top_k, heads, head_dim, device)
     if INTERPRETED or device.type != "cuda" or key in _PRECOMPILED:
         return
     _PRECOMPILED.add(key)
@@ -1001,6 +1060,8 @@ def precompile(
         pointers = (dtype,) * 3 + (torch.int64, dtype, dtype)
         warm = (_combine_launch, _combine_backward_kernel, pointers, 16, hidden, top_k, True, True)
         jobs.append((_combine_backward_kernel, *warm))
+        # The rotary embedding of queries and keys, each way (the angles in the model's dtype).
+        jobs.append((_rotary_kernel, _warm_rotary, dtype, heads, head_dim))
         # gpt-oss's RMSNorm (eager blocks): the weight is in the model's dtype too.
         for kernel, pointers in (
             (_rms_norm_forward_kernel, (dtype,) * 3),
@@ -1044,6 +1105,15 @@ def _warm_matmul(dtype, n_experts, shapes, transpose, config, rows) -> None:
         _matmul_launch(
             pointers, rows, n_experts, red, cols, strides, transpose, dtype, config, True
         )
+
+
+def _warm_rotary(dtype, heads, head_dim) -> None:
+    # Queries and keys of projections' outputs ([T, heads, D] token-major, as the gradients
+    # reach the backward too).
+    for n in heads:
+        for sign in (1, -1):
+            strides = (n * head_dim, head_dim, head_dim // 2)
+            _rotary_launch((dtype,) * 4, 16, n, strides, head_dim // 2, sign, True)
 
 
 def _warm_combine(dtype, width, top_k) -> None:
