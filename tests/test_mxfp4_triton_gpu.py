@@ -305,7 +305,7 @@ def test_fused_rms_norm_at_20b_width():
     grad = torch.randn(1, 754, 2880, generator=gen).bfloat16().cuda()
 
     def run(fn, dtype):
-        xi = x.to(dtype).requires_grad_()
+        xi = x.to(dtype).clone().requires_grad_()  # a leaf of its own each run
         out = fn(xi, weight.to(dtype), 1e-5)
         out.backward(grad.to(dtype))
         return out.detach().double(), xi.grad.double()
@@ -336,8 +336,8 @@ def test_fused_combine_at_20b_width():
     for weights in (routing, None):
 
         def run(fn, dtype, weights=weights):
-            s = src.to(dtype).requires_grad_()
-            w = None if weights is None else weights.to(dtype).requires_grad_()
+            s = src.to(dtype).clone().requires_grad_()
+            w = None if weights is None else weights.to(dtype).clone().requires_grad_()
             out = fn(s, w, index)
             out.backward(grad.to(dtype))
             grads = (s.grad,) if w is None else (s.grad, w.grad)
@@ -379,7 +379,7 @@ def test_fused_rotary_in_20b_attention():
     def run(dtype, fused):
         module = attention.to(dtype)
         rotary = GptOssRotaryEmbedding(config).cuda()
-        xi = x.to(dtype).requires_grad_()
+        xi = x.to(dtype).clone().requires_grad_()
         cos_sin = rotary(xi, positions)
         kind = "varlen" if dtype != torch.float64 else "reference"
         masks = build_masks(doc_ids, config.sliding_window, kind, dtype, cu_seqlens)
