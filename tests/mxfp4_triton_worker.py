@@ -34,6 +34,7 @@ def matmul(job: dict) -> torch.Tensor:
         offsets_from_counts(job["counts"], "cpu"),
         transpose=job["transpose"],
         config=job["config"],
+        split=job.get("split"),
     )
 
 

@@ -67,6 +67,10 @@ SHAPES = {
 AUTOGRAD_SHAPES = ("one-token", "idle-expert-E5")
 # Every GPU tile config on one shape that is smaller than, and not a multiple of, each tile.
 CONFIG_SHAPE = Shape(3, 96, 320, (130, 0, 77))
+# Head/tail launches (32-row head tiles, tails of at most 16 rows): experts with a tail only
+# (7, 16 rows), none (0, 17: a remainder over 16 takes a head tile, 32), both (33, 50 = 32 + 18:
+# two head tiles).
+SPLIT_SHAPE = Shape(7, 96, 160, (7, 0, 16, 17, 32, 33, 50))
 
 
 def weights(shape: Shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +141,12 @@ def build_jobs() -> dict[str, dict]:
         job = matmul_job(SHAPES["idle-expert-E5"], torch.bfloat16, transpose, seed=4)
         job["counts"] = torch.tensor(job["counts"])
         matmul[f"counts-tensor-bf16-{direction(transpose)}"] = job
+    # Each expert's rows split between two launches: head tiles of 32 rows, tails of at most 16.
+    for dname, dtype in DTYPES.items():
+        for transpose in (False, True):
+            job = matmul_job(SPLIT_SHAPE, dtype, transpose, seed=50)
+            job["split"] = SPLIT_CONFIGS
+            matmul[f"split-{dname}-{direction(transpose)}"] = job
     for i, config, dname in gpu_configs():
         for transpose in (False, True):
             job = matmul_job(CONFIG_SHAPE, DTYPES[dname], transpose, seed=100 + i, config=config)
@@ -346,6 +356,22 @@ def test_kernel_matches_reference(interpreted, name):
 
 
 @pytest.mark.parametrize(
+    "name", [f"split-{d}-{direction(t)}" for d in DTYPES for t in (False, True)]
+)
+def test_split_launches_match_reference(interpreted, name):
+    """Head and tail launches (:func:`split_launches`) together compute every row once: each
+    expert's rows up to the last multiple of the head's tile, or all of them when the rest
+    exceeds the tail's tile, in one launch, the short rest in the other."""
+    jobs, results = interpreted
+    job = jobs["matmul"][name]
+    expected = grouped_mxfp4_matmul_reference(
+        job["x"], job["blocks"], job["scales"], job["counts"], transpose=job["transpose"]
+    )
+    assert_matches(results["matmul"][name], expected)
+    assert (results["matmul"][name].abs().amax(-1) > 0).all()  # no row left unwritten
+
+
+@pytest.mark.parametrize(
     "name",
     [f"{s}-{d}" for s in ("idle-expert-E5", "wide-scales", "every-code-and-scale") for d in DTYPES],
 )
@@ -385,6 +411,15 @@ def test_strided_rows(interpreted, transpose):
         job["x"].contiguous(), job["blocks"], job["scales"], job["counts"], transpose=transpose
     )
     assert_matches(results["matmul"][name], expected)
+
+
+def _split_configs():
+    from mxlora.mxfp4.triton_kernels import KernelConfig
+
+    return KernelConfig(32, 64, 64), KernelConfig(16, 64, 64)
+
+
+SPLIT_CONFIGS = _split_configs()
 
 
 def gpu_configs() -> list:
@@ -589,9 +624,13 @@ def sm90(monkeypatch):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said out loud
 
 
-def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int):
-    """Compile the kernel for sm_90 as a launch at these shapes would (alignment included)."""
+def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int, launch=None):
+    """Compile the kernel for sm_90 as a launch at these shapes would (alignment included):
+    ``config`` computing every row, or ``launch`` (a head or tail of a split)."""
+    from mxlora.mxfp4.triton_kernels import Launch
     from mxlora.mxfp4.triton_kernels import _grouped_mxfp4_kernel as kernel
+
+    launch = launch or Launch(config)
 
     red, cols = (n_out, n_in) if transpose else (n_in, n_out)
     ints = dict(
@@ -605,11 +644,11 @@ def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int):
     aligned = [n for n in signature if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0]
     constexprs = dict(
         TRANSPOSE=transpose, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-        DOT_IN_FP32=False, BLOCK_E=32, **config.kwargs(),
+        DOT_IN_FP32=False, BLOCK_E=32, **launch.kwargs(),
     )  # fmt: skip
     return sm90_cubin(
         kernel, signature, constexprs, aligned,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=launch.config.num_warps, num_stages=launch.config.num_stages,
     )  # fmt: skip
 
 
@@ -651,9 +690,28 @@ def test_compiles_for_h100(config, dtype, transpose, tmp_path, sm90):
         assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
 
 
+@pytest.mark.parametrize("transpose", [False, True], ids=direction)
+def test_split_launches_compile_for_h100(transpose, tmp_path, sm90):
+    """Training's head and tail launches compile for sm_90 to tensor cores, no spills."""
+    from mxlora.mxfp4.triton_kernels import training_launches
+
+    for launch in training_launches(64 * 32, 32, transpose):
+        for n_out, n_in in GPT_OSS_20B.values():
+            compiled = compile_sm90(None, "bf16", transpose, n_out, n_in, launch)
+            assert "ttng.warp_group_dot" in compiled.asm["ttgir"]
+            assert stack_bytes(compiled.asm["cubin"], tmp_path) == 0
+
+
 def test_training_config_follows_the_size_classes():
     """Training picks the table's config by mean rows per expert rounded up to a power of two."""
-    from mxlora.mxfp4.triton_kernels import CONFIGS, TRAINING_CONFIGS, training_config
+    from mxlora.mxfp4.triton_kernels import (
+        CONFIGS,
+        TAIL_SPLITS,
+        TRAINING_CONFIGS,
+        Launch,
+        training_config,
+        training_launches,
+    )
 
     table = ((16, 11), (32, 9), (None, 0))  # the table this test reads
     assert TRAINING_CONFIGS[False] == TRAINING_CONFIGS[True] == table
@@ -664,6 +722,11 @@ def test_training_config_follows_the_size_classes():
         assert training_config(32 * 32, 32, transpose) is CONFIGS[9]
         assert training_config(33 * 32, 32, transpose) is CONFIGS[0]  # class 64
         assert training_config(4096 * 32, 32, transpose) is CONFIGS[0]
+        # Where config 0 runs, it runs as a head launch, config 9 taking the short tails.
+        assert training_launches(32 * 32, 32, transpose) == (Launch(CONFIGS[9]),)
+        head, tail = training_launches(33 * 32, 32, transpose)
+        assert head == Launch(CONFIGS[0], 1, 128, 64) and tail == Launch(CONFIGS[9], 2, 128, 64)
+    assert TAIL_SPLITS == {0: 9}
     assert CONFIGS[11].swap and not CONFIGS[9].swap and not CONFIGS[0].swap
 
 
@@ -909,10 +972,10 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
     tk.precompile(config, torch.bfloat16, torch.device("cuda", 0))
     # Again: started once per model shape.
     tk.precompile(config, torch.bfloat16, torch.device("cuda", 0))
-    # The matmul's config for 64 rows per expert and more, each way; 2 gate, 2 combine (the
-    # forward weighted and not), the rotary (queries and keys, each way), 2 norm kernels and
-    # the loss's.
-    assert len(tk._PENDING) == 10
+    # The matmul's launches for 64 rows per expert and more (head and tail), each way; 2 gate,
+    # 2 combine (the forward weighted and not), the rotary (queries and keys, each way), 2 norm
+    # kernels and the loss's.
+    assert len(tk._PENDING) == 12
     tk._wait_for_precompile()
     assert not launched
 
@@ -954,12 +1017,13 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
         tk.cross_entropy_rows_triton(logits, torch.empty(positions, dtype=torch.int64), -100)
     tk.dequantize_mxfp4_triton(*gate_up, bf16)
     tk.dequantize_mxfp4_triton(*down, bf16)
-    assert len(launched) == 5 * 16 + 2
+    # 16 launches a length up to 32 rows per expert, 20 from 64 (each matmul a head and a tail).
+    assert len(launched) == 2 * 16 + 3 * 20 + 2
     # Compiled ahead: every launch of 512 tokens or more (64 rows per expert and more) bar the
     # dequantizer of the dense path; the smaller classes compile on first use.
     big = [key for key in launched[2 * 16 :] if key[0] != "_dequantize_kernel"]
     small = [key for key in launched[: 2 * 16] if key[0] == "_grouped_mxfp4_kernel"]
-    assert len(big) == 3 * 16 and not set(big) - set(warmed)
+    assert len(big) == 3 * 20 and not set(big) - set(warmed)
     assert set(small) - set(warmed)
 
 

@@ -119,12 +119,62 @@ TRAINING_CONFIGS: dict[bool, tuple[tuple[int | None, int], ...]] = {
 }
 
 
+#: Launch pairs that split the experts' rows (index of the head config into :data:`CONFIGS` ->
+#: the tail's): an expert's rows fill 128-row tiles, and a remainder of at most 64 rows, which
+#: would leave half or more of its last 128-row tile padding, goes to a second launch of 64-row
+#: tiles instead (one such tile costs about 0.64 of a 128-row one: the per-config table of
+#: docs/BENCHMARKS.md). With uneven routing many experts end a little past a multiple of 128
+#: rows; without a tail the second launch's programs all return at once.
+TAIL_SPLITS: dict[int, int] = {0: 9}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of the grouped kernel: its tile config and which of each expert's rows it
+    computes (``part`` 0: all; 1: the head, 2: the tail of :data:`TAIL_SPLITS`, split by the
+    head's and the tail's tile heights)."""
+
+    config: KernelConfig
+    part: int = 0
+    head_m: int = 0
+    tail_m: int = 0
+
+    def kwargs(self) -> dict[str, int | bool]:
+        return self.config.kwargs() | {
+            "PART": self.part,
+            "HEAD_M": self.head_m,
+            "TAIL_M": self.tail_m,
+        }
+
+
+def split_launches(head: KernelConfig, tail: KernelConfig) -> tuple[Launch, Launch]:
+    """The two launches that compute every row with ``head``'s tiles and short tails with
+    ``tail``'s."""
+    if head.block_m % tail.block_m:
+        raise ValueError(f"split: head rows {head.block_m} not a multiple of {tail.block_m}")
+    m = (head.block_m, tail.block_m)
+    return Launch(head, 1, *m), Launch(tail, 2, *m)
+
+
 def training_config(rows: int, n_experts: int, transpose: bool) -> KernelConfig:
     """The bf16/fp16 config of :data:`TRAINING_CONFIGS` for ``rows`` rows over ``n_experts``."""
+    return CONFIGS[_training_index(rows, n_experts, transpose)]
+
+
+def training_launches(rows: int, n_experts: int, transpose: bool) -> tuple[Launch, ...]:
+    """What training launches for ``rows`` rows over ``n_experts`` in bf16/fp16: the config of
+    :func:`training_config`, split by :data:`TAIL_SPLITS` where it names one."""
+    index = _training_index(rows, n_experts, transpose)
+    if index in TAIL_SPLITS:
+        return split_launches(CONFIGS[index], CONFIGS[TAIL_SPLITS[index]])
+    return (Launch(CONFIGS[index]),)
+
+
+def _training_index(rows: int, n_experts: int, transpose: bool) -> int:
     size_class = triton.next_power_of_2(max(1, rows // n_experts))
     for largest, index in TRAINING_CONFIGS[transpose]:
         if largest is None or size_class <= largest:
-            return CONFIGS[index]
+            return index
     raise AssertionError("TRAINING_CONFIGS ends with a None class")
 
 
@@ -318,11 +368,16 @@ def _grouped_mxfp4_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SWAP: tl.constexpr,
+    PART: tl.constexpr,
+    HEAD_M: tl.constexpr,
+    TAIL_M: tl.constexpr,
 ):
     """``y[rows_e] = x[rows_e] · op(W_e)``: ``x [n_rows, RED]``, ``y [n_rows, COLS]``.
 
     ``op(W) = Wᵀ`` (``RED = in``, ``COLS = out``) or ``W`` with ``TRANSPOSE`` (``RED = out``,
-    ``COLS = in``).
+    ``COLS = in``). ``PART`` 0 computes every row; 1 and 2 split each expert's rows between two
+    launches (:data:`TAIL_SPLITS`): an expert's last ``rows % HEAD_M`` rows, when they are at most
+    ``TAIL_M``, are the tail (``PART`` 2), the rows before them the head (``PART`` 1).
     """
     # Program -> (row tile, column tile), GROUP_M row tiles at a time.
     pid = tl.program_id(0)
@@ -341,6 +396,13 @@ def _grouped_mxfp4_kernel(
     starts = tl.load(
         offsets_ptr + experts - 1, mask=(experts > 0) & (experts < n_experts), other=0
     ).to(tl.int32)
+    if PART != 0:
+        rest = (ends - starts) % HEAD_M
+        tail = tl.where((rest > 0) & (rest <= TAIL_M), rest, 0)
+        if PART == 1:
+            ends = ends - tail
+        else:
+            starts = ends - tail
     tiles = tl.cdiv(ends - starts, BLOCK_M)
     tile_end = tl.cumsum(tiles, 0)
     if pid_m >= tl.sum(tiles, 0):
@@ -674,6 +736,7 @@ def grouped_mxfp4_matmul_triton(
     *,
     transpose: bool,
     config: KernelConfig | None = None,
+    split: tuple[KernelConfig, KernelConfig] | None = None,
 ) -> Tensor:
     """Grouped matmul with MXFP4 weights dequantized inside the kernel.
 
@@ -688,8 +751,9 @@ def grouped_mxfp4_matmul_triton(
         offsets: int32 ``[E]`` on ``x``'s device, the end of each expert's rows
             (:func:`mxlora.mxfp4.ops.offsets_from_counts`); read by the kernel, never by the host.
         transpose: ``x_e · W_e`` (input gradient) instead of ``x_e · W_eᵀ`` (forward).
-        config: tile sizes; by default :func:`training_config` on the GPU (:data:`FP32_CONFIG`
-            for fp32) and :data:`INTERPRETER_CONFIG` under the interpreter.
+        config: tile sizes of one launch; by default :func:`training_launches` on the GPU
+            (:data:`FP32_CONFIG` for fp32) and :data:`INTERPRETER_CONFIG` under the interpreter.
+        split: instead, two launches (:func:`split_launches`): head and tail configs.
 
     Returns:
         ``[rows, out]`` (``[rows, in]`` with ``transpose``), ``x``'s dtype.
@@ -703,18 +767,23 @@ def grouped_mxfp4_matmul_triton(
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
     packed = blocks.flatten(-2)  # [E, out, in // 2]: a view for the Hub's layout
-    if config is None and INTERPRETED:
-        config = INTERPRETER_CONFIG
-    elif config is None and x.dtype == torch.float32:
-        config = FP32_CONFIG
-    elif config is None:
-        config = training_config(x.shape[0], n_experts, transpose)
+    if split is not None:
+        launches = split_launches(*split)
+    elif config is not None:
+        launches = (Launch(config),)
+    elif INTERPRETED:
+        launches = (Launch(INTERPRETER_CONFIG),)
+    elif x.dtype == torch.float32:
+        launches = (Launch(FP32_CONFIG),)
+    else:
+        launches = training_launches(x.shape[0], n_experts, transpose)
     strides = (x.stride(0), y.stride(0), *packed.stride()[:2], *scales.stride()[:2])
     with _on(x):
-        _matmul_launch(
-            (x, packed, scales, y, offsets), x.shape[0], n_experts, red, cols, strides,
-            transpose, x.dtype, config,
-        )  # fmt: skip
+        for launch in launches:
+            _matmul_launch(
+                (x, packed, scales, y, offsets), x.shape[0], n_experts, red, cols, strides,
+                transpose, x.dtype, launch,
+            )  # fmt: skip
     return y
 
 
@@ -727,28 +796,29 @@ def _matmul_launch(
     strides: tuple[int, ...],
     transpose: bool,
     dtype: torch.dtype,
-    config: KernelConfig,
+    launch: Launch,
     warmup: bool = False,
 ) -> None:
     """Launch :func:`_grouped_mxfp4_kernel`, or with ``warmup`` only compile what that launch
     would (``pointers`` may then be dtypes): one argument list for both, so a precompiled
     kernel is the one training launches (:func:`precompile`)."""
+    config = launch.config
     meta = dict(
         TRANSPOSE=transpose,
         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         DOT_IN_FP32=INTERPRETED and dtype == torch.bfloat16,
         BLOCK_E=max(16, triton.next_power_of_2(n_experts)),
-        **config.kwargs(),
+        **launch.kwargs(),
     )
     row_tiles = triton.cdiv(rows, config.block_m) + n_experts
     grid = (row_tiles * triton.cdiv(cols, config.block_n),)
     args = (*pointers, rows, n_experts, red, cols, *strides)
-    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     if warmup:
-        _loaded(_grouped_mxfp4_kernel.warmup(*args, grid=grid, **meta, **launch))
+        _loaded(_grouped_mxfp4_kernel.warmup(*args, grid=grid, **meta, **options))
     else:
-        _wait_for_precompile(("matmul", transpose, config))
-        _grouped_mxfp4_kernel[grid](*args, **meta, **launch)
+        _wait_for_precompile(("matmul", transpose, launch))
+        _grouped_mxfp4_kernel[grid](*args, **meta, **options)
 
 
 def dequantize_mxfp4_triton(
@@ -995,7 +1065,7 @@ def combine_backward_triton(
 
 
 #: Compiles :func:`precompile` started, not yet waited for (:func:`_wait_for_precompile`), by
-#: what a launch waits for: the kernel, or for the matmul ``("matmul", transpose, config)``.
+#: what a launch waits for: the kernel, or for the matmul ``("matmul", transpose, launch)``.
 _PENDING: dict[object, concurrent.futures.Future] = {}
 _PRECOMPILED: set[tuple] = set()
 
@@ -1008,7 +1078,7 @@ def precompile(config, dtype: torch.dtype, device: torch.device) -> None:
     run beside the load (Triton's compiler releases the GIL for much of its work), in parallel;
     a launch waits for its own kernel if that is still compiling. Only what every short-row
     step runs is compiled ahead (more threads slowed the first step down by holding the GIL):
-    the matmul's config for 64 rows per expert and more, each direction, the gate's, the
+    the matmul's launches for 64 rows per expert and more, each direction, the gate's, the
     combine's, the rotary embedding's and the norm's kernels and the loss's; the rest compiles
     on first use. Each compile is exactly the launch's (same argument list:
     :func:`_matmul_launch`, :func:`_gate_launch`, :func:`_combine_launch`,
@@ -1041,13 +1111,15 @@ def precompile(config, dtype: torch.dtype, device: torch.device) -> None:
     shapes = ((2 * intermediate, hidden), (hidden, intermediate))  # (out, in)
     jobs = []
     for transpose in (False, True):
-        # The config of 64 rows per expert and more (every packed micro-batch of 512 tokens or
-        # more); the smaller classes' compile on first use.
-        config = (
-            FP32_CONFIG if dtype == torch.float32 else CONFIGS[TRAINING_CONFIGS[transpose][-1][1]]
-        )
-        tag = ("matmul", transpose, config)
-        jobs.append((tag, _warm_matmul, dtype, n_experts, shapes, transpose, config, rows))
+        # The launches of 64 rows per expert and more (every packed micro-batch of 512 tokens
+        # or more); the smaller classes' compile on first use.
+        if dtype == torch.float32:
+            launches = (Launch(FP32_CONFIG),)
+        else:
+            launches = training_launches(64 * n_experts, n_experts, transpose)
+        for launch in launches:
+            warm = (_warm_matmul, dtype, n_experts, shapes, transpose, launch, rows)
+            jobs.append((("matmul", transpose, launch), *warm))
     if dtype != torch.float32:
         fwd = (dtype, dtype, torch.int64, dtype)
         bwd = (dtype, dtype, dtype, torch.int64, dtype)
@@ -1096,14 +1168,14 @@ def _on_device(device: torch.device, fn, *args) -> None:
         fn(*args)
 
 
-def _warm_matmul(dtype, n_experts, shapes, transpose, config, rows) -> None:
+def _warm_matmul(dtype, n_experts, shapes, transpose, launch, rows) -> None:
     for n_out, n_in in shapes:
         red, cols = (n_out, n_in) if transpose else (n_in, n_out)
         # Contiguous x and y, the Hub's packed layout (grouped_mxfp4_matmul_triton's strides).
         strides = (red, cols, n_out * n_in // 2, n_in // 2, n_out * n_in // 32, n_in // 32)
         pointers = (dtype, torch.uint8, torch.uint8, dtype, torch.int32)
         _matmul_launch(
-            pointers, rows, n_experts, red, cols, strides, transpose, dtype, config, True
+            pointers, rows, n_experts, red, cols, strides, transpose, dtype, launch, True
         )
 
 
