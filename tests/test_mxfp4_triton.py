@@ -692,10 +692,11 @@ def test_compiles_for_h100(config, dtype, transpose, tmp_path, sm90):
 
 @pytest.mark.parametrize("transpose", [False, True], ids=direction)
 def test_split_launches_compile_for_h100(transpose, tmp_path, sm90):
-    """Training's head and tail launches compile for sm_90 to tensor cores, no spills."""
-    from mxlora.mxfp4.triton_kernels import training_launches
+    """A split's head and tail launches (training's, config 0 and 9) compile for sm_90 to
+    tensor cores, no spills, in either direction."""
+    from mxlora.mxfp4.triton_kernels import CONFIGS, split_launches
 
-    for launch in training_launches(64 * 32, 32, transpose):
+    for launch in split_launches(CONFIGS[0], CONFIGS[9]):
         for n_out, n_in in GPT_OSS_20B.values():
             compiled = compile_sm90(None, "bf16", transpose, n_out, n_in, launch)
             assert "ttng.warp_group_dot" in compiled.asm["ttgir"]
@@ -722,11 +723,12 @@ def test_training_config_follows_the_size_classes():
         assert training_config(32 * 32, 32, transpose) is CONFIGS[9]
         assert training_config(33 * 32, 32, transpose) is CONFIGS[0]  # class 64
         assert training_config(4096 * 32, 32, transpose) is CONFIGS[0]
-        # Where config 0 runs, it runs as a head launch, config 9 taking the short tails.
         assert training_launches(32 * 32, 32, transpose) == (Launch(CONFIGS[9]),)
-        head, tail = training_launches(33 * 32, 32, transpose)
-        assert head == Launch(CONFIGS[0], 1, 128, 64) and tail == Launch(CONFIGS[9], 2, 128, 64)
-    assert TAIL_SPLITS == {0: 9}
+    # Where config 0 runs forward, it runs as a head launch, config 9 taking the short tails.
+    head, tail = training_launches(33 * 32, 32, False)
+    assert head == Launch(CONFIGS[0], 1, 128, 64) and tail == Launch(CONFIGS[9], 2, 128, 64)
+    assert training_launches(33 * 32, 32, True) == (Launch(CONFIGS[0]),)
+    assert TAIL_SPLITS == {False: {0: 9}, True: {}}
     assert CONFIGS[11].swap and not CONFIGS[9].swap and not CONFIGS[0].swap
 
 
@@ -972,10 +974,10 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
     tk.precompile(config, torch.bfloat16, torch.device("cuda", 0))
     # Again: started once per model shape.
     tk.precompile(config, torch.bfloat16, torch.device("cuda", 0))
-    # The matmul's launches for 64 rows per expert and more (head and tail), each way; 2 gate,
+    # The matmul's launches for 64 rows per expert and more (forward: head and tail); 2 gate,
     # 2 combine (the forward weighted and not), the rotary (queries and keys, each way), 2 norm
     # kernels and the loss's.
-    assert len(tk._PENDING) == 12
+    assert len(tk._PENDING) == 11
     tk._wait_for_precompile()
     assert not launched
 
@@ -1017,13 +1019,14 @@ def test_precompile_compiles_what_training_launches(monkeypatch):
         tk.cross_entropy_rows_triton(logits, torch.empty(positions, dtype=torch.int64), -100)
     tk.dequantize_mxfp4_triton(*gate_up, bf16)
     tk.dequantize_mxfp4_triton(*down, bf16)
-    # 16 launches a length up to 32 rows per expert, 20 from 64 (each matmul a head and a tail).
-    assert len(launched) == 2 * 16 + 3 * 20 + 2
+    # 16 launches a length up to 32 rows per expert, 18 from 64 (each forward matmul a head and
+    # a tail).
+    assert len(launched) == 2 * 16 + 3 * 18 + 2
     # Compiled ahead: every launch of 512 tokens or more (64 rows per expert and more) bar the
     # dequantizer of the dense path; the smaller classes compile on first use.
     big = [key for key in launched[2 * 16 :] if key[0] != "_dequantize_kernel"]
     small = [key for key in launched[: 2 * 16] if key[0] == "_grouped_mxfp4_kernel"]
-    assert len(big) == 3 * 20 and not set(big) - set(warmed)
+    assert len(big) == 3 * 18 and not set(big) - set(warmed)
     assert set(small) - set(warmed)
 
 

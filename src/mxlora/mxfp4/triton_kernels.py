@@ -119,13 +119,14 @@ TRAINING_CONFIGS: dict[bool, tuple[tuple[int | None, int], ...]] = {
 }
 
 
-#: Launch pairs that split the experts' rows (index of the head config into :data:`CONFIGS` ->
-#: the tail's): an expert's rows fill 128-row tiles, and a remainder of at most 64 rows, which
-#: would leave half or more of its last 128-row tile padding, goes to a second launch of 64-row
-#: tiles instead (one such tile costs about 0.64 of a 128-row one: the per-config table of
-#: docs/BENCHMARKS.md). With uneven routing many experts end a little past a multiple of 128
-#: rows; without a tail the second launch's programs all return at once.
-TAIL_SPLITS: dict[int, int] = {0: 9}
+#: Launch pairs that split the experts' rows, per direction (``transpose``): index of the head
+#: config into :data:`CONFIGS` -> the tail's. An expert's rows fill 128-row tiles, and a
+#: remainder of at most 64 rows, which would leave half or more of its last 128-row tile
+#: padding, goes to a second launch of 64-row tiles instead (one such tile costs about 0.64 of a
+#: 128-row one: the per-config table of docs/BENCHMARKS.md). The second launch costs at least
+#: one program's whole reduction loop however few tails there are, so it pays only with uneven
+#: routing, and it was measured to pay in the forward direction only (docs/BENCHMARKS.md).
+TAIL_SPLITS: dict[bool, dict[int, int]] = {False: {0: 9}, True: {}}
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,9 @@ def training_launches(rows: int, n_experts: int, transpose: bool) -> tuple[Launc
     """What training launches for ``rows`` rows over ``n_experts`` in bf16/fp16: the config of
     :func:`training_config`, split by :data:`TAIL_SPLITS` where it names one."""
     index = _training_index(rows, n_experts, transpose)
-    if index in TAIL_SPLITS:
-        return split_launches(CONFIGS[index], CONFIGS[TAIL_SPLITS[index]])
+    tail = TAIL_SPLITS[transpose].get(index)
+    if tail is not None:
+        return split_launches(CONFIGS[index], CONFIGS[tail])
     return (Launch(CONFIGS[index]),)
 
 
