@@ -710,19 +710,22 @@ def test_training_config_follows_the_size_classes():
         TAIL_SPLITS,
         TRAINING_CONFIGS,
         Launch,
-        training_config,
         training_launches,
     )
 
     table = ((16, 11), (32, 9), (None, 0))  # the table this test reads
     assert TRAINING_CONFIGS[False] == TRAINING_CONFIGS[True] == table
+
+    def config(rows, n_experts, transpose):
+        return training_launches(rows, n_experts, transpose)[0].config
+
     for transpose in (False, True):
-        assert training_config(16 * 32, 32, transpose) is CONFIGS[11]
-        assert training_config(5, 32, transpose) is CONFIGS[11]  # fewer rows than experts
-        assert training_config(17 * 32, 32, transpose) is CONFIGS[9]  # class 32
-        assert training_config(32 * 32, 32, transpose) is CONFIGS[9]
-        assert training_config(33 * 32, 32, transpose) is CONFIGS[0]  # class 64
-        assert training_config(4096 * 32, 32, transpose) is CONFIGS[0]
+        assert config(16 * 32, 32, transpose) is CONFIGS[11]
+        assert config(5, 32, transpose) is CONFIGS[11]  # fewer rows than experts
+        assert config(17 * 32, 32, transpose) is CONFIGS[9]  # class 32
+        assert config(32 * 32, 32, transpose) is CONFIGS[9]
+        assert config(33 * 32, 32, transpose) is CONFIGS[0]  # class 64
+        assert config(4096 * 32, 32, transpose) is CONFIGS[0]
         assert training_launches(32 * 32, 32, transpose) == (Launch(CONFIGS[9]),)
     # Where config 0 runs forward, it runs as a head launch, config 9 taking the short tails.
     head, tail = training_launches(33 * 32, 32, False)

@@ -157,26 +157,16 @@ def split_launches(head: KernelConfig, tail: KernelConfig) -> tuple[Launch, Laun
     return Launch(head, 1, *m), Launch(tail, 2, *m)
 
 
-def training_config(rows: int, n_experts: int, transpose: bool) -> KernelConfig:
-    """The bf16/fp16 config of :data:`TRAINING_CONFIGS` for ``rows`` rows over ``n_experts``."""
-    return CONFIGS[_training_index(rows, n_experts, transpose)]
-
-
 def training_launches(rows: int, n_experts: int, transpose: bool) -> tuple[Launch, ...]:
     """What training launches for ``rows`` rows over ``n_experts`` in bf16/fp16: the config of
-    :func:`training_config`, split by :data:`TAIL_SPLITS` where it names one."""
-    index = _training_index(rows, n_experts, transpose)
-    tail = TAIL_SPLITS[transpose].get(index)
-    if tail is not None:
-        return split_launches(CONFIGS[index], CONFIGS[tail])
-    return (Launch(CONFIGS[index]),)
-
-
-def _training_index(rows: int, n_experts: int, transpose: bool) -> int:
+    :data:`TRAINING_CONFIGS` for the size class, split by :data:`TAIL_SPLITS` where it names one."""
     size_class = triton.next_power_of_2(max(1, rows // n_experts))
     for largest, index in TRAINING_CONFIGS[transpose]:
         if largest is None or size_class <= largest:
-            return index
+            tail = TAIL_SPLITS[transpose].get(index)
+            if tail is not None:
+                return split_launches(CONFIGS[index], CONFIGS[tail])
+            return (Launch(CONFIGS[index]),)
     raise AssertionError("TRAINING_CONFIGS ends with a None class")
 
 
