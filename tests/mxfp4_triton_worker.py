@@ -27,6 +27,11 @@ from mxlora.mxfp4.triton_kernels import (  # noqa: E402
 
 
 def matmul(job: dict) -> torch.Tensor:
+    if job.get("poison"):
+        # The output's allocation is likely to reuse this freed one: rows the kernel leaves
+        # unwritten would read NaN.
+        cols = job["blocks"].shape[2] * 32 if job["transpose"] else job["blocks"].shape[1]
+        torch.full((job["x"].shape[0], cols), float("nan"), dtype=job["x"].dtype)
     return grouped_mxfp4_matmul_triton(
         job["x"],
         job["blocks"],
@@ -54,10 +59,14 @@ def dequantize(job: dict) -> torch.Tensor:
 
 def layer(job: dict):
     """The experts layer with LoRA (tests/test_mxfp4_experts.py's pair), forward and backward."""
+    from mxlora.mxfp4.experts import padding_skipped
     from test_mxfp4_experts import make_pair, run
 
     _, mine = make_pair(k=job["k"])
-    return run(mine, job["x"], job["indices"], job["weights"], job["grad_out"])
+    if "padding_from" not in job:
+        return run(mine, job["x"], job["indices"], job["weights"], job["grad_out"])
+    with padding_skipped(mine, torch.tensor(job["padding_from"])):
+        return run(mine, job["x"], job["indices"], job["weights"], job["grad_out"])
 
 
 def gate(job: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,6 +71,10 @@ CONFIG_SHAPE = Shape(3, 96, 320, (130, 0, 77))
 # (7, 16 rows), none (0, 17: a remainder over 16 takes a head tile, 32), both (33, 50 = 32 + 18:
 # two head tiles).
 SPLIT_SHAPE = Shape(7, 96, 160, (7, 0, 16, 17, 32, 33, 50))
+# Rows past the last expert's (more than one 16- or 32-row tile), and padding tokens after the
+# real ones of the layer test.
+PAD_ROWS = 37
+PADDED_TOKENS, PAD_TOKENS = 9, 5
 
 
 def weights(shape: Shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +151,19 @@ def build_jobs() -> dict[str, dict]:
             job = matmul_job(SPLIT_SHAPE, dtype, transpose, seed=50)
             job["split"] = SPLIT_CONFIGS
             matmul[f"split-{dname}-{direction(transpose)}"] = job
+    # Rows past the last expert's (a packed batch's padding the experts skip), one launch and
+    # split: the kernel writes them zero. Its output memory is poisoned with NaN first (the
+    # worker), so that rows left unwritten would show.
+    for dname, dtype in DTYPES.items():
+        for transpose in (False, True):
+            for split in (None, SPLIT_CONFIGS):
+                job = matmul_job(SPLIT_SHAPE, dtype, transpose, seed=60)
+                job["x"] = torch.cat(
+                    (job["x"], activations(PAD_ROWS, job["x"].shape[1], dtype, 61))
+                )
+                job["split"], job["poison"] = split, True
+                kind = "padding-split" if split else "padding"
+                matmul[f"{kind}-{dname}-{direction(transpose)}"] = job
     for i, config, dname in gpu_configs():
         for transpose in (False, True):
             job = matmul_job(CONFIG_SHAPE, DTYPES[dname], transpose, seed=100 + i, config=config)
@@ -170,6 +187,15 @@ def build_jobs() -> dict[str, dict]:
         x, indices, weights_ = routing(spec["tokens"], spec["k"], spec.get("indices"))
         grad_out = activations(spec["tokens"], x.shape[1], torch.float32, 2)
         layer[name] = dict(k=spec["k"], x=x, indices=indices, weights=weights_, grad_out=grad_out)
+    # The last tokens are padding that the experts skip (mxlora.mxfp4.experts.padding_skipped):
+    # alike, as a packed batch's are, and no gradient reaches them.
+    x, indices, weights_ = routing(PADDED_TOKENS + PAD_TOKENS, 2)
+    x[PADDED_TOKENS:] = x[PADDED_TOKENS]
+    grad_out = activations(x.shape[0], x.shape[1], torch.float32, 2)
+    grad_out[PADDED_TOKENS:] = 0
+    layer["padding-skipped"] = dict(
+        k=2, x=x, indices=indices, weights=weights_, grad_out=grad_out, padding_from=PADDED_TOKENS
+    )
     dequantize = {}
     for name, shape in (
         ("idle-expert-E5", SHAPES["idle-expert-E5"]),
@@ -411,6 +437,50 @@ def test_strided_rows(interpreted, transpose):
         job["x"].contiguous(), job["blocks"], job["scales"], job["counts"], transpose=transpose
     )
     assert_matches(results["matmul"][name], expected)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [f"{k}-{d}-{direction(t)}" for k in ("padding", "padding-split") for d in DTYPES
+     for t in (False, True)],
+)  # fmt: skip
+def test_rows_past_the_last_expert_come_out_zero(interpreted, name):
+    """Offsets ending before the last row: those rows belong to no expert, and the launch of
+    the experts' first rows writes them zero (the memory was NaN: nothing is left unwritten);
+    the experts' rows are as without them."""
+    jobs, results = interpreted
+    job = jobs["matmul"][name]
+    got, rows = results["matmul"][name], sum(job["counts"])
+    assert got.shape[0] == rows + PAD_ROWS
+    expected = grouped_mxfp4_matmul_reference(
+        job["x"][:rows], job["blocks"], job["scales"], job["counts"], transpose=job["transpose"]
+    )
+    assert_matches(got[:rows], expected)
+    assert torch.equal(got[rows:], torch.zeros_like(got[rows:]))
+
+
+def test_experts_skip_padding(interpreted, monkeypatch):
+    """The experts layer with its last tokens skipped as padding (``padding_skipped``): the
+    real tokens' outputs, input and routing-weight gradients and every LoRA gradient are those
+    of the full computation; the padding's outputs are finite and get no gradient."""
+    monkeypatch.setenv(KERNELS_ENV, "reference")
+    jobs, results = interpreted
+    job = jobs["layer"]["padding-skipped"]
+    _, mine = make_pair(k=job["k"])
+    y_ref, dx_ref, dw_ref, grads_ref = run(
+        mine, job["x"], job["indices"], job["weights"], job["grad_out"]
+    )
+    y, dx, dw, grads = results["layer"]["padding-skipped"]
+    real = slice(0, job["padding_from"])
+    for got, want in ((y[real], y_ref[real]), (dx[real], dx_ref[real]), (dw[real], dw_ref[real])):
+        assert_matches(got, want)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 4
+    for n in grads_ref:
+        assert_matches(grads[n], grads_ref[n])
+    pad = slice(job["padding_from"], None)
+    assert torch.isfinite(y[pad]).all() and not torch.equal(y[pad], y_ref[pad])  # skipped
+    assert torch.equal(dx[pad], torch.zeros_like(dx[pad]))
+    assert torch.equal(dw[pad], torch.zeros_like(dw[pad]))
 
 
 def _split_configs():

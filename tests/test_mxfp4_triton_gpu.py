@@ -31,7 +31,12 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from mxlora.model.configs import gpt_oss_20b_config
 from mxlora.mxfp4 import dequantize_mxfp4, dequantize_mxfp4_experts, quantize_mxfp4
-from mxlora.mxfp4.experts import Mxfp4Experts, grouped_mxfp4_matmul_reference, inject_expert_lora
+from mxlora.mxfp4.experts import (
+    Mxfp4Experts,
+    grouped_mxfp4_matmul_reference,
+    inject_expert_lora,
+    padding_skipped,
+)
 from mxlora.mxfp4.kernels import kernel_available
 from mxlora.mxfp4.ops import dequantize_mxfp4_torch, mxfp4_grouped_mm, offsets_from_counts
 from test_mxfp4_experts import Holder, run
@@ -272,6 +277,37 @@ def test_layer_gradients_match_the_seed_path(weights):
         print(path, {k: f"{v:.6f}" for k, v in found.items()})
         low = {k: v for k, v in found.items() if not v >= 0.9999}
         assert not low, (path, low)
+
+
+def test_skipping_padding_changes_no_real_token_at_20b_size(weights):
+    """A packed step's bucket padding (identical tokens, routed alike) skipped by the experts
+    (``padding_skipped``), at gpt-oss-20b's layer size in bf16: the real tokens' outputs, input
+    and routing-weight gradients equal the full computation's, and so does every LoRA gradient
+    (the padding's output gradient is zero, as a packed step's is), within a bf16 rounding (the
+    kernel's tiles and the LoRA's last group change; the test prints which are bit-identical)."""
+    _, mine = experts_pair(weights)
+    real, padding = 530, 110  # a quotes step's tokens and its bucket's padding (640)
+    indices, routing_weights = routing(real + padding)
+    gen = cuda_gen(10)
+    x = torch.randn(real + padding, H, generator=gen, device="cuda").bfloat16()
+    x[real:] = x[real]
+    indices[real:], routing_weights[real:] = indices[real], routing_weights[real]
+    grad_out = torch.randn(real + padding, H, generator=gen, device="cuda").bfloat16()
+    grad_out[real:] = 0
+    inputs = (x, indices, routing_weights.bfloat16(), grad_out)
+    y_full, dx_full, dw_full, grads_full = run(mine, *inputs)
+    with padding_skipped(mine, torch.tensor(real, device="cuda")):
+        y, dx, dw, grads = run(mine, *inputs)
+    pairs = {"y": (y[:real], y_full[:real]), "dx": (dx[:real], dx_full[:real])}
+    pairs |= {"d_routing": (dw[:real], dw_full[:real])}
+    pairs |= {name: (grad, grads_full[name]) for name, grad in grads.items()}
+    assert len(pairs) == 3 + 4
+    for name, (got, want) in pairs.items():
+        print(name, "bit-identical" if torch.equal(got, want) else cosine(got, want))
+        atol = 2**-7 * want.abs().max().item()  # a bf16 rounding of the largest value
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=atol, msg=name)
+    assert not torch.equal(y[real:], y_full[real:]) and torch.isfinite(y).all()
+    assert not dx[real:].any() and not dw[real:].any()
 
 
 def test_bench_script(tmp_path):

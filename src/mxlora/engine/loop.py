@@ -84,6 +84,7 @@ from mxlora.engine.run_folder import (
     oom_message,
 )
 from mxlora.model.load import held_experts
+from mxlora.mxfp4.experts import padding_skipped
 from mxlora.mxfp4.kernels import TRITON, resolve_backend
 from mxlora.report.metrics import MetricsLog
 from mxlora.report.writer import write_json
@@ -520,12 +521,15 @@ class Loop:
         """Forward, loss and backward of one packed micro-batch, what a CUDA graph captures
         (no host sync): its summed cross-entropy times its weight over the step's assistant
         tokens, backpropagated into the ``.grad``s; returns that loss, detached."""
-        with self._autocast():
-            total = forward_loss(
-                self.causal_lm, inputs.batch, self.attention, self.dtype, self.backend
-            )
-            loss = total * inputs.weight / inputs.items
-        loss.backward()
+        # The bucket's padding (from cu_seqlens[-2] on) takes no expert work, in the forward
+        # and in a checkpointed block's recompute alike.
+        with padding_skipped(self.causal_lm, inputs.batch.cu_seqlens[-2]):
+            with self._autocast():
+                total = forward_loss(
+                    self.causal_lm, inputs.batch, self.attention, self.dtype, self.backend
+                )
+                loss = total * inputs.weight / inputs.items
+            loss.backward()
         return loss.detach()
 
     def _pack(self, rows: dict[str, list[list[int]]], indices: list[int]) -> PackedBatch:
@@ -640,10 +644,10 @@ class Loop:
             indices = list(range(first, min(first + size, rows)))
             items = max(self._counts(self.eval_rows, indices)[0], 1)  # the global batch's
             here, scale = self._share(indices)
-            batch = self._pack(self.eval_rows, here)
-            with self._autocast():
+            batch = self._pack(self.eval_rows, here).to(self.device)
+            with padding_skipped(self.causal_lm, batch.cu_seqlens[-2]), self._autocast():
                 total = forward_loss(
-                    self.causal_lm, batch.to(self.device), self.attention, self.dtype, self.backend
+                    self.causal_lm, batch, self.attention, self.dtype, self.backend
                 )
             weighted.append(total * scale / items * len(indices))
             count += len(indices)

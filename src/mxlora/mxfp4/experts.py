@@ -27,8 +27,9 @@ weight. Wrappers nest in the order PEFT nests them (``gate_up_proj`` innermost, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ __all__ = [
     "grouped_lora",
     "grouped_mxfp4_matmul_reference",
     "inject_expert_lora",
+    "padding_skipped",
 ]
 
 #: The expert weights, in ``GptOssExperts``' parameter registration order. PEFT wraps the targeted
@@ -178,6 +180,9 @@ class Mxfp4Experts(nn.Module):
         self.alpha = alpha
         self.limit = limit
         self.backend = resolve_backend(gate_up_proj_blocks.device, backend)
+        #: 0-dim integer tensor on the device, or None: the tokens from this index on are
+        #: padding that no expert computes (:func:`padding_skipped`).
+        self.padding_from: Tensor | None = None
         # All frozen parameters (uint8 ones included, so that FSDP2 can shard them along the
         # expert dimension like any parameter): never trainable, never cast by ``.to(dtype)``
         # (which converts floating-point tensors only).
@@ -217,25 +222,41 @@ class Mxfp4Experts(nn.Module):
         """
         lora = lora or {}
         tokens, top_k = router_indices.shape
-        # Group the (token, slot) assignments by expert (stable: each expert sees its tokens in
-        # order). ``order[p]`` is the assignment at sorted position p, ``inverse`` its inverse.
-        # The group ends stay on the device (no host sync, no data-dependent shape).
-        expert_ids, order = torch.sort(router_indices.reshape(-1), stable=True)
-        positions = torch.arange(order.numel(), device=order.device)
-        inverse = torch.empty_like(order).scatter_(0, order, positions)
-        bounds = torch.arange(1, self.num_experts + 1, device=expert_ids.device)
-        offsets = torch.searchsorted(expert_ids, bounds.to(expert_ids.dtype), out_int32=True)
-
         # The gate and the combine: one Triton kernel each way on the kernel backend in eager
         # blocks; torch ops otherwise (mxlora.mxfp4.gate, mxlora.mxfp4.combine), which compiled
         # blocks fuse themselves (inductor's kernels beat ours at many rows: docs/BENCHMARKS.md).
         fused = self.backend == TRITON and not torch.compiler.is_compiling()
+        ids = router_indices.reshape(-1)
+        skip = fused and self.padding_from is not None
+        if skip:
+            # Padding takes expert "E": sorted past every expert's rows, where the kernel
+            # computes nothing and writes zeros (mxlora.mxfp4.triton_kernels).
+            slots = torch.arange(ids.numel(), device=ids.device)
+            ids = torch.where(slots < self.padding_from * top_k, ids, self.num_experts)
+        # Group the (token, slot) assignments by expert (stable: each expert sees its tokens in
+        # order). ``order[p]`` is the assignment at sorted position p, ``inverse`` its inverse.
+        # The group ends stay on the device (no host sync, no data-dependent shape).
+        expert_ids, order = torch.sort(ids, stable=True)
+        positions = torch.arange(order.numel(), device=order.device)
+        inverse = torch.empty_like(order).scatter_(0, order, positions)
+        bounds = torch.arange(1, self.num_experts + 1, device=expert_ids.device)
+        offsets = torch.searchsorted(expert_ids, bounds.to(expert_ids.dtype), out_int32=True)
+        lora_offsets = offsets
+        if skip:
+            # torch's grouped GEMMs leave rows past the last group unwritten: for the expert
+            # LoRA the padding joins the last expert's group (its gradient there is zero: the
+            # padding reaches no loss position). The biases take that expert's too.
+            lora_offsets = torch.cat((offsets[:-1], offsets.new_full((1,), ids.numel())))
+            expert_ids = expert_ids.clamp(max=self.num_experts - 1)
+
         x = _Gathered.apply(hidden_states, order // top_k, inverse, top_k, fused)
         # The gate adds gate_up's bias itself (in one kernel on the triton backend).
-        gate_up = self._project("gate_up_proj", x, expert_ids, offsets, lora, bias=False)
+        gate_up = self._project(
+            "gate_up_proj", x, expert_ids, (offsets, lora_offsets), lora, bias=False
+        )
         gate = fused_gate if fused else gate_reference
         gated = gate(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
-        out = self._project("down_proj", gated, expert_ids, offsets, lora)
+        out = self._project("down_proj", gated, expert_ids, (offsets, lora_offsets), lora)
         # Back to (token, slot) order, then each token's routing-weighted sum over its slots:
         # permutations and a reduction, no scatter (atomics) either way.
         if fused:
@@ -250,19 +271,20 @@ class Mxfp4Experts(nn.Module):
         proj: str,
         x: Tensor,
         expert_ids: Tensor,
-        offsets: Tensor,
+        offsets: tuple[Tensor, Tensor],
         lora: Mapping[str, Sequence[LoraFactors]],
         bias: bool = True,
     ) -> Tensor:
+        # ``offsets``: the frozen matmul's and the LoRA's (they differ where padding is skipped).
         # ``view``: the bytes may be held under a 1-byte float dtype (FSDP2, see
         # :func:`mxlora.distributed.shard_model`); a no-op for uint8.
         blocks = getattr(self, f"{proj}_blocks").view(torch.uint8)
         scales = getattr(self, f"{proj}_scales").view(torch.uint8)
-        y = frozen_mxfp4_matmul(x, blocks, scales, offsets, False, self.backend)
+        y = frozen_mxfp4_matmul(x, blocks, scales, offsets[0], False, self.backend)
         if bias:
             y = y + getattr(self, f"{proj}_bias")[expert_ids]
         for factors in lora.get(proj, ()):
-            y = y + grouped_lora(x, factors, offsets)
+            y = y + grouped_lora(x, factors, offsets[1])
         return y
 
     def extra_repr(self) -> str:
@@ -270,6 +292,29 @@ class Mxfp4Experts(nn.Module):
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, mxfp4, backend={self.backend}"
         )
+
+
+@contextlib.contextmanager
+def padding_skipped(model: nn.Module, start: Tensor) -> Iterator[None]:
+    """Within, the MXFP4 experts of ``model`` compute nothing for the tokens from ``start`` on.
+
+    For a packed batch's bucket padding (:mod:`mxlora.engine.packing`), which would otherwise
+    take real expert work: identical padding tokens route alike, so they pile onto the same few
+    experts and add whole row tiles there. ``start`` is a 0-dim integer tensor on the device
+    (the packed batch's ``cu_seqlens[-2]``, a CUDA graph's static buffer), so nothing syncs.
+    The padding's expert output is then zero plus the biases and the last expert's LoRA, and
+    the real tokens' values and gradients are those of the full computation: no real token
+    sees the padding. Applied on the ``triton`` backend in eager blocks, whose kernel writes the
+    skipped rows zero; elsewhere the padding is computed as before.
+    """
+    experts = [m for m in model.modules() if isinstance(m, Mxfp4Experts)]
+    for m in experts:
+        m.padding_from = start
+    try:
+        yield
+    finally:
+        for m in experts:
+            m.padding_from = None
 
 
 class Mxfp4ParamWrapper(ParamWrapper):

@@ -261,7 +261,8 @@ def mxfp4_grouped_mm(
         x: ``[rows, in]`` (``[rows, out]`` with ``transpose``), rows grouped by expert.
         blocks: uint8 ``[E, out, in // 32, 16]``.
         scales: uint8 e8m0 ``[E, out, in // 32]``.
-        offsets: int32 ``[E]``, the end of each expert's rows (``offsets[-1] == rows``).
+        offsets: int32 ``[E]``, the end of each expert's rows (``offsets[-1] == rows``; the
+            ``triton`` backend also takes fewer: rows past ``offsets[-1]`` come out zero).
         transpose: ``x_e · W_e`` (input gradient) instead of ``x_e · W_eᵀ``.
         backend: ``reference``, ``torch`` or ``triton``.
 

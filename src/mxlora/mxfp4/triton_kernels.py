@@ -373,7 +373,9 @@ def _grouped_mxfp4_kernel(
     """
     # Program -> (row tile, column tile), GROUP_M row tiles at a time.
     pid = tl.program_id(0)
-    n_m_tiles = tl.cdiv(n_rows, BLOCK_M) + n_experts  # >= sum_e ceil(counts[e] / BLOCK_M)
+    # >= sum_e ceil(counts[e] / BLOCK_M) + ceil(rows past the last expert's / BLOCK_M): each
+    # of those E + 1 ceilings adds less than 1 to n_rows / BLOCK_M.
+    n_m_tiles = tl.cdiv(n_rows, BLOCK_M) + n_experts
     n_n_tiles = tl.cdiv(COLS, BLOCK_N)
     per_group = GROUP_M * n_n_tiles
     first_m = (pid // per_group) * GROUP_M
@@ -397,7 +399,18 @@ def _grouped_mxfp4_kernel(
             starts = ends - tail
     tiles = tl.cdiv(ends - starts, BLOCK_M)
     tile_end = tl.cumsum(tiles, 0)
-    if pid_m >= tl.sum(tiles, 0):
+    n_tiles = tl.sum(tiles, 0)
+    if pid_m >= n_tiles:
+        # Rows past the last expert's belong to none (a packed batch's padding, which the
+        # experts skip: mxlora.mxfp4.experts): the launch of every expert's first rows writes
+        # them zero, with the programs left over (the grid has enough: see n_m_tiles).
+        if PART != 2:
+            pad_m = tl.load(offsets_ptr + n_experts - 1).to(tl.int32)
+            pad_m += (pid_m - n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+            pad_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            y = y_ptr + pad_m.to(tl.int64)[:, None] * stride_ym + pad_n[None, :]
+            mask = (pad_m < n_rows)[:, None] & (pad_n < COLS)[None, :]
+            tl.store(y, tl.zeros((BLOCK_M, BLOCK_N), y_ptr.dtype.element_ty), mask=mask)
         return
     expert = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
     mine = experts == expert
@@ -742,6 +755,7 @@ def grouped_mxfp4_matmul_triton(
         scales: uint8 e8m0 ``[E, out, in // 32]``, its last dimension contiguous.
         offsets: int32 ``[E]`` on ``x``'s device, the end of each expert's rows
             (:func:`mxlora.mxfp4.ops.offsets_from_counts`); read by the kernel, never by the host.
+            Rows past ``offsets[-1]`` belong to no expert: computed by nothing, output zero.
         transpose: ``x_e · W_e`` (input gradient) instead of ``x_e · W_eᵀ`` (forward).
         config: tile sizes of one launch; by default :func:`training_launches` on the GPU
             (:data:`FP32_CONFIG` for fp32) and :data:`INTERPRETER_CONFIG` under the interpreter.
