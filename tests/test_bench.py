@@ -263,6 +263,32 @@ def test_profile_engine_times_and_counts_the_loop_steps(tmp_path):
     assert "aten::" in figures["table"]
 
 
+def test_padding_script_counts_the_quotes_epoch(shared_data, tokenizer_dir, capsys):
+    """bench/padding.py on the bench's quotes epoch (199 micro-batches of 4 rows, as the seed run's steps): every micro-batch
+    is counted once in the packed lengths, and the padding it reports is what packing adds."""
+    path = ROOT / "bench" / "padding.py"
+    spec = importlib.util.spec_from_file_location("padding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (
+        module.forward_tiles(128 + 64) == pytest.approx(1.64)
+        and module.forward_tiles(128 + 65) == 2
+    )
+    assert module.gradient_tiles(129) == 2 and module.gradient_tiles(0) == 0
+    assert (
+        module.main([str(ROOT / "bench/configs/gpt-oss-20b.yaml"), "--workloads", "quotes-epoch"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    first, tokens = out.splitlines()[:2]
+    assert first.startswith("quotes-epoch: 199 micro-batches")
+    uses = [int(u.split("(")[1].rstrip(")")) for u in first.split(": ", 2)[2].split(", ")]
+    assert sum(uses) == 199  # the seed run's 199 steps
+    real, pad = (float(w) for w in tokens.split()[3:6:2])
+    assert 0 < pad < 128 and 300 < real < 1000
+    assert "fewer" in out
+
+
 @pytest.mark.slow
 def test_gpus_runs_the_variant_under_torchrun(tmp_path):
     """``gpus: 2`` (gloo on the CPU): the variant's child runs as 2 processes, each workload's
