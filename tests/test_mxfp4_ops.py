@@ -75,6 +75,36 @@ def test_torch_path_matches_reference(shape, dname, transpose):
         assert y.abs().max() > 0 and dx.abs().max() > 0
 
 
+@pytest.mark.parametrize("transpose", [False, True], ids=direction)
+def test_torch_path_takes_rows_past_the_last_expert_into_its_group(transpose):
+    """Offsets ending before the last row (skipped padding, mxlora.mxfp4.experts): the
+    grouped-GEMM path computes those rows with the last expert's weight (torch's grouped GEMM
+    would leave them unwritten), forward and input gradient; the experts' rows are unchanged."""
+    shape = SHAPES["idle-expert-E5"]
+    blocks, scales = weights(shape, seed=7)
+    rows, pad = sum(shape.counts), 9
+    width, other = (shape.n_out, shape.n_in) if transpose else (shape.n_in, shape.n_out)
+    x = activations(rows + pad, width, torch.float32, 8).requires_grad_()
+    dy = activations(rows + pad, other, torch.float32, 9)
+    y = mxfp4_grouped_mm(
+        x, blocks, scales, offsets_from_counts(shape.counts, "cpu"), transpose, "torch"
+    )
+    y.backward(dy)
+    as_last = (*shape.counts[:-1], shape.counts[-1] + pad)  # the padding in the last group
+    y_ref, dx_ref = forward_backward_of(x.detach(), dy, blocks, scales, as_last, transpose)
+    assert_close(y.detach(), y_ref)
+    assert_close(x.grad, dx_ref)
+
+
+def forward_backward_of(x, dy, blocks, scales, counts, transpose: bool):
+    """The reference backend's output and input gradient for ``x``, ``dy``."""
+    x = x.clone().requires_grad_()
+    offsets = offsets_from_counts(counts, "cpu")
+    y = mxfp4_grouped_mm(x, blocks, scales, offsets, transpose, "reference")
+    y.backward(dy)
+    return y.detach(), x.grad
+
+
 def _lookup_eager(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
     """What the torch path compiles on CUDA (``_lookup``), run eagerly."""
     return _lookup(blocks, scales, *_tables(_compute_dtype(dtype), blocks.device), dtype)

@@ -279,14 +279,19 @@ def test_layer_gradients_match_the_seed_path(weights):
         assert not low, (path, low)
 
 
-def test_skipping_padding_changes_no_real_token_at_20b_size(weights):
+@pytest.mark.parametrize(
+    ("real", "padding"), [(530, 110), (1921, 127)], ids=["fused-kernel", "dense-path"]
+)
+def test_skipping_padding_changes_no_real_token_at_20b_size(weights, real, padding):
     """A packed step's bucket padding (identical tokens, routed alike) skipped by the experts
-    (``padding_skipped``), at gpt-oss-20b's layer size in bf16: the real tokens' outputs, input
-    and routing-weight gradients equal the full computation's, and so does every LoRA gradient
-    (the padding's output gradient is zero, as a packed step's is), within a bf16 rounding (the
-    kernel's tiles and the LoRA's last group change; the test prints which are bit-identical)."""
+    (``padding_skipped``), at gpt-oss-20b's layer size in bf16, in a short and a long bucket:
+    the real tokens' outputs, input and routing-weight gradients equal the full computation's,
+    and so does every LoRA gradient (the padding's output gradient is zero, as a packed step's
+    is), within a bf16 rounding (the kernel's tiles and the LoRA's last group change; the test
+    prints which are bit-identical)."""
     _, mine = experts_pair(weights)
-    real, padding = 530, 110  # a quotes step's tokens and its bucket's padding (640)
+    # A quotes step's tokens and its bucket's padding (640, the fused kernel), or a long
+    # bucket's (2048: the dequantize + grouped_mm path, which computes the skipped rows).
     indices, routing_weights = routing(real + padding)
     gen = cuda_gen(10)
     x = torch.randn(real + padding, H, generator=gen, device="cuda").bfloat16()

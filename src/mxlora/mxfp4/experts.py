@@ -229,8 +229,8 @@ class Mxfp4Experts(nn.Module):
         ids = router_indices.reshape(-1)
         skip = fused and self.padding_from is not None
         if skip:
-            # Padding takes expert "E": sorted past every expert's rows, where the kernel
-            # computes nothing and writes zeros (mxlora.mxfp4.triton_kernels).
+            # Padding takes expert "E": sorted past every expert's rows, which the fused
+            # kernel does not compute (mxlora.mxfp4.ops.mxfp4_grouped_mm).
             slots = torch.arange(ids.numel(), device=ids.device)
             ids = torch.where(slots < self.padding_from * top_k, ids, self.num_experts)
         # Group the (token, slot) assignments by expert (stable: each expert sees its tokens in
@@ -304,8 +304,10 @@ def padding_skipped(model: nn.Module, start: Tensor) -> Iterator[None]:
     (the packed batch's ``cu_seqlens[-2]``, a CUDA graph's static buffer), so nothing syncs.
     The padding's expert output is then zero plus the biases and the last expert's LoRA, and
     the real tokens' values and gradients are those of the full computation: no real token
-    sees the padding. Applied on the ``triton`` backend in eager blocks, whose kernel writes the
-    skipped rows zero; elsewhere the padding is computed as before.
+    sees the padding. Applied on the ``triton`` backend in eager blocks: its fused kernel
+    (short rows) writes the skipped rows zero and computes none of them; at many rows its
+    grouped GEMM computes them with the last expert (:func:`mxlora.mxfp4.ops.mxfp4_grouped_mm`).
+    Elsewhere the padding is routed and computed as before.
     """
     experts = [m for m in model.modules() if isinstance(m, Mxfp4Experts)]
     for m in experts:

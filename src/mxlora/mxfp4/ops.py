@@ -207,8 +207,13 @@ def _width(blocks: Tensor, transpose: bool) -> int:
 
 
 def _dense_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, transpose: bool) -> Tensor:
-    """``x_e · W_eᵀ`` (or ``x_e · W_e``) with the dequantized ``w [E, out, in]``."""
-    return _aten_grouped_mm(x.contiguous(), w if transpose else w.transpose(-1, -2), offsets)
+    """``x_e · W_eᵀ`` (or ``x_e · W_e``) with the dequantized ``w [E, out, in]``.
+
+    torch's grouped GEMM leaves rows past the last group unwritten, so rows past
+    ``offsets[-1]`` (no expert's: skipped padding) join the last group: computed, finite.
+    """
+    ends = torch.cat((offsets[:-1], offsets.new_full((1,), x.shape[0])))
+    return _aten_grouped_mm(x.contiguous(), w if transpose else w.transpose(-1, -2), ends)
 
 
 def _reference_impl(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool) -> Tensor:
@@ -261,8 +266,10 @@ def mxfp4_grouped_mm(
         x: ``[rows, in]`` (``[rows, out]`` with ``transpose``), rows grouped by expert.
         blocks: uint8 ``[E, out, in // 32, 16]``.
         scales: uint8 e8m0 ``[E, out, in // 32]``.
-        offsets: int32 ``[E]``, the end of each expert's rows (``offsets[-1] == rows``; the
-            ``triton`` backend also takes fewer: rows past ``offsets[-1]`` come out zero).
+        offsets: int32 ``[E]``, the end of each expert's rows. Rows past ``offsets[-1]``
+            belong to no expert (skipped padding): the fused Triton kernel writes them zero,
+            the grouped-GEMM paths (``torch``, ``triton`` at many rows) compute them with the
+            last expert's weight; the ``reference`` backend needs ``offsets[-1] == rows``.
         transpose: ``x_e · W_e`` (input gradient) instead of ``x_e · W_eᵀ``.
         backend: ``reference``, ``torch`` or ``triton``.
 
