@@ -9,6 +9,7 @@ script only computes and saves the kernel's outputs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -123,6 +124,47 @@ def cross_entropy(job: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return cross_entropy_rows_(logits, job["targets"], "triton"), logits
 
 
+def loop_step(job: dict) -> dict:
+    """The engine's packed micro-step (forward, loss, backward) on a tiny model with the Triton
+    kernels, the padding computed and then skipped as the loop skips it; the rows each frozen
+    matmul took and where its experts' rows ended."""
+    from mxlora.config import ExpertTargets, LoraConfig, ModelConfig
+    from mxlora.engine.attention import register
+    from mxlora.engine.loop import forward_loss
+    from mxlora.model.load import load_weights
+    from mxlora.model.lora import apply_lora
+    from mxlora.mxfp4 import experts
+
+    spec = ModelConfig(name_or_path="tiny:layers=1", experts="mxfp4", dtype="float32")
+    torch.manual_seed(0)
+    model = apply_lora(load_weights(spec, "cpu"), LoraConfig(experts=ExpertTargets(layers=[0])))
+    lm = model.get_base_model()
+    lm.set_attn_implementation(register())
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch, seen = job["batch"], []
+    matmul = experts.frozen_mxfp4_matmul
+
+    def spy(x, blocks, scales, offsets, *args):
+        seen.append((x.shape[0], int(offsets[-1])))
+        return matmul(x, blocks, scales, offsets, *args)
+
+    experts.frozen_mxfp4_matmul = spy
+    out = {}
+    for name in ("computed", "skipped"):
+        for p in params:
+            p.grad = None
+        seen.clear()
+        skip = name == "skipped"
+        with (
+            experts.padding_skipped(lm, batch.cu_seqlens[-2]) if skip else contextlib.nullcontext()
+        ):
+            loss = forward_loss(lm, batch, "reference", torch.float32, "torch")
+            loss.backward()
+        out[name] = (loss.detach(), [p.grad.clone() for p in params], list(seen))
+    experts.frozen_mxfp4_matmul = matmul
+    return out
+
+
 def availability() -> dict[str, bool]:
     cpu = torch.zeros(1)
     found = {"default": kernel_available(cpu)}
@@ -147,6 +189,7 @@ def main(jobs_path: str, results_path: str) -> None:
         "rotary": {name: rotary(job) for name, job in jobs["rotary"].items()},
         "norm": {name: norm(job) for name, job in jobs["norm"].items()},
         "cross_entropy": {n: cross_entropy(job) for n, job in jobs["cross_entropy"].items()},
+        "loop": loop_step(jobs["loop"]),
         "layer_backend": resolve_backend("cpu"),
     }
     torch.save(results, results_path)

@@ -232,6 +232,7 @@ def build_jobs() -> dict[str, dict]:
         "rotary": rotary,
         "norm": norm,
         "cross_entropy": cross_entropy,
+        "loop": {"batch": loop_batch()},
     }
 
 
@@ -481,6 +482,34 @@ def test_experts_skip_padding(interpreted, monkeypatch):
     assert torch.isfinite(y[pad]).all() and not torch.equal(y[pad], y_ref[pad])  # skipped
     assert torch.equal(dx[pad], torch.zeros_like(dx[pad]))
     assert torch.equal(dw[pad], torch.zeros_like(dw[pad]))
+
+
+def loop_batch():
+    """Three rows packed as the engine packs them: 101 tokens in a 128-token bucket."""
+    from mxlora.engine.packing import pack
+
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (50, 31, 20)]
+    return pack(rows, [[0] * 10 + [1] * (len(r) - 10) for r in rows], 0)
+
+
+def test_packed_step_skips_the_padding_and_trains_the_same(interpreted):
+    """The loop's micro-step on a tiny model with the Triton kernels (fp32): with the padding
+    skipped (the loop's ``padding_skipped``), every frozen expert matmul ends its experts' rows
+    at the real tokens' and the loss and every LoRA gradient are the padding-computed step's."""
+    jobs, results = interpreted
+    batch, got = jobs["loop"]["batch"], results["loop"]
+    assert (batch.tokens, batch.length) == (101, 128)
+    loss, grads, seen = got["computed"]
+    loss_skipped, grads_skipped, seen_skipped = got["skipped"]
+    top_k = 2  # the tiny model's
+    assert seen and all(ends == rows == 128 * top_k for rows, ends in seen)
+    assert len(seen_skipped) == len(seen)
+    assert all(rows == 128 * top_k and ends == 101 * top_k for rows, ends in seen_skipped)
+    torch.testing.assert_close(loss_skipped, loss, rtol=1e-6, atol=0)
+    assert len(grads) == len(grads_skipped) > 4
+    for got_grad, want in zip(grads_skipped, grads, strict=True):
+        torch.testing.assert_close(got_grad, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
 def _split_configs():
