@@ -29,7 +29,6 @@ from mxlora.model.tokenizer import ensure_tokenizer
 from mxlora.recipes.bench import load_bench_config
 
 HEAD, TAIL, TAIL_COST = 128, 64, 0.64
-LAYERS = 24
 
 
 def forward_tiles(rows: int) -> float:
@@ -49,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = load_bench_config(args.config)
     model = gpt_oss_20b_config()
     experts, k = model["num_local_experts"], model["num_experts_per_tok"]
+    layers = model["num_hidden_layers"]
     tokenizer = AutoTokenizer.from_pretrained(ensure_tokenizer())
     gen = torch.Generator().manual_seed(0)
     share_prior = torch.distributions.Dirichlet(torch.full((experts,), 3.0))
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         tiles = Counter()
         for real in batches:
             pad = bucketed(real) - real
-            for _ in range(LAYERS):
+            for _ in range(layers):
                 logits = share_prior.sample().log() + torch.randn(real, experts, generator=gen)
                 counts = torch.bincount(logits.topk(k, -1).indices.flatten(), minlength=experts)
                 skipped = counts.tolist()
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         for direction in ("forward", "gradient"):
             before, after = tiles[f"{direction} computed"], tiles[f"{direction} skipped"]
             print(
-                f"  model, {direction} row tiles per matmul: {before / n / LAYERS:.1f} with the "
-                f"padding, {after / n / LAYERS:.1f} without ({100 * (1 - after / before):.1f} % fewer)"
+                f"  model, {direction} row tiles per matmul: {before / n / layers:.1f} with the "
+                f"padding, {after / n / layers:.1f} without ({100 * (1 - after / before):.1f} % fewer)"
             )
     return 0
 

@@ -54,9 +54,15 @@ def forward_backward(shape: Shape, dtype, transpose: bool, backend: str, seed: i
     blocks, scales = weights(shape, seed)
     rows = sum(shape.counts)
     width, other = (shape.n_out, shape.n_in) if transpose else (shape.n_in, shape.n_out)
-    x = activations(rows, width, dtype, seed + 1).requires_grad_()
+    x = activations(rows, width, dtype, seed + 1)
     dy = activations(rows, other, dtype, seed + 2)
-    offsets = offsets_from_counts(shape.counts, "cpu")
+    return forward_backward_of(x, dy, blocks, scales, shape.counts, transpose, backend)
+
+
+def forward_backward_of(x, dy, blocks, scales, counts, transpose: bool, backend: str):
+    """The op's output and input gradient for ``x``, ``dy`` on ``backend``."""
+    x = x.clone().requires_grad_()
+    offsets = offsets_from_counts(counts, "cpu")
     y = mxfp4_grouped_mm(x, blocks, scales, offsets, transpose, backend)
     y.backward(dy)
     return y.detach(), x.grad
@@ -84,25 +90,13 @@ def test_torch_path_takes_rows_past_the_last_expert_into_its_group(transpose):
     blocks, scales = weights(shape, seed=7)
     rows, pad = sum(shape.counts), 9
     width, other = (shape.n_out, shape.n_in) if transpose else (shape.n_in, shape.n_out)
-    x = activations(rows + pad, width, torch.float32, 8).requires_grad_()
+    x = activations(rows + pad, width, torch.float32, 8)
     dy = activations(rows + pad, other, torch.float32, 9)
-    y = mxfp4_grouped_mm(
-        x, blocks, scales, offsets_from_counts(shape.counts, "cpu"), transpose, "torch"
-    )
-    y.backward(dy)
+    y, dx = forward_backward_of(x, dy, blocks, scales, shape.counts, transpose, "torch")
     as_last = (*shape.counts[:-1], shape.counts[-1] + pad)  # the padding in the last group
-    y_ref, dx_ref = forward_backward_of(x.detach(), dy, blocks, scales, as_last, transpose)
-    assert_close(y.detach(), y_ref)
-    assert_close(x.grad, dx_ref)
-
-
-def forward_backward_of(x, dy, blocks, scales, counts, transpose: bool):
-    """The reference backend's output and input gradient for ``x``, ``dy``."""
-    x = x.clone().requires_grad_()
-    offsets = offsets_from_counts(counts, "cpu")
-    y = mxfp4_grouped_mm(x, blocks, scales, offsets, transpose, "reference")
-    y.backward(dy)
-    return y.detach(), x.grad
+    y_ref, dx_ref = forward_backward_of(x, dy, blocks, scales, as_last, transpose, "reference")
+    assert_close(y, y_ref)
+    assert_close(dx, dx_ref)
 
 
 def _lookup_eager(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:

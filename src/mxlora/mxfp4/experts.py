@@ -47,6 +47,7 @@ from mxlora.mxfp4.ops import (
     frozen_mxfp4_matmul,
     grouped_mxfp4_matmul_reference,
     lora_grouped_mm,
+    offsets_covering,
 )
 
 __all__ = [
@@ -227,26 +228,25 @@ class Mxfp4Experts(nn.Module):
         # blocks fuse themselves (inductor's kernels beat ours at many rows: docs/BENCHMARKS.md).
         fused = self.backend == TRITON and not torch.compiler.is_compiling()
         ids = router_indices.reshape(-1)
+        positions = torch.arange(ids.numel(), device=ids.device)
         skip = fused and self.padding_from is not None
         if skip:
             # Padding takes expert "E": sorted past every expert's rows, which the fused
             # kernel does not compute (mxlora.mxfp4.ops.mxfp4_grouped_mm).
-            slots = torch.arange(ids.numel(), device=ids.device)
-            ids = torch.where(slots < self.padding_from * top_k, ids, self.num_experts)
+            ids = torch.where(positions < self.padding_from * top_k, ids, self.num_experts)
         # Group the (token, slot) assignments by expert (stable: each expert sees its tokens in
         # order). ``order[p]`` is the assignment at sorted position p, ``inverse`` its inverse.
         # The group ends stay on the device (no host sync, no data-dependent shape).
         expert_ids, order = torch.sort(ids, stable=True)
-        positions = torch.arange(order.numel(), device=order.device)
         inverse = torch.empty_like(order).scatter_(0, order, positions)
         bounds = torch.arange(1, self.num_experts + 1, device=expert_ids.device)
         offsets = torch.searchsorted(expert_ids, bounds.to(expert_ids.dtype), out_int32=True)
         lora_offsets = offsets
         if skip:
-            # torch's grouped GEMMs leave rows past the last group unwritten: for the expert
-            # LoRA the padding joins the last expert's group (its gradient there is zero: the
-            # padding reaches no loss position). The biases take that expert's too.
-            lora_offsets = torch.cat((offsets[:-1], offsets.new_full((1,), ids.numel())))
+            # The expert LoRA's grouped GEMMs take the padding into the last expert's group
+            # (its gradient there is zero: the padding reaches no loss position). The biases
+            # take that expert's too.
+            lora_offsets = offsets_covering(offsets, ids.numel())
             expert_ids = expert_ids.clamp(max=self.num_experts - 1)
 
         x = _Gathered.apply(hidden_states, order // top_k, inverse, top_k, fused)

@@ -206,13 +206,17 @@ def _width(blocks: Tensor, transpose: bool) -> int:
     return blocks.shape[2] * blocks.shape[3] * 2 if transpose else blocks.shape[1]
 
 
-def _dense_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, transpose: bool) -> Tensor:
-    """``x_e · W_eᵀ`` (or ``x_e · W_e``) with the dequantized ``w [E, out, in]``.
+def offsets_covering(offsets: Tensor, rows: int) -> Tensor:
+    """``offsets`` with the last group ending at ``rows``: torch's grouped GEMM leaves rows past
+    the last group unwritten, so rows past ``offsets[-1]`` (no expert's: skipped padding) join
+    the last group there, computed and finite."""
+    return torch.cat((offsets[:-1], offsets.new_full((1,), rows)))
 
-    torch's grouped GEMM leaves rows past the last group unwritten, so rows past
-    ``offsets[-1]`` (no expert's: skipped padding) join the last group: computed, finite.
-    """
-    ends = torch.cat((offsets[:-1], offsets.new_full((1,), x.shape[0])))
+
+def _dense_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, transpose: bool) -> Tensor:
+    """``x_e · W_eᵀ`` (or ``x_e · W_e``) with the dequantized ``w [E, out, in]``; rows past
+    ``offsets[-1]`` in the last group (:func:`offsets_covering`)."""
+    ends = offsets_covering(offsets, x.shape[0])
     return _aten_grouped_mm(x.contiguous(), w if transpose else w.transpose(-1, -2), ends)
 
 
