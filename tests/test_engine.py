@@ -740,6 +740,51 @@ def test_new_buckets_are_captured_without_an_eager_run_once_warm(monkeypatch):
     assert calls == [128, 256, 128, 384, 256, 384]
 
 
+def test_buckets_are_captured_a_step_ahead(monkeypatch):
+    """``ahead`` captures a coming micro-batch's new bucket (the run warm, the length one to
+    capture) before its turn, which then fills and replays it: every micro-batch is computed
+    exactly once, with its own values. Nothing is captured ahead before the warm-up, for a
+    length met too rarely, or twice; a bucket whose capture ahead failed takes the eager run
+    and capture at its turn."""
+    from mxlora.engine.graphs import GraphedSteps
+    from mxlora.engine.packing import pack
+
+    calls = []
+
+    def step(inputs):
+        calls.append(inputs.batch.length)
+        ids = inputs.batch.input_ids.float()
+        return (ids.sum() * inputs.weight / inputs.items).detach()
+
+    def batch(n):
+        return pack([list(range(1, n + 1))], [[1] * n], pad_id=0)
+
+    graphed = GraphedSteps(step, torch.device("cpu"), lengths={128, 256, 384})
+    real_capture, failed = GraphedSteps._capture, []
+
+    def capture(self, inputs, loss):
+        if inputs.batch.length == 384 and not failed:
+            failed.append(384)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_capture(self, inputs, loss)
+
+    monkeypatch.setattr(GraphedSteps, "_capture", capture)
+    graphed.ahead(batch(200))  # the run is not warm yet
+    assert graphed.buckets == {}
+    plan = [100, 200, 520, 300, 220, 120, 310]
+    for n, upcoming in zip(plan, [*plan[1:], None], strict=True):
+        want = torch.arange(1, n + 1).sum().float() * 2 / 7
+        assert graphed(batch(n), 2.0, 7).item() == pytest.approx(want.item(), rel=1e-6), n
+        if upcoming is not None:
+            graphed.ahead(batch(upcoming))
+    # 128: the warm-up's eager run; 256 captured ahead; 640 met too rarely; 384's capture
+    # ahead failed, so its turn ran it eagerly and captured it then.
+    assert set(graphed.buckets) == {128, 256, 384} and failed == [384]
+    assert graphed.captured_ahead == graphed.captured_cold == 1
+    assert graphed.refused == {384}
+    assert calls == [128, 256, 640, 384, 256, 128, 384]
+
+
 def test_graphed_steps_train_exactly_what_plain_steps_train(both_engines, tmp_path, monkeypatch):
     """CUDA graphs' bookkeeping on the CPU (replays are eager calls on the static buffers):
     each bucket's first micro-batch runs on fresh buffers, later ones are copied into them
@@ -764,6 +809,7 @@ def test_graphed_steps_train_exactly_what_plain_steps_train(both_engines, tmp_pa
     # the run's first captured bucket went without an eager run of their own.
     assert graphed.replays > 0 and set(graphed.buckets) == graphed.lengths
     assert graphed.captured_cold >= len(graphed.buckets) - 1 >= 1
+    assert graphed.captured_ahead == graphed.captured_cold  # each one micro-step early
     ours, theirs = metrics(result.run_dir), metrics(plain_run)
     keys = ("step", "loss", "grad_norm", "eval_loss")
     assert [{k: r.get(k) for k in keys} for r in ours] == [
@@ -811,11 +857,13 @@ def test_compiled_blocks_train_what_eager_blocks_train(tmp_path):
 
 
 @pytest.mark.gpu
-def test_buckets_captured_without_warm_up_compute_what_eager_steps_compute_on_cuda():
+@pytest.mark.parametrize("ahead", [False, True])
+def test_buckets_captured_without_warm_up_compute_what_eager_steps_compute_on_cuda(ahead):
     """On CUDA, buckets after the first are captured with no eager run of their own and
     replayed (a bf16 linear layer into the MXFP4 grouped matmul's Triton kernel, whose backward
     gives the layer's gradients): per micro-step losses and the accumulated gradients equal
-    plain eager steps'."""
+    plain eager steps'. ``ahead``: each is captured at the micro-step before, while the
+    device still runs that one's work and more queued behind it (no sync before a capture)."""
     from mxlora.engine.graphs import GraphedSteps, StepInputs
     from mxlora.mxfp4 import ops, quantize_mxfp4
 
@@ -841,15 +889,23 @@ def test_buckets_captured_without_warm_up_compute_what_eager_steps_compute_on_cu
         for p in layer.parameters():
             p.grad = torch.zeros_like(p)
         graphed = GraphedSteps(step, cuda, lengths={128, 256, 384})
+        busy = torch.randn(4096, 4096, device=cuda, dtype=torch.bfloat16)
+        losses = []
         with graphed.on_stream():
-            losses = [
-                graphed(b, 1.0, 3) if graphs else step(StepInputs.create(b, 1.0, 3, cuda))
-                for b in batches
-            ]
+            for b, upcoming in zip(batches, [*batches[1:], None], strict=True):
+                if not graphs:
+                    losses.append(step(StepInputs.create(b, 1.0, 3, cuda)))
+                    continue
+                losses.append(graphed(b, 1.0, 3))
+                if ahead and upcoming is not None:
+                    for _ in range(20):  # milliseconds of work queued behind the replay
+                        busy = (busy @ busy).clamp_(-1, 1)
+                    graphed.ahead(upcoming)
         torch.cuda.synchronize()
         runs.append(([x.item() for x in losses], [p.grad.clone() for p in layer.parameters()]))
         if graphs:  # 128 ran eagerly first (the warm-up); 256 and 384 were captured cold
             assert set(graphed.buckets) == {128, 256, 384} and graphed.captured_cold == 2
+            assert graphed.captured_ahead == (2 if ahead else 0)
     (g_losses, g_grads), (losses, grads) = runs
     assert g_losses == pytest.approx(losses, rel=1e-3)
     for got, want in zip(g_grads, grads, strict=True):

@@ -17,8 +17,13 @@ micro-batch is captured straight away and replayed: an eager run first would cos
 time of a whole micro-step again (about a third of a second on gpt-oss-20b) for nothing a
 replay does not do. Should such a capture fail (something still initialising lazily at the
 new shapes), the bucket falls back to the eager run and a second capture. Later micro-batches
-of a bucket are copied into its buffers (``copy_``) and the graph is replayed. Rules the
-caller keeps:
+of a bucket are copied into its buffers (``copy_``) and the graph is replayed.
+
+The plan is known in advance, so a new bucket is best captured one micro-step early
+(:meth:`GraphedSteps.ahead`): a capture is host work only (recording; nothing runs), and done
+while the device still runs the micro-step before it (before the caller's sync), it costs that
+micro-step's device time less. Captures therefore skip ``torch.cuda.graph``'s device sync and
+cache emptying (:meth:`GraphedSteps._capture`). Rules the caller keeps:
 
 - everything runs on one side stream (:attr:`GraphedSteps.stream`): warm-up and capture must not
   use the default stream, and one stream keeps the caching allocator from splitting memory;
@@ -38,6 +43,7 @@ On the CPU (tests) the same bookkeeping runs with eager calls in place of replay
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -85,6 +91,19 @@ class StepInputs:
             batch.to(device),
             torch.full((), float(weight), **scalar),
             torch.full((), float(items), **scalar),
+        )
+
+    @classmethod
+    def shaped_like(cls, batch: PackedBatch, device: torch.device) -> StepInputs:
+        """Device buffers of ``batch``'s shapes, their values unset (a capture reads none;
+        :meth:`fill` sets them before a replay). No copy from the host: one from pageable
+        memory may wait for the work queued on the stream."""
+        empty = {n: torch.empty_like(getattr(batch, n), device=device) for n in FIELDS}
+        scalar = {"dtype": torch.float32, "device": device}
+        return cls(
+            dataclasses.replace(batch, **empty),
+            torch.empty((), **scalar),
+            torch.empty((), **scalar),
         )
 
     def fits(self, batch: PackedBatch) -> bool:
@@ -137,6 +156,10 @@ class GraphedSteps:
         self.warm = False
         #: Buckets captured without an eager run of their own first.
         self.captured_cold = 0
+        #: Of those, buckets captured by :meth:`ahead`, before their first micro-batch's turn.
+        self.captured_ahead = 0
+        #: Buckets whose capture without an eager run failed: the eager run and capture next.
+        self.refused: set[int] = set()
 
     @contextlib.contextmanager
     def on_stream(self) -> Iterator[None]:
@@ -162,7 +185,9 @@ class GraphedSteps:
             return self.step(StepInputs.create(batch, weight, items, self.device))
         if bucket is None:
             inputs = StepInputs.create(batch, weight, items, self.device)
-            if not self.warm or not self._capture_cold(batch.length, inputs):
+            if not self._may_capture_cold(batch.length) or not self._capture_cold(
+                batch.length, inputs
+            ):
                 return self._first(batch.length, inputs)
             bucket = self.buckets[batch.length]
         else:
@@ -174,14 +199,36 @@ class GraphedSteps:
             bucket.graph.replay()
         return bucket.loss.clone()  # the next replay overwrites the static one
 
+    def ahead(self, batch: PackedBatch) -> None:
+        """Capture the bucket of ``batch``, a micro-batch of a step still to come, now if it is
+        to be captured, new, and the run warm (else nothing): called while the device still
+        runs the queued work of the step before (module docstring). Its buffers are filled
+        when the micro-batch's turn comes."""
+        length = batch.length
+        if length in self.lengths and length not in self.buckets and self._may_capture_cold(length):
+            inputs = StepInputs.shaped_like(batch, self.device)
+            self.captured_ahead += self._capture_cold(length, inputs)
+
+    def _may_capture_cold(self, length: int) -> bool:
+        return self.warm and length not in self.refused
+
     def _capture(self, inputs: StepInputs, loss: torch.Tensor) -> torch.cuda.CUDAGraph | None:
         """The micro-step on ``inputs`` captured, writing its loss into ``loss`` (None on the
-        CPU, where nothing is captured)."""
+        CPU, where nothing is captured).
+
+        ``torch.cuda.graph`` would first sync the device and empty the allocator's cache: the
+        sync would wait for the work queued before (which a capture may overlap: it neither
+        reads nor writes memory until replayed, and the replays keep stream order), the
+        emptying would hand cached memory back to the driver, to be allocated again."""
         if not self.cuda:
             return None
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            loss.copy_(self.step(inputs))
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                loss.copy_(self.step(inputs))
+            finally:
+                graph.capture_end()
         return graph
 
     def _capture_cold(self, length: int, inputs: StepInputs) -> bool:
@@ -193,6 +240,7 @@ class GraphedSteps:
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
+            self.refused.add(length)
             return False
         self.buckets[length] = _Bucket(inputs, loss, graph)
         self.captured_cold += 1

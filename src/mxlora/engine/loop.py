@@ -388,8 +388,9 @@ class Loop:
         stopped = False
         with self.prepared() as setup:
             window: list[float] = []
-            for step in self.plan[self.step :]:
-                window.append(self.train_step(step))
+            steps = self.plan[self.step :]
+            for step, upcoming in zip(steps, [*steps[1:], None], strict=True):
+                window.append(self.train_step(step, upcoming))
                 if step.number % t.logging_steps == 0 and self.info.is_main:
                     self.metrics.log_train(
                         step.number,
@@ -574,20 +575,28 @@ class Loop:
                 total += bucketed(sum(len(lengths[i]) for i in here))
         return total
 
-    def train_step(self, step: Step) -> float:
-        """One optimizer step; its loss (mean cross-entropy over its assistant tokens)."""
+    def train_step(self, step: Step, upcoming: Step | None = None) -> float:
+        """One optimizer step; its loss (mean cross-entropy over its assistant tokens).
+        ``upcoming``: the step after it. With CUDA graphs, each micro-batch's successor (the
+        next step's first, after the last) has its new bucket captured while the device runs
+        the micro-batch (:meth:`GraphedSteps.ahead`)."""
         self.model.train()
         counts = [self._counts(self.train_rows, rows) for rows in step.micro_batches]
         items = max(sum(c[0] for c in counts), 1)  # the global batch's assistant tokens
         step_tokens = sum(c[1] for c in counts)
         shares = [self._share(rows) for rows in step.micro_batches]
         batches = [self._pack(self.train_rows, here) for here, _ in shares]
+        coming = batches[1:]  # each micro-batch's successor, the next step's first included
+        if self.graphed is not None and upcoming is not None:
+            coming.append(self._pack(self.train_rows, self._share(upcoming.micro_batches[0])[0]))
         start = time.perf_counter()
         try:
             losses = []
-            for batch, (_, scale) in zip(batches, shares, strict=True):
+            for index, (batch, (_, scale)) in enumerate(zip(batches, shares, strict=True)):
                 if self.graphed is not None:
                     losses.append(self.graphed(batch, scale, items))
+                    if index < len(coming):  # its bucket captured while the device runs this
+                        self.graphed.ahead(coming[index])
                 else:
                     inputs = StepInputs.create(batch, scale, items, self.device)
                     losses.append(self._micro_step(inputs))
