@@ -703,39 +703,54 @@ def test_only_lengths_met_often_enough_are_captured():
     assert worth_capturing(lengths) == {512, 768}
 
 
-def test_new_buckets_are_captured_without_an_eager_run_once_warm(monkeypatch):
-    """The run's first micro-batch runs eagerly (the warm-up) before its capture; a later new
-    bucket is captured straight away and replayed, and one whose capture fails falls back to
-    the eager run and a second capture. Each micro-step's loss is the plain step's either way,
-    and every micro-batch is computed exactly once (on the CPU a "replay" is the call)."""
+def _counted_steps(monkeypatch):
+    """``GraphedSteps`` on the CPU for buckets 128/256/384 over a step that records each packed
+    length it computes; 384's first capture fails. Returns the steps, the computed lengths, the
+    failures and a one-row batch of ``n`` tokens."""
     from mxlora.engine.graphs import GraphedSteps
     from mxlora.engine.packing import pack
 
-    calls = []
+    calls, failed = [], []
 
     def step(inputs):
         calls.append(inputs.batch.length)
         ids = inputs.batch.input_ids.float()
         return (ids.sum() * inputs.weight / inputs.items).detach()
 
-    def batch(n):
-        return pack([list(range(1, n + 1))], [[1] * n], pad_id=0)
-
-    graphed = GraphedSteps(step, torch.device("cpu"), lengths={128, 256, 384})
-    failures = []
     real_capture = GraphedSteps._capture
 
     def capture(self, inputs, loss):
-        if inputs.batch.length == 384 and not failures:
-            failures.append(384)
+        if inputs.batch.length == 384 and not failed:
+            failed.append(384)
             raise RuntimeError("operation not permitted when stream is capturing")
         return real_capture(self, inputs, loss)
 
     monkeypatch.setattr(GraphedSteps, "_capture", capture)
-    for n in (100, 200, 120, 300, 210, 310):
+
+    def batch(n):
+        return pack([list(range(1, n + 1))], [[1] * n], pad_id=0)
+
+    return GraphedSteps(step, torch.device("cpu"), lengths={128, 256, 384}), calls, failed, batch
+
+
+def _run_counted(graphed, batch, plan, ahead):
+    """Each micro-batch of ``plan`` (its length) through ``graphed``, its loss checked against
+    the plain step's; with ``ahead``, the next one's bucket captured ahead after each."""
+    for n, upcoming in zip(plan, [*plan[1:], None], strict=True):
         want = torch.arange(1, n + 1).sum().float() * 2 / 7
         assert graphed(batch(n), 2.0, 7).item() == pytest.approx(want.item(), rel=1e-6), n
-    assert set(graphed.buckets) == {128, 256, 384} and failures == [384]
+        if ahead and upcoming is not None:
+            graphed.ahead(batch(upcoming))
+
+
+def test_new_buckets_are_captured_without_an_eager_run_once_warm(monkeypatch):
+    """The run's first micro-batch runs eagerly (the warm-up) before its capture; a later new
+    bucket is captured straight away and replayed, and one whose capture fails falls back to
+    the eager run and a second capture. Each micro-step's loss is the plain step's either way,
+    and every micro-batch is computed exactly once (on the CPU a "replay" is the call)."""
+    graphed, calls, failed, batch = _counted_steps(monkeypatch)
+    _run_counted(graphed, batch, [100, 200, 120, 300, 210, 310], ahead=False)
+    assert set(graphed.buckets) == {128, 256, 384} and failed == [384]
     assert graphed.captured_cold == 1  # 256; 128 warmed up the run, 384's capture failed
     assert calls == [128, 256, 128, 384, 256, 384]
 
@@ -746,37 +761,10 @@ def test_buckets_are_captured_a_step_ahead(monkeypatch):
     exactly once, with its own values. Nothing is captured ahead before the warm-up, for a
     length met too rarely, or twice; a bucket whose capture ahead failed takes the eager run
     and capture at its turn."""
-    from mxlora.engine.graphs import GraphedSteps
-    from mxlora.engine.packing import pack
-
-    calls = []
-
-    def step(inputs):
-        calls.append(inputs.batch.length)
-        ids = inputs.batch.input_ids.float()
-        return (ids.sum() * inputs.weight / inputs.items).detach()
-
-    def batch(n):
-        return pack([list(range(1, n + 1))], [[1] * n], pad_id=0)
-
-    graphed = GraphedSteps(step, torch.device("cpu"), lengths={128, 256, 384})
-    real_capture, failed = GraphedSteps._capture, []
-
-    def capture(self, inputs, loss):
-        if inputs.batch.length == 384 and not failed:
-            failed.append(384)
-            raise RuntimeError("operation not permitted when stream is capturing")
-        return real_capture(self, inputs, loss)
-
-    monkeypatch.setattr(GraphedSteps, "_capture", capture)
+    graphed, calls, failed, batch = _counted_steps(monkeypatch)
     graphed.ahead(batch(200))  # the run is not warm yet
     assert graphed.buckets == {}
-    plan = [100, 200, 520, 300, 220, 120, 310]
-    for n, upcoming in zip(plan, [*plan[1:], None], strict=True):
-        want = torch.arange(1, n + 1).sum().float() * 2 / 7
-        assert graphed(batch(n), 2.0, 7).item() == pytest.approx(want.item(), rel=1e-6), n
-        if upcoming is not None:
-            graphed.ahead(batch(upcoming))
+    _run_counted(graphed, batch, [100, 200, 520, 300, 220, 120, 310], ahead=True)
     # 128: the warm-up's eager run; 256 captured ahead; 640 met too rarely; 384's capture
     # ahead failed, so its turn ran it eagerly and captured it then.
     assert set(graphed.buckets) == {128, 256, 384} and failed == [384]
