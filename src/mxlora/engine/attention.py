@@ -262,7 +262,13 @@ def flex_sink_attention(
 ) -> torch.Tensor:
     """:func:`reference_attention` through flex_attention and a block mask (CUDA; forward-only
     on the CPU, where flex has no backward)."""
-    flex = _compiled_flex() if query.device.type == "cuda" else _eager_flex()
+    if query.device.type != "cuda" or torch.compiler.is_compiling():
+        # Inside a compiled decoder block dynamo compiles flex_attention into the block's graph;
+        # reaching for the cached compiled wrapper there would only make dynamo trace through
+        # the cache (and warn that it ignores it).
+        flex = _eager_flex()
+    else:
+        flex = _compiled_flex()
     out, aux = flex(
         query,
         key,
