@@ -788,8 +788,16 @@ def test_graphed_steps_train_exactly_what_plain_steps_train(both_engines, tmp_pa
             super().__init__(*args, **kwargs)
             made.append(self)
 
+    packed = []  # (loop, rows) of every packing
+    real_pack = loop_module.Loop._pack
+
+    def pack(self, rows, indices):
+        packed.append((self, rows))
+        return real_pack(self, rows, indices)
+
     monkeypatch.setattr(loop_module, "use_cuda_graphs", lambda *args: True)
     monkeypatch.setattr(loop_module, "GraphedSteps", Recorded)
+    monkeypatch.setattr(loop_module.Loop, "_pack", pack)
     result = fit(quotes_config(tmp_path, "mxlora"))
     plain_run, plain_lora = both_engines["mxlora"]
     (graphed,) = made
@@ -798,6 +806,11 @@ def test_graphed_steps_train_exactly_what_plain_steps_train(both_engines, tmp_pa
     assert graphed.replays > 0 and set(graphed.buckets) == graphed.lengths
     assert graphed.captured_cold >= len(graphed.buckets) - 1 >= 1
     assert graphed.captured_ahead == graphed.captured_cold  # each one micro-step early
+    # Each training micro-batch packed once (the next step's first, packed for its capture
+    # ahead, is not packed again at its turn).
+    loop = packed[0][0]
+    train_packs = sum(rows is loop.train_rows for _, rows in packed)
+    assert train_packs == sum(len(step.micro_batches) for step in loop.plan)
     ours, theirs = metrics(result.run_dir), metrics(plain_run)
     keys = ("step", "loss", "grad_norm", "eval_loss")
     assert [{k: r.get(k) for k in keys} for r in ours] == [

@@ -347,6 +347,9 @@ class Loop:
             )
         self.attention: Kind = "sdpa"  # decided per run (prepared)
         self.graphed: GraphedSteps | None = None
+        # A step's first micro-batch, packed by the step before for its capture ahead: step
+        # number -> the packed batch, so that no micro-batch is packed twice.
+        self._packed_ahead: dict[int, PackedBatch] = {}
         if sharded:
             shard_model(model, self.info)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -585,10 +588,16 @@ class Loop:
         items = max(sum(c[0] for c in counts), 1)  # the global batch's assistant tokens
         step_tokens = sum(c[1] for c in counts)
         shares = [self._share(rows) for rows in step.micro_batches]
-        batches = [self._pack(self.train_rows, here) for here, _ in shares]
+        first = self._packed_ahead.pop(step.number, None)
+        batches = [
+            first if i == 0 and first is not None else self._pack(self.train_rows, here)
+            for i, (here, _) in enumerate(shares)
+        ]
         coming = batches[1:]  # each micro-batch's successor, the next step's first included
         if self.graphed is not None and upcoming is not None:
-            coming.append(self._pack(self.train_rows, self._share(upcoming.micro_batches[0])[0]))
+            following = self._pack(self.train_rows, self._share(upcoming.micro_batches[0])[0])
+            self._packed_ahead = {upcoming.number: following}
+            coming.append(following)
         start = time.perf_counter()
         try:
             losses = []
