@@ -726,7 +726,7 @@ def sm90(monkeypatch):
 def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int, launch=None):
     """Compile the kernel for sm_90 as a launch at these shapes would (alignment included):
     ``config`` computing every row, or ``launch`` (a head or tail of a split)."""
-    from mxlora.mxfp4.triton_kernels import Launch
+    from mxlora.mxfp4.triton_kernels import Launch, edge_flags
     from mxlora.mxfp4.triton_kernels import _grouped_mxfp4_kernel as kernel
 
     launch = launch or Launch(config)
@@ -743,7 +743,8 @@ def compile_sm90(config, dtype: str, transpose: bool, n_out: int, n_in: int, lau
     aligned = [n for n in signature if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0]
     constexprs = dict(
         TRANSPOSE=transpose, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-        DOT_IN_FP32=False, BLOCK_E=32, **launch.kwargs(),
+        DOT_IN_FP32=False, BLOCK_E=32, **edge_flags(red, cols, launch.config),
+        **launch.kwargs(),
     )  # fmt: skip
     return sm90_cubin(
         kernel, signature, constexprs, aligned,
@@ -832,6 +833,38 @@ def test_training_config_follows_the_size_classes():
     assert training_launches(33 * 32, 32, True) == (Launch(CONFIGS[0]),)
     assert TAIL_SPLITS == {False: {0: 9}, True: {}}
     assert CONFIGS[11].swap and not CONFIGS[9].swap and not CONFIGS[0].swap
+
+
+def test_gpt_oss_shapes_load_weight_tiles_without_masks():
+    """At gpt-oss's shapes every training launch reads its weight tiles unmasked (the fast
+    path: no reduction mask, the last column tile moved back inside), in both directions; the
+    interpreter's shapes take both the unmasked and the masked paths, each checked against the
+    reference by the tests above."""
+    from mxlora.mxfp4.triton_kernels import (
+        CONFIGS,
+        INTERPRETER_CONFIG,
+        edge_flags,
+        training_launches,
+    )
+
+    for n_out, n_in in GPT_OSS_20B.values():
+        for transpose in (False, True):
+            red, cols = (n_out, n_in) if transpose else (n_in, n_out)
+            for tokens in (128, 530, 896):
+                for launch in training_launches(tokens * 4, 32, transpose):
+                    assert edge_flags(red, cols, launch.config) == dict(EVEN_K=True, SHIFT_N=True)
+    seen = set()
+    for shape in [*SHAPES.values(), CONFIG_SHAPE, SPLIT_SHAPE]:
+        for red, cols in ((shape.n_in, shape.n_out), (shape.n_out, shape.n_in)):
+            seen.add(tuple(edge_flags(red, cols, INTERPRETER_CONFIG).values()))
+            # A shifted last column tile that overlaps the one before it.
+            if cols >= INTERPRETER_CONFIG.block_n and cols % INTERPRETER_CONFIG.block_n:
+                seen.add("overlap")
+    assert {(True, True), (False, True), "overlap"} <= seen
+    # Tiles wider than the output take the column masks: CONFIG_SHAPE's input gradient (96
+    # columns) under the GPU configs.
+    widths = {edge_flags(CONFIG_SHAPE.n_out, CONFIG_SHAPE.n_in, c)["SHIFT_N"] for c in CONFIGS}
+    assert widths == {True, False}
 
 
 def _gate_reference_run(job: dict, dtype: torch.dtype):

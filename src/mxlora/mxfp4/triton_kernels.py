@@ -294,19 +294,28 @@ def _dequantize_tile(
     O_WIDTH: tl.constexpr,
     K_WIDTH: tl.constexpr,
     DTYPE: tl.constexpr,
+    MASK_O: tl.constexpr = True,
+    MASK_I: tl.constexpr = True,
 ):
     """``W[offs_o, k0 : k0 + K_WIDTH]`` of one expert as ``DTYPE [O_WIDTH, K_WIDTH]``, its scale
     bytes given (:func:`_tile_scales`).
 
-    ``k0`` is a multiple of 32; rows past ``n_out`` and columns past ``n_in`` read as zero.
+    ``k0`` is a multiple of 32; rows past ``n_out`` (``MASK_O``) and columns past ``n_in``
+    (``MASK_I``) read as zero; without the flag the caller guarantees the tile is inside. Masked
+    loads of the packed bytes made the whole kernel much slower at few rows
+    (docs/BENCHMARKS.md), so the kernel masks only where a tile may cross an edge.
     """
     offs_byte = k0 // 2 + tl.arange(0, K_WIDTH // 2)
-    rows = offs_o < n_out
-    packed = tl.load(
-        b_ptr + offs_o[:, None] * stride_bo + offs_byte[None, :],
-        mask=rows[:, None] & (offs_byte < n_in // 2)[None, :],
-        other=0,
-    )
+    pointers = b_ptr + offs_o[:, None] * stride_bo + offs_byte[None, :]
+    if MASK_O and MASK_I:
+        mask = (offs_o < n_out)[:, None] & (offs_byte < n_in // 2)[None, :]
+        packed = tl.load(pointers, mask=mask, other=0)
+    elif MASK_O:
+        packed = tl.load(pointers, mask=(offs_o < n_out)[:, None], other=0)
+    elif MASK_I:
+        packed = tl.load(pointers, mask=(offs_byte < n_in // 2)[None, :], other=0)
+    else:
+        packed = tl.load(pointers)
     if PTX_DECODE and tl.bfloat16 == DTYPE:
         # 2**(byte - 127) as bf16 bits, one per 16 bytes, widened to the byte tile; the decode
         # is packed bf16x2 arithmetic in PTX.
@@ -360,6 +369,8 @@ def _grouped_mxfp4_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SWAP: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SHIFT_N: tl.constexpr,
     PART: tl.constexpr,
     HEAD_M: tl.constexpr,
     TAIL_M: tl.constexpr,
@@ -367,7 +378,9 @@ def _grouped_mxfp4_kernel(
     """``y[rows_e] = x[rows_e] · op(W_e)``: ``x [n_rows, RED]``, ``y [n_rows, COLS]``.
 
     ``op(W) = Wᵀ`` (``RED = in``, ``COLS = out``) or ``W`` with ``TRANSPOSE`` (``RED = out``,
-    ``COLS = in``). ``PART`` 0 computes every row; 1 and 2 split each expert's rows between two
+    ``COLS = in``). ``EVEN_K``: ``RED`` is a multiple of ``BLOCK_K`` (no reduction mask);
+    ``SHIFT_N``: ``COLS >= BLOCK_N``, and the last column tile is moved back to end at ``COLS``
+    (no column mask). ``PART`` 0 computes every row; 1 and 2 split each expert's rows between two
     launches (:data:`TAIL_SPLITS`): an expert's last ``rows % HEAD_M`` rows, when they are at most
     ``TAIL_M``, are the tail (``PART`` 2), the rows before them the head (``PART`` 1).
     """
@@ -420,7 +433,17 @@ def _grouped_mxfp4_kernel(
 
     offs_m = row_start + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m < row_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    if SHIFT_N:
+        # The last column tile ends at COLS, overlapping the one before: it recomputes those
+        # columns bit for bit (same operands, same order) and every weight load is in bounds.
+        n0 = tl.minimum(n0, COLS - BLOCK_N)
+        if TRANSPOSE:
+            # Columns are ``in``, the packed bytes' contiguous dimension: both operands of the
+            # minimum are multiples of 32 (MXFP4 blocks, tile widths), which the compiler cannot
+            # see through it; without the hint the byte loads lose their 16-byte vectors.
+            n0 = tl.multiple_of(n0, 32)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     b_e = b_ptr + expert.to(tl.int64) * stride_be
     s_e = s_ptr + expert.to(tl.int64) * stride_se
     if TRANSPOSE:
@@ -439,30 +462,32 @@ def _grouped_mxfp4_kernel(
     # The scale bytes are fetched a step ahead (see _tile_scales): the first step's here, each
     # step the next one's (masked off past the end).
     if TRANSPOSE:
-        scale = _tile_scales(
-            s_e, tl.arange(0, BLOCK_K), pid_n * BLOCK_N, n_out, n_in, stride_so, BLOCK_N
-        )
+        scale = _tile_scales(s_e, tl.arange(0, BLOCK_K), n0, n_out, n_in, stride_so, BLOCK_N)
     else:
         scale = _tile_scales(s_e, offs_n, 0, n_out, n_in, stride_so, BLOCK_K)
     for r0 in range(0, RED, BLOCK_K):
         offs_k = r0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_rows + offs_k[None, :], mask=rows[:, None] & (offs_k < RED)[None, :], other=0)
+        if EVEN_K:
+            a = tl.load(x_rows + offs_k[None, :], mask=rows[:, None], other=0)
+        else:
+            k_in = (offs_k < RED)[None, :]
+            a = tl.load(x_rows + offs_k[None, :], mask=rows[:, None] & k_in, other=0)
         if TRANSPOSE:
             # W[o, i] with o = reduction step, i = output columns: as stored ([K, N]).
-            following = _tile_scales(
-                s_e, offs_k + BLOCK_K, pid_n * BLOCK_N, n_out, n_in, stride_so, BLOCK_N
-            )
+            following = _tile_scales(s_e, offs_k + BLOCK_K, n0, n_out, n_in, stride_so, BLOCK_N)
             w = _dequantize_tile(
-                b_e, scale, offs_k, pid_n * BLOCK_N, n_out, n_in, stride_bo, BLOCK_K, BLOCK_N, dtype
-            )
+                b_e, scale, offs_k, n0, n_out, n_in, stride_bo, BLOCK_K, BLOCK_N, dtype,
+                MASK_O=not EVEN_K, MASK_I=not SHIFT_N,
+            )  # fmt: skip
             if SWAP:
                 w = tl.trans(w)
         else:
             # W[o, i] with o = output columns, i = reduction step: read along i ([N, K]).
             following = _tile_scales(s_e, offs_n, r0 + BLOCK_K, n_out, n_in, stride_so, BLOCK_K)
             w = _dequantize_tile(
-                b_e, scale, offs_n, r0, n_out, n_in, stride_bo, BLOCK_N, BLOCK_K, dtype
-            )
+                b_e, scale, offs_n, r0, n_out, n_in, stride_bo, BLOCK_N, BLOCK_K, dtype,
+                MASK_O=not SHIFT_N, MASK_I=not EVEN_K,
+            )  # fmt: skip
             if not SWAP:
                 w = tl.trans(w)
         scale = following
@@ -793,6 +818,15 @@ def grouped_mxfp4_matmul_triton(
     return y
 
 
+def edge_flags(red: int, cols: int, config: KernelConfig) -> dict[str, bool]:
+    """The kernel's ``EVEN_K`` and ``SHIFT_N`` for a launch: whether its weight tiles can be read
+    without masks along the reduction (``red`` a multiple of ``block_k``) and along the columns
+    (at least ``block_n`` of them, the last tile moved back inside). Unmasked packed-byte loads
+    are what make the fused kernel fast at few rows (docs/BENCHMARKS.md); gpt-oss's shapes take
+    both at every training config."""
+    return {"EVEN_K": red % config.block_k == 0, "SHIFT_N": cols >= config.block_n}
+
+
 def _matmul_launch(
     pointers: tuple,
     rows: int,
@@ -814,6 +848,7 @@ def _matmul_launch(
         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         DOT_IN_FP32=INTERPRETED and dtype == torch.bfloat16,
         BLOCK_E=max(16, triton.next_power_of_2(n_experts)),
+        **edge_flags(red, cols, config),
         **launch.kwargs(),
     )
     row_tiles = triton.cdiv(rows, config.block_m) + n_experts
