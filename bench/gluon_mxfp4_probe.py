@@ -215,49 +215,6 @@ def _ws_mma(
     gl.store(ptrs, acc.to(gl.bfloat16), mask=mask)
 
 
-@gluon.jit
-def ws_kernel(
-    x_desc, p_desc, s_ptr, y_ptr, offsets_ptr, n_rows, n_experts, RED, COLS, stride_ym, stride_so,
-    BLOCK_E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    GROUP_M: gl.constexpr, STAGES: gl.constexpr, DEC_WARPS: gl.constexpr,
-    DEC_REGS: gl.constexpr, MODE: gl.constexpr, VEC: gl.constexpr, num_warps: gl.constexpr,
-):  # fmt: skip
-    valid, expert, m0, row_end, n0 = _tile(
-        offsets_ptr, n_rows, n_experts, COLS, BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M, num_warps
-    )
-    if valid:
-        n_steps = gl.cdiv(RED, BLOCK_K)
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
-            [BLOCK_N, BLOCK_K], gl.bfloat16
-        )
-        x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-        p_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // 2], p_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, BLOCK_K], w_layout)
-        load_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        load_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(load_ready.index(i), count=1)
-            mbarrier.init(load_empty.index(i), count=2)  # the decoder and the wgmma
-            mbarrier.init(w_ready.index(i), count=1)
-            mbarrier.init(w_empty.index(i), count=1)
-        prow0 = expert * COLS + n0
-        gl.warp_specialize(
-            [
-                (_ws_mma, (x_bufs, w_bufs, load_ready, load_empty, w_ready, w_empty, y_ptr, stride_ym, m0, row_end, n0, COLS,
-                           n_steps, BLOCK_M, BLOCK_N, num_warps, MODE)),
-                (_loader, (x_desc, p_desc, x_bufs, p_bufs, load_ready, load_empty, m0, prow0,
-                           n_steps, BLOCK_K)),
-                (_ws_decoder, (p_bufs, w_bufs, load_ready, load_empty, w_ready, w_empty, s_ptr, prow0, stride_so, n_steps,
-                               BLOCK_N, BLOCK_K, DEC_WARPS, MODE)),
-            ],
-            [1, DEC_WARPS],
-            [24, DEC_REGS],
-        )  # fmt: skip
-
-
 # --- design "swap": decoded weights as wgmma's register operand ------------------------------
 
 
@@ -352,42 +309,71 @@ def _swap_consumer(
 
 
 @gluon.jit
-def swap_kernel(
+def probe_kernel(
     x_desc, p_desc, s_ptr, y_ptr, offsets_ptr, n_rows, n_experts, RED, COLS, stride_ym, stride_so,
     BLOCK_E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, DEC_WARPS: gl.constexpr,
-    DEC_REGS: gl.constexpr, MODE: gl.constexpr, VEC: gl.constexpr, num_warps: gl.constexpr,
+    DEC_REGS: gl.constexpr, MODE: gl.constexpr, VEC: gl.constexpr, SWAP: gl.constexpr,
+    num_warps: gl.constexpr,
 ):  # fmt: skip
+    """Either design (``SWAP``): the tile, the ring of loaded buffers, the partitions."""
     valid, expert, m0, row_end, n0 = _tile(
         offsets_ptr, n_rows, n_experts, COLS, BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M, num_warps
     )
     if valid:
         n_steps = gl.cdiv(RED, BLOCK_K)
+        prow0 = expert * COLS + n0
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         p_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // 2], p_desc.layout)
         load_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         load_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(load_ready.index(i), count=1)
-            mbarrier.init(load_empty.index(i), count=1)
-        prow0 = expert * COLS + n0
-        gl.warp_specialize(
-            [
-                (_swap_consumer, (x_bufs, p_bufs, load_ready, load_empty, s_ptr, prow0,
-                                  stride_so, y_ptr, stride_ym, m0, row_end, n0, COLS, n_steps,
-                                  BLOCK_M, BLOCK_N, BLOCK_K, VEC, num_warps)),
-                (_loader, (x_desc, p_desc, x_bufs, p_bufs, load_ready, load_empty, m0, prow0,
-                           n_steps, BLOCK_K)),
-            ],
-            [1],
-            [24],
-        )  # fmt: skip
+        if SWAP:
+            for i in gl.static_range(STAGES):
+                mbarrier.init(load_ready.index(i), count=1)
+                mbarrier.init(load_empty.index(i), count=1)
+            gl.warp_specialize(
+                [
+                    (_swap_consumer, (x_bufs, p_bufs, load_ready, load_empty, s_ptr, prow0,
+                                      stride_so, y_ptr, stride_ym, m0, row_end, n0, COLS,
+                                      n_steps, BLOCK_M, BLOCK_N, BLOCK_K, VEC, num_warps)),
+                    (_loader, (x_desc, p_desc, x_bufs, p_bufs, load_ready, load_empty, m0,
+                               prow0, n_steps, BLOCK_K)),
+                ],
+                [1],
+                [24],
+            )  # fmt: skip
+        else:
+            w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
+                [BLOCK_N, BLOCK_K], gl.bfloat16
+            )
+            w_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, BLOCK_K], w_layout)
+            w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+            w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+            for i in gl.static_range(STAGES):
+                mbarrier.init(load_ready.index(i), count=1)
+                mbarrier.init(load_empty.index(i), count=2)  # the decoder and the wgmma
+                mbarrier.init(w_ready.index(i), count=1)
+                mbarrier.init(w_empty.index(i), count=1)
+            gl.warp_specialize(
+                [
+                    (_ws_mma, (x_bufs, w_bufs, load_ready, load_empty, w_ready, w_empty, y_ptr,
+                               stride_ym, m0, row_end, n0, COLS, n_steps, BLOCK_M, BLOCK_N,
+                               num_warps, MODE)),
+                    (_loader, (x_desc, p_desc, x_bufs, p_bufs, load_ready, load_empty, m0,
+                               prow0, n_steps, BLOCK_K)),
+                    (_ws_decoder, (p_bufs, w_bufs, load_ready, load_empty, w_ready, w_empty,
+                                   s_ptr, prow0, stride_so, n_steps, BLOCK_N, BLOCK_K,
+                                   DEC_WARPS, MODE)),
+                ],
+                [1, DEC_WARPS],
+                [24, DEC_REGS],
+            )  # fmt: skip
 
 
 # --- host side ---------------------------------------------------------------------------------
 
-KERNELS = {"ws": ws_kernel, "swap": swap_kernel}
+DESIGNS = ("ws", "swap")
 #: Defaults per design; a config overrides any of them.
 DEFAULTS = {
     "ws": dict(block_m=128, block_n=128, block_k=64, group_m=8, stages=3, dec_warps=4,
@@ -397,8 +383,8 @@ DEFAULTS = {
 }  # fmt: skip
 
 
-def _constexprs(c: dict) -> dict:
-    return dict(
+def _constexprs(design: str, c: dict) -> dict:
+    return dict(SWAP=design == "swap",
         BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], GROUP_M=c["group_m"],
         STAGES=c["stages"], DEC_WARPS=c["dec_warps"], DEC_REGS=c["dec_regs"], MODE=c["mode"],
         VEC=c["vec"], num_warps=c["num_warps"],
@@ -426,9 +412,9 @@ def forward(design: str, x, blocks, scales, offsets, **config):
     m_tiles = triton.cdiv(x.shape[0], c["block_m"]) + n_experts
     grid = (m_tiles * triton.cdiv(out, c["block_n"]),)
     extra = {} if c["maxnreg"] is None else {"maxnreg": c["maxnreg"]}
-    KERNELS[design][grid](
+    probe_kernel[grid](
         x_desc, p_desc, s2, y, offsets, x.shape[0], n_experts, red, out, y.stride(0),
-        s2.stride(0), BLOCK_E=triton.next_power_of_2(n_experts), **_constexprs(c), **extra,
+        s2.stride(0), BLOCK_E=triton.next_power_of_2(n_experts), **_constexprs(design, c), **extra,
     )  # fmt: skip
     return y
 
@@ -449,12 +435,12 @@ def compile_sm90(design: str, **config):
         "s_ptr": "*u8", "y_ptr": "*bf16", "offsets_ptr": "*i32", "n_rows": "i32",
         "n_experts": "i32", "RED": "i32", "COLS": "i32", "stride_ym": "i32", "stride_so": "i32",
     }  # fmt: skip
-    constexprs = {"BLOCK_E": 32, **_constexprs(c)}
+    constexprs = {"BLOCK_E": 32, **_constexprs(design, c)}
     signature |= dict.fromkeys(constexprs, "constexpr")
     options = {"num_warps": c["num_warps"]}
     if c["maxnreg"]:
         options["maxnreg"] = c["maxnreg"]
-    source = GluonASTSource(KERNELS[design], signature, constexprs=constexprs)
+    source = GluonASTSource(probe_kernel, signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -524,7 +510,7 @@ def bench(design: str, configs: list[dict], tokens: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--design", choices=sorted(KERNELS), required=True)
+    parser.add_argument("--design", choices=DESIGNS, required=True)
     parser.add_argument("--configs", default="[{}]", help="JSON list of config overrides")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 530, 896])
     parser.add_argument("--json", help="write the results here")
