@@ -13,6 +13,7 @@ import yaml
 from mxlora.cli import main
 from mxlora.config import TrainingConfig, from_dict, load_config
 from mxlora.data import prepare_data
+from mxlora.engine.loop import eager_kernels
 from mxlora.engine.memory import HEADROOM, block_costs, loss_bytes, peak_bytes, trainable_bytes
 from mxlora.engine.packing import longest_packed, plan_steps
 from mxlora.model.load import load_tokenizer, load_weights
@@ -78,6 +79,11 @@ def test_weights_estimate_is_the_loaded_models_bytes(tmp_path, experts):
     assert estimate["adapter_gb"] * 1e9 == pytest.approx(16 * trainable, rel=1e-9)
 
 
+def cpu_kernels(model):
+    """What the CPU's eager blocks run (the torch backend's experts block keeps less)."""
+    return eager_kernels(torch.device("cpu"), torch.float32, False, model.config.head_dim, "mxfp4")
+
+
 def test_dry_run_activations_follow_the_longest_batch(tmp_path):
     """engine=mxlora: the run's longest packed micro-batch through the engine's own block
     estimate, checkpointing resolved as the run resolves it (CPU, no budget: none)."""
@@ -93,7 +99,7 @@ def test_dry_run_activations_follow_the_longest_batch(tmp_path):
     memory = result["memory"]
     assert (memory["tokens"], memory["checkpointed_blocks"]) == (tokens, "0 of 4")
     assert tokens % 128 == 0  # packed and bucketed
-    costs = block_costs(meta, "mxfp4", torch.float32, compiled=False)
+    costs = block_costs(meta, "mxfp4", torch.float32, False, cpu_kernels(meta))
     activations = peak_bytes(costs, 0, tokens, loss_bytes(meta.config, tokens, torch.float32))
     assert memory["activations_gb"] * 1e9 == pytest.approx(activations)
     assert (result["experts"], result["dtype"]) == ("mxfp4", "float32")
@@ -126,7 +132,7 @@ def test_dry_run_mxlora_plans_partial_checkpointing_under_a_budget(tmp_path):
     meta = apply_lora(meta_model(TINY), cfg.lora)
     weights, _, lora = weights_and_adapter(meta, "mxfp4", torch.float32)
     tokens = first["tokens"]
-    costs = block_costs(meta, "mxfp4", torch.float32, compiled=False)
+    costs = block_costs(meta, "mxfp4", torch.float32, False, cpu_kernels(meta))
     extra = loss_bytes(meta.config, tokens, torch.float32)
     two = peak_bytes(costs, 2, tokens, extra)
     assert peak_bytes(costs, 1, tokens, extra) > two > peak_bytes(costs, 3, tokens, extra)

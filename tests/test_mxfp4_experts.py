@@ -131,6 +131,54 @@ def test_matches_gptoss_experts_with_peft_lora(case):
         assert rel(g[name], g_ref[name]) < 1e-6, name
 
 
+def forward_backward(fn, x, indices, weights, grad_out):
+    """Output, input gradient and routing-weight gradient of ``fn(x, indices, weights)``."""
+    x = x.clone().requires_grad_()
+    weights = weights.clone().requires_grad_()
+    y = fn(x, indices, weights)
+    y.backward(grad_out)
+    return y.detach(), x.grad, weights.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_block_is_the_composed_block(case, dtype):
+    """Without expert LoRA the torch backend's eager block is differentiated by hand (one
+    autograd node): bit for bit what the composed block and autograd give (output, input and
+    routing-weight gradients), in fp32 and bf16, and in fp32 what GptOssExperts gives."""
+    spec = CASES[case]
+    ref, mine = make_pair(k=spec["k"])
+    experts = mine.experts.get_base_layer().to(dtype)
+    assert experts.backend == "torch"
+    x, indices, weights = routing(spec["tokens"], spec["k"], spec.get("indices"))
+    grad_out = torch.randn(spec["tokens"], H, generator=torch.Generator().manual_seed(2))
+    args = (x.to(dtype), indices, weights.to(dtype), grad_out.to(dtype))
+    by_hand = forward_backward(experts, *args)
+    composed = forward_backward(experts.forward_composed, *args)
+    for got, want in zip(by_hand, composed, strict=True):
+        assert got.dtype == dtype and torch.equal(got, want)
+    node = experts(args[0].clone().requires_grad_(), *args[1:3]).grad_fn
+    assert type(node).__name__ == "_TorchBlockBackward"  # one node, not the composed graph
+    if dtype == torch.float32 and spec["tokens"]:
+        seed = forward_backward(ref.experts.get_base_layer(), *args)
+        for got, want in zip(by_hand, seed, strict=True):
+            assert rel(got, want) < 1e-6
+
+
+def test_torch_block_without_gradients():
+    """Inference (no autograd) and a routing weight that needs no gradient take the same
+    block: the same output, and only the gradients asked for."""
+    _, mine = make_pair()
+    experts = mine.experts.get_base_layer()
+    x, indices, weights = routing(6, 2)
+    with torch.no_grad():
+        y = experts(x, indices, weights)
+    assert torch.equal(y, experts.forward_composed(x, indices, weights).detach())
+    x = x.clone().requires_grad_()
+    experts(x, indices, weights).sum().backward()
+    assert x.grad is not None and weights.grad is None
+
+
 @pytest.mark.parametrize("targets", [["experts.gate_up_proj"], ["experts.down_proj"]])
 def test_single_projection_targets(targets):
     ref, mine = make_pair(targets=targets)
@@ -174,10 +222,13 @@ def test_input_gradient_is_exact_transpose(backend):
     assert rel(x.grad, expected) < 1e-6
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_dequantized_memory_is_bounded_and_nothing_dequantized_saved(backend, monkeypatch):
+@pytest.mark.parametrize(
+    ("backend", "lora"), [("reference", True), ("torch", True), ("torch", False)]
+)
+def test_dequantized_memory_is_bounded_and_nothing_dequantized_saved(backend, lora, monkeypatch):
     """reference: one expert's weight at a time; torch: one projection of the layer at a time
-    (freed inside the op). Nothing dequantized is saved for backward either way."""
+    (freed inside the op; without LoRA in the block differentiated by hand). Nothing
+    dequantized is saved for backward either way."""
     sizes: list[int] = []
     for name in ("dequantize_mxfp4", "dequantize_mxfp4_torch"):
         original = getattr(ops, name)
@@ -190,6 +241,8 @@ def test_dequantized_memory_is_bounded_and_nothing_dequantized_saved(backend, mo
         monkeypatch.setattr(ops, name, recording)
     _, mine = make_pair()
     mine.experts.get_base_layer().backend = backend
+    if not lora:
+        mine = mine.experts.get_base_layer()
     x, indices, weights = routing(5, 2)
     x.requires_grad_()
     saved: list[torch.Tensor] = []

@@ -241,3 +241,21 @@ def test_gate_reference_is_transformers_gate():
     experts.alpha, experts.limit = 1.702, 7.0
     want = experts._apply_gate(gate_up + bias[expert_ids])
     torch.testing.assert_close(gate_reference(gate_up, bias, expert_ids, 1.702, 7.0), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gate_gradient_by_hand_is_autograds(dtype):
+    """The torch backend's hand-written gate gradient is bit for bit what autograd gives for
+    the gate's ops, with values on, inside and past both clamps' bounds (which pass the
+    gradient, bounds included, as torch's clamp does)."""
+    from mxlora.mxfp4.gate import gate_activation, gate_activation_backward
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(37, 2 * 24, generator=gen) * 6
+    y[0, :8] = torch.tensor([7.0, -7.0, 7.0, 7.0, -7.0, 8.0, 9.0, -9.0])  # (gate, up) pairs
+    y = y.to(dtype).requires_grad_()
+    grad = torch.randn(37, 24, generator=gen).to(dtype)
+    gate_activation(y, 1.702, 7.0).backward(grad)
+    mine = gate_activation_backward(grad, y.detach(), 1.702, 7.0)
+    assert mine.dtype == dtype and torch.equal(mine, y.grad)
+    assert (mine[0, :5] != 0).all() and (mine[0, 6:8] == 0).all()  # bounds pass, past stop

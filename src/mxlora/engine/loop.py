@@ -85,7 +85,7 @@ from mxlora.engine.run_folder import (
 )
 from mxlora.model.load import held_experts
 from mxlora.mxfp4.experts import padding_skipped
-from mxlora.mxfp4.kernels import TRITON, resolve_backend
+from mxlora.mxfp4.kernels import TORCH, TRITON, resolve_backend
 from mxlora.report.metrics import MetricsLog
 from mxlora.report.writer import write_json
 
@@ -177,17 +177,20 @@ def attention_kind(device: torch.device, compiled: bool, dtype: torch.dtype, hea
 def eager_kernels(
     device: torch.device, dtype: torch.dtype, compiled: bool, head_dim: int, experts: str
 ) -> EagerKernels:
-    """Which of CUDA's fused kernels eager blocks run (:class:`mxlora.engine.memory.EagerKernels`,
-    which counts what they keep): flash varlen attention, the Triton gate of MXFP4 experts and
-    the Triton RMSNorm (:mod:`mxlora.engine.norm`, in bf16/fp16: fp32 runs keep transformers'
-    exact formula); none for compiled blocks, which inductor fuses itself."""
+    """Which fused paths eager blocks run (:class:`mxlora.engine.memory.EagerKernels`, which
+    counts what they keep): flash varlen attention, the Triton gate of MXFP4 experts and the
+    Triton RMSNorm (:mod:`mxlora.engine.norm`, in bf16/fp16: fp32 runs keep transformers' exact
+    formula) on CUDA, the hand-differentiated experts block on the ``torch`` backend; none for
+    compiled blocks, which inductor fuses itself."""
     if compiled:
         return NO_KERNELS
-    triton = resolve_backend(device) == TRITON
+    backend = resolve_backend(device)
+    triton = backend == TRITON
     return EagerKernels(
         varlen=attention_kind(device, compiled, dtype, head_dim) == "varlen",
         fused_gate=experts == "mxfp4" and triton,
         fused_norm=device.type == "cuda" and dtype != torch.float32 and triton,
+        torch_block=experts == "mxfp4" and backend == TORCH,
     )
 
 

@@ -31,7 +31,8 @@ measured bytes):
   eager blocks, ``fused_norm``: its input only); one more index (dense experts); on the CPU's
   paths (SDPA attention, the gate in torch ops) also the
   attention's running max and sink scale and the gate's four intermediates, which CUDA's
-  kernels (flash varlen attention, the Triton gate: :class:`EagerKernels`) do not keep;
+  kernels (flash varlen attention, the Triton gate: :class:`EagerKernels`) do not keep, nor
+  does the ``torch`` backend's hand-differentiated experts block (blocks without expert LoRA);
 * compiled blocks (``torch.compile``): AOTAutograd's partitioner recomputes the cheap
   pointwise work in the backward instead: the norms keep their input in the compute dtype and
   ``rsqrt``, the attention and MLP inputs are kept once, and nothing of the gate or the sink
@@ -67,19 +68,23 @@ EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 @dataclass(frozen=True)
 class EagerKernels:
-    """Which of CUDA's fused kernels eager blocks run, each keeping less for the backward than
-    the torch ops it replaces (:func:`mxlora.engine.loop.eager_kernels` decides; compiled blocks
+    """Which fused paths eager blocks run, each keeping less for the backward than the torch
+    ops it replaces (:func:`mxlora.engine.loop.eager_kernels` decides; compiled blocks
     run none: inductor fuses the same work itself).
 
     Attributes:
         varlen: attention by flash's varlen kernels (CUDA, bf16).
         fused_gate: the experts' gate as one Triton kernel (``triton`` backend).
         fused_norm: the norms as one Triton kernel each (:mod:`mxlora.engine.norm`).
+        torch_block: the ``torch`` backend's experts block differentiated by hand, in blocks
+            without expert LoRA (:class:`mxlora.mxfp4.experts.Mxfp4Experts`): like the Triton
+            gate, it keeps the gate's input only.
     """
 
     varlen: bool = False
     fused_gate: bool = False
     fused_norm: bool = False
+    torch_block: bool = False
 
 
 NO_KERNELS = EagerKernels()
@@ -209,11 +214,12 @@ def block_cost(
     # and the sorted expert ids; dense: the sort order and token index), the gate_up output
     # (2I wide) and the expert output; dense also a sorted copy of the routing weight and,
     # eager, one more index; eager also the gate's four intermediates unless the Triton gate
-    # runs it (it keeps its input only).
+    # or the torch backend's hand-differentiated block runs it (they keep its input only).
     per += 2 * INT64 * k + d * k * (2 * inter + h)
     if experts != "mxfp4":
         per += d * k + (0 if compiled else INT64 * k)
-    if not compiled and not kernels.fused_gate:
+    by_hand = kernels.torch_block and experts == "mxfp4" and not lora.experts
+    if not compiled and not kernels.fused_gate and not by_hand:
         per += 4 * d * k * inter
     fixed = 0
     pad = 8  # MXFP4 expert LoRA pads the rank to a multiple of 8 (grouped GEMM strides)

@@ -13,7 +13,10 @@ routing weights. The frozen ``x · W`` is one registered op,
 again: nothing dequantized is kept for backward (so gradient checkpointing recomputes nothing big
 either). The routing stays on the device (per-expert row offsets, no host sync, no
 data-dependent shape) and the expert LoRA runs as grouped GEMMs over stacked factors, so the
-whole block compiles to one graph (``torch.compile(fullgraph=True)``).
+whole block compiles to one graph (``torch.compile(fullgraph=True)``). In eager mode on the
+``torch`` backend (CPU, ROCm, GPUs without Triton), a block without expert LoRA is one
+hand-differentiated autograd function (:class:`_TorchBlock`): the same ops and values, a
+fraction of the dispatches.
 
 LoRA on the experts has the semantics, parameter shapes and state-dict keys of PEFT's
 ``target_parameters`` on the dequantized model, because it *is* PEFT's ``ParamWrapper``: each
@@ -41,13 +44,19 @@ from peft.utils.other import get_pattern_key
 from torch import Tensor, nn
 
 from mxlora.mxfp4.combine import fused_combine
-from mxlora.mxfp4.gate import fused_gate, gate_reference
-from mxlora.mxfp4.kernels import TRITON, resolve_backend
+from mxlora.mxfp4.gate import (
+    fused_gate,
+    gate_activation,
+    gate_activation_backward,
+    gate_reference,
+)
+from mxlora.mxfp4.kernels import TORCH, TRITON, resolve_backend
 from mxlora.mxfp4.ops import (
     frozen_mxfp4_matmul,
     grouped_mxfp4_matmul_reference,
     lora_grouped_mm,
     offsets_covering,
+    torch_mxfp4_grouped_mm,
 )
 
 __all__ = [
@@ -109,6 +118,73 @@ class _Gathered(torch.autograd.Function):
         if ctx.copies > 1:
             grad = grad.view(-1, ctx.copies, grad.shape[-1]).sum(1)
         return grad, None, None, None, None
+
+
+def group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Group the (token, slot) assignments ``ids`` (``[T * K]`` expert ids) by expert, stably
+    (each expert sees its tokens in order), on the device: no host sync, no data-dependent shape.
+
+    Returns:
+        ``expert_ids`` (sorted), ``order`` (``order[p]`` the assignment at sorted position p),
+        ``inverse`` (its inverse permutation) and ``offsets`` (int32 ``[num_experts]``, the end
+        of each expert's rows; ids ``>= num_experts`` sort past them all).
+    """
+    positions = torch.arange(ids.numel(), device=ids.device)
+    expert_ids, order = torch.sort(ids, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, positions)
+    bounds = torch.arange(1, num_experts + 1, device=ids.device, dtype=expert_ids.dtype)
+    offsets = torch.searchsorted(expert_ids, bounds, out_int32=True)
+    return expert_ids, order, inverse, offsets
+
+
+class _TorchBlock(torch.autograd.Function):
+    """The whole experts block without LoRA on the ``torch`` backend in eager mode, forward and
+    backward written out: the block :meth:`Mxfp4Experts.forward_composed` computes, with the
+    same ops in the same order (bit for bit its values and gradients), but one autograd node
+    instead of about twenty, and fewer passes (the routing's gathers, the gate's gradient by
+    :func:`gate_activation_backward`). Where each op is a launch or a dispatch that costs as much
+    as its arithmetic (the CPU, ROCm's eager path at short rows), that is most of the block's
+    time besides its matmuls. Keeps for the backward what the composed block keeps but the
+    gate's intermediates: the biased gate_up output, each slot's expert output, the routing
+    weights and the two permutations."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden_states: Tensor, router_indices: Tensor, routing_weights: Tensor, experts
+    ):
+        tokens, top_k = router_indices.shape
+        expert_ids, order, inverse, offsets = group_by_expert(
+            router_indices.reshape(-1), experts.num_experts
+        )
+        x = hidden_states.index_select(0, order // top_k)
+        y = experts.torch_matmul("gate_up_proj", x, offsets)
+        y += experts.gate_up_proj_bias.index_select(0, expert_ids)
+        gated = gate_activation(y, experts.alpha, experts.limit)
+        out = experts.torch_matmul("down_proj", gated, offsets)
+        out += experts.down_proj_bias.index_select(0, expert_ids)
+        per_slot = out.index_select(0, inverse).view(tokens, top_k, out.shape[-1])
+        combined = (per_slot * routing_weights.unsqueeze(-1)).sum(1)
+        ctx.save_for_backward(routing_weights, per_slot, y, order, inverse, offsets)
+        ctx.experts, ctx.combined_dtype = experts, combined.dtype
+        return combined.to(hidden_states.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        routing_weights, per_slot, y, order, inverse, offsets = ctx.saved_tensors
+        experts = ctx.experts
+        grad = grad.to(ctx.combined_dtype).unsqueeze(1)
+        d_hidden = d_weights = None
+        if ctx.needs_input_grad[2]:
+            d_weights = (grad * per_slot).sum(-1).to(routing_weights.dtype)
+        if ctx.needs_input_grad[0]:
+            d_out = (grad * routing_weights.unsqueeze(-1)).to(per_slot.dtype)
+            d_out = d_out.view(-1, per_slot.shape[-1]).index_select(0, order)
+            d_gated = experts.torch_matmul("down_proj", d_out, offsets, transpose=True)
+            d_y = gate_activation_backward(d_gated, y, experts.alpha, experts.limit)
+            d_x = experts.torch_matmul("gate_up_proj", d_y, offsets, transpose=True)
+            top_k = per_slot.shape[1]
+            d_hidden = d_x.index_select(0, inverse).view(-1, top_k, d_x.shape[-1]).sum(1)
+        return d_hidden, None, d_weights, None
 
 
 class Mxfp4Experts(nn.Module):
@@ -221,6 +297,20 @@ class Mxfp4Experts(nn.Module):
         Returns:
             ``[T, H]``: each token's routing-weighted sum of its experts' outputs.
         """
+        if self.backend == TORCH and not lora and not torch.compiler.is_compiling():
+            return _TorchBlock.apply(hidden_states, router_indices, routing_weights, self)
+        return self.forward_composed(hidden_states, router_indices, routing_weights, lora)
+
+    def forward_composed(
+        self,
+        hidden_states: Tensor,
+        router_indices: Tensor,
+        routing_weights: Tensor,
+        lora: Mapping[str, Sequence[LoraFactors]] | None = None,
+    ) -> Tensor:
+        """:meth:`forward` as ops that autograd differentiates: what ``torch.compile`` traces,
+        and every eager block on the ``triton`` and ``reference`` backends or with expert LoRA
+        (the ``torch`` backend's eager block without it computes the same by hand)."""
         lora = lora or {}
         tokens, top_k = router_indices.shape
         # The gate and the combine: one Triton kernel each way on the kernel backend in eager
@@ -228,19 +318,13 @@ class Mxfp4Experts(nn.Module):
         # blocks fuse themselves (inductor's kernels beat ours at many rows: docs/BENCHMARKS.md).
         fused = self.backend == TRITON and not torch.compiler.is_compiling()
         ids = router_indices.reshape(-1)
-        positions = torch.arange(ids.numel(), device=ids.device)
         skip = fused and self.padding_from is not None
         if skip:
             # Padding takes expert "E": sorted past every expert's rows, which the fused
             # kernel does not compute (mxlora.mxfp4.ops.mxfp4_grouped_mm).
+            positions = torch.arange(ids.numel(), device=ids.device)
             ids = torch.where(positions < self.padding_from * top_k, ids, self.num_experts)
-        # Group the (token, slot) assignments by expert (stable: each expert sees its tokens in
-        # order). ``order[p]`` is the assignment at sorted position p, ``inverse`` its inverse.
-        # The group ends stay on the device (no host sync, no data-dependent shape).
-        expert_ids, order = torch.sort(ids, stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, positions)
-        bounds = torch.arange(1, self.num_experts + 1, device=expert_ids.device)
-        offsets = torch.searchsorted(expert_ids, bounds.to(expert_ids.dtype), out_int32=True)
+        expert_ids, order, inverse, offsets = group_by_expert(ids, self.num_experts)
         lora_offsets = offsets
         if skip:
             # The expert LoRA's grouped GEMMs take the padding into the last expert's group
@@ -266,6 +350,20 @@ class Mxfp4Experts(nn.Module):
             combined = (out * routing_weights.unsqueeze(-1)).sum(1)
         return combined.to(hidden_states.dtype)
 
+    def torch_matmul(self, proj: str, x: Tensor, ends: Tensor, transpose: bool = False) -> Tensor:
+        """``x_e · W_eᵀ`` of projection ``proj`` per expert group (``x_e · W_e`` with
+        ``transpose``) by the ``torch`` backend, outside autograd, the groups covering every row
+        of the contiguous ``x`` (:func:`mxlora.mxfp4.ops.torch_mxfp4_grouped_mm`)."""
+        return torch_mxfp4_grouped_mm(x, *self._packed(proj), ends, transpose)
+
+    def _packed(self, proj: str) -> tuple[Tensor, Tensor]:
+        # ``view``: the bytes may be held under a 1-byte float dtype (FSDP2, see
+        # :func:`mxlora.distributed.shard_model`); a no-op for uint8.
+        return (
+            getattr(self, f"{proj}_blocks").view(torch.uint8),
+            getattr(self, f"{proj}_scales").view(torch.uint8),
+        )
+
     def _project(
         self,
         proj: str,
@@ -276,10 +374,7 @@ class Mxfp4Experts(nn.Module):
         bias: bool = True,
     ) -> Tensor:
         # ``offsets``: the frozen matmul's and the LoRA's (they differ where padding is skipped).
-        # ``view``: the bytes may be held under a 1-byte float dtype (FSDP2, see
-        # :func:`mxlora.distributed.shard_model`); a no-op for uint8.
-        blocks = getattr(self, f"{proj}_blocks").view(torch.uint8)
-        scales = getattr(self, f"{proj}_scales").view(torch.uint8)
+        blocks, scales = self._packed(proj)
         y = frozen_mxfp4_matmul(x, blocks, scales, offsets[0], False, self.backend)
         if bias:
             y = y + getattr(self, f"{proj}_bias")[expert_ids]

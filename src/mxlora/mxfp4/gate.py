@@ -8,11 +8,15 @@ bias[expert_ids]`` holds gate and up interleaved along its last dimension (gate 
     up = clamp(y[:, 1::2], -limit, limit)
     out = (up + 1) * gate * sigmoid(alpha * gate)
 
-Two implementations, picked by the experts' backend (:mod:`mxlora.mxfp4.kernels`):
+Implementations, picked by the experts' backend (:mod:`mxlora.mxfp4.kernels`):
 
 - :func:`gate_reference`: those torch ops, autograd differentiates them (the oracle, and the path
-  of the ``torch`` and ``reference`` backends: no torch-only way does it in fewer passes without
-  a compile);
+  of the ``reference`` backend and of every block ``torch.compile`` traces or that carries
+  expert LoRA);
+- :func:`gate_activation_backward`: the gradient written out in torch ops, for the ``torch``
+  backend's eager block without expert LoRA (:class:`mxlora.mxfp4.experts.Mxfp4Experts`), which
+  differentiates the whole block by hand: it keeps the biased input only, like the kernel below,
+  and no autograd node per op runs;
 - :func:`fused_gate`: the registered op ``mxlora::gpt_oss_gate`` (``triton`` backend), one Triton
   kernel forward and one backward, instead of about eight passes forward and a dozen backward
   over the ``[rows, 2I]`` activations in eager torch, and autograd keeps only its input (eager
@@ -33,12 +37,32 @@ def gate_reference(
     gate_up: Tensor, bias: Tensor, expert_ids: Tensor, alpha: float, limit: float
 ) -> Tensor:
     """The gate as transformers computes it (see the module docstring); ``[rows, I]``."""
-    y = gate_up + bias[expert_ids]
+    return gate_activation(gate_up + bias[expert_ids], alpha, limit)
+
+
+def gate_activation(y: Tensor, alpha: float, limit: float) -> Tensor:
+    """The gate of the biased ``y`` (``[rows, 2I]``, gate and up interleaved); ``[rows, I]``."""
     gate, up = y[..., ::2], y[..., 1::2]
     gate = gate.clamp(min=None, max=limit)
     up = up.clamp(min=-limit, max=limit)
     glu = gate * torch.sigmoid(gate * alpha)
     return (up + 1) * glu
+
+
+def gate_activation_backward(grad: Tensor, y: Tensor, alpha: float, limit: float) -> Tensor:
+    """The gradient of :func:`gate_activation` with respect to ``y`` (``[rows, 2I]``), by the
+    ops autograd runs for it, in its order (the same roundings in bf16). The clamps pass the
+    gradient where they left the value as it was, bounds included, as torch's clamp does."""
+    gate, up = y[..., ::2], y[..., 1::2]
+    clamped_gate = gate.clamp(min=None, max=limit)
+    clamped_up = up.clamp(min=-limit, max=limit)
+    sig = torch.sigmoid(clamped_gate * alpha)
+    d_glu = grad * (clamped_up + 1)
+    d_gate = d_glu * sig + torch.ops.aten.sigmoid_backward(d_glu * clamped_gate, sig) * alpha
+    d_up = grad * (clamped_gate * sig)
+    d_gate = torch.where(clamped_gate == gate, d_gate, 0)
+    d_up = torch.where(clamped_up == up, d_up, 0)
+    return torch.stack((d_gate, d_up), dim=-1).flatten(-2)
 
 
 def _check(gate_up: Tensor, bias: Tensor, expert_ids: Tensor) -> None:

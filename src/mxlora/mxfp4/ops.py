@@ -169,7 +169,8 @@ def dequantize_mxfp4_torch(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -
     ``ldexp`` does; other dtypes take the fp32 values and round.
     """
     words = _scaled_pairs(_compute_dtype(dtype), blocks.device)
-    index = (scales.int().unsqueeze(-1) << 8) | blocks  # int32 [..., out, in // 32, 16]
+    # ``byte + 256 * scale`` in one op (int32 [..., out, in // 32, 16]): each op is a pass.
+    index = torch.add(blocks, scales.int().unsqueeze(-1), alpha=256)
     values = words.index_select(0, index.view(-1)).view(_compute_dtype(dtype))
     return values.view(*scales.shape[:-1], -1).to(dtype)
 
@@ -218,6 +219,17 @@ def _dense_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, transpose: bool) ->
     ``offsets[-1]`` in the last group (:func:`offsets_covering`)."""
     ends = offsets_covering(offsets, x.shape[0])
     return _aten_grouped_mm(x.contiguous(), w if transpose else w.transpose(-1, -2), ends)
+
+
+def torch_mxfp4_grouped_mm(
+    x: Tensor, blocks: Tensor, scales: Tensor, ends: Tensor, transpose: bool
+) -> Tensor:
+    """The ``torch`` backend's computation for groups that cover every row (``ends[-1]`` is
+    ``x``'s row count, which the caller guarantees: nothing checks it without a host sync), so
+    without the op's extension of the last group; for code that differentiates the op by hand
+    (the experts' eager torch block). ``x`` contiguous."""
+    w = _dequantize_torch(blocks, scales, x.dtype)
+    return _aten_grouped_mm(x, w if transpose else w.transpose(-1, -2), ends)
 
 
 def _reference_impl(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool) -> Tensor:
@@ -280,10 +292,14 @@ def mxfp4_grouped_mm(
     Returns:
         ``[rows, out]`` (``[rows, in]`` with ``transpose``), ``x``'s dtype.
     """
-    return _run(x, blocks, scales, offsets, transpose, backend)
+    return run_mxfp4_grouped_mm(x, blocks, scales, offsets, transpose, backend)
 
 
-def _run(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool, backend: str) -> Tensor:
+def run_mxfp4_grouped_mm(
+    x: Tensor, blocks: Tensor, scales: Tensor, offsets: Tensor, transpose: bool, backend: str
+) -> Tensor:
+    """:func:`mxfp4_grouped_mm`'s computation, outside autograd and dispatch (for code that
+    differentiates it by hand: :class:`_EagerFrozenMatmul`, the experts' eager torch block)."""
     if backend not in _IMPLS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(_IMPLS)}")
     if x.shape[0] == 0:
@@ -327,7 +343,7 @@ class _EagerFrozenMatmul(torch.autograd.Function):
     def forward(ctx, x, blocks, scales, offsets, transpose, backend):
         ctx.save_for_backward(blocks, scales, offsets)
         ctx.transpose, ctx.backend = transpose, backend
-        return _run(x, blocks, scales, offsets, transpose, backend)
+        return run_mxfp4_grouped_mm(x, blocks, scales, offsets, transpose, backend)
 
     @staticmethod
     def backward(ctx, grad):
@@ -335,7 +351,9 @@ class _EagerFrozenMatmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad = grad.contiguous()
-            grad_x = _run(grad, blocks, scales, offsets, not ctx.transpose, ctx.backend)
+            grad_x = run_mxfp4_grouped_mm(
+                grad, blocks, scales, offsets, not ctx.transpose, ctx.backend
+            )
         return grad_x, None, None, None, None, None
 
 
