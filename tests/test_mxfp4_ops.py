@@ -169,12 +169,11 @@ def _trainer(experts: str, spec: str = "tiny:layers=24"):
 
 
 #: How much slower (CPU time) the mxfp4 step may be. The issue asks for no slower (1.0), which
-#: this path cannot reach on the tiny model: it does what the dequantized mode does plus one
+#: this path does not reach on the tiny model: it does what the dequantized mode does plus one
 #: dequantization per projection and direction (96 a step), and on layers this small each costs
-#: about as much as the matmul it feeds (one gather of pre-scaled pairs, ~0.1-0.15 ms in a step,
-#: where the dequantized mode's weights are ready). Measured on a busy 2-core machine: 1.02-1.13x
-#: (min of steps), with repeated A/A runs of one mode spreading 0.94-1.08x; the bound guards
-#: against regressions (the per-expert reference loop this path replaced was several times slower).
+#: about as much as the matmul it feeds, where the dequantized mode's weights are ready. The
+#: bound guards against regressions (the per-expert reference loop this path replaced was several
+#: times slower); what it measures, and bench/cpu_step.py's steadier figure: docs/BENCHMARKS.md.
 MAX_SLOWDOWN = 1.25
 
 
