@@ -1,6 +1,7 @@
 """One MXFP4 experts layer of gpt-oss-20b, forward + backward, on the ``torch`` backend (what
-ROCm, GPUs without Triton and CPUs run): the block without expert LoRA differentiated by hand
-(what eager training runs) against the same block composed of autograd-differentiated ops.
+ROCm, GPUs without Triton and CPUs run): the block differentiated by hand (what eager training
+runs) against the same block composed of autograd-differentiated ops, without expert LoRA and
+with the seed's (rank 8, alpha 16, fp32 factors, both projections).
 
 Random MXFP4 weights at gpt-oss-20b's layer shapes (``--small``: the tiny model's, 4 experts of
 64), rows routed top-k by random logits, bf16 on CUDA (fp32 on the CPU). Prints the median
@@ -36,7 +37,20 @@ def layer(device: torch.device, dtype: torch.dtype, small: bool) -> Mxfp4Experts
     )
 
 
-def pass_of(fn, experts: Mxfp4Experts, tokens: int, top_k: int, dtype: torch.dtype):
+def seed_lora(experts: Mxfp4Experts, rank: int = 8, alpha: int = 16) -> dict:
+    """The ``lora`` argument of the experts' forward: fp32 factors needing gradients."""
+    device = experts.down_proj_blocks.device
+    gen = torch.Generator(device).manual_seed(2)
+    lora = {}
+    for proj in ("gate_up_proj", "down_proj"):
+        n_in, n_out = experts.weight_spec(proj).shape[1:]
+        lhs = torch.randn(experts.num_experts, n_in, rank, generator=gen, device=device) * 0.02
+        rhs = torch.randn(experts.num_experts, rank, n_out, generator=gen, device=device) * 0.02
+        lora[proj] = [(lhs.requires_grad_(), rhs.requires_grad_(), alpha / rank)]
+    return lora
+
+
+def pass_of(fn, experts: Mxfp4Experts, tokens: int, top_k: int, dtype: torch.dtype, lora):
     device = experts.down_proj_blocks.device
     gen = torch.Generator(device).manual_seed(1)
     logits = torch.randn(tokens, experts.num_experts, generator=gen, device=device)
@@ -47,7 +61,7 @@ def pass_of(fn, experts: Mxfp4Experts, tokens: int, top_k: int, dtype: torch.dty
     grad = torch.randn(tokens, experts.hidden_size, generator=gen, device=device).to(dtype)
 
     def one() -> None:
-        fn(x, indices, weights).backward(grad)
+        fn(x, indices, weights, lora).backward(grad)
 
     return one
 
@@ -89,14 +103,15 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {dtype}, experts layer fwd + bwd, torch backend")
     for tokens in args.tokens:
-        row = []
-        for label, fn in (("by hand", experts), ("composed", experts.forward_composed)):
-            one = pass_of(fn, experts, tokens, top_k, dtype)
-            text = f"{label} {timed(one, device, args.repeat):.3f} ms"
-            if device.type == "cuda":
-                text += f" ({launches(one)} kernels)"
-            row.append(text)
-        print(f"{tokens} tokens: " + ", ".join(row))
+        for lora in (None, seed_lora(experts)):
+            row = []
+            for label, fn in (("by hand", experts), ("composed", experts.forward_composed)):
+                one = pass_of(fn, experts, tokens, top_k, dtype, lora)
+                text = f"{label} {timed(one, device, args.repeat):.3f} ms"
+                if device.type == "cuda":
+                    text += f" ({launches(one)} kernels)"
+                row.append(text)
+            print(f"{tokens} tokens, {'LoRA' if lora else 'no LoRA'}: " + ", ".join(row))
 
 
 if __name__ == "__main__":

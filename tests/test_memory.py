@@ -180,7 +180,7 @@ def assert_estimate_matches(
     with norm_module.fused_norms(lm, cuda_kernels):
         kind = "varlen" if cuda_kernels else "flex"
         measured = saved_bytes_per_block(lm, packed, kind, compute)
-    # On the CPU, the torch backend's eager blocks without expert LoRA run the experts block
+    # On the CPU, the torch backend's eager blocks run the experts block
     # differentiated by hand (what keeps the gate's input only, as the Triton gate does).
     kernels = EagerKernels(*[cuda_kernels] * 3, torch_block=not compiled)
     costs = block_costs(peft, experts, compute, compiled, kernels)

@@ -39,7 +39,7 @@ from mxlora.mxfp4.experts import (
 )
 from mxlora.mxfp4.kernels import kernel_available
 from mxlora.mxfp4.ops import dequantize_mxfp4_torch, mxfp4_grouped_mm, offsets_from_counts
-from test_mxfp4_experts import Holder, forward_backward, run
+from test_mxfp4_experts import Holder, run
 
 pytestmark = [
     pytest.mark.gpu,
@@ -279,25 +279,33 @@ def test_layer_gradients_match_the_seed_path(weights):
         assert not low, (path, low)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("tokens", [530, TOKENS])
-def test_torch_block_is_the_composed_block_at_20b_size(weights, tokens):
-    """The torch backend (what ROCm and GPUs without Triton run) differentiates a block without
-    expert LoRA by hand: on the GPU, in bf16, at gpt-oss-20b's layer size, its output, input and
-    routing-weight gradients are those of the composed block (the test prints whether each is
-    bit-identical) and within the seed path's cosine bound."""
+def test_torch_block_is_the_composed_block_at_20b_size(weights, tokens, lora, monkeypatch):
+    """The torch backend (what ROCm and GPUs without Triton run) differentiates the block by
+    hand: on the GPU, in bf16, at gpt-oss-20b's layer size, with and without the seed's expert
+    LoRA, its output and every gradient are those of the composed block within a bf16 rounding
+    (the test prints whether each is bit-identical) and within the seed path's cosine bound."""
     seed, mine = experts_pair(weights)
-    seed, experts = seed.experts.get_base_layer(), mine.experts.get_base_layer()
+    experts = mine.experts.get_base_layer()
     experts.backend = "torch"
+    if not lora:
+        seed, mine = seed.experts.get_base_layer(), experts
     indices, routing_weights = routing(tokens)
     gen = cuda_gen(11)
     x = torch.randn(tokens, H, generator=gen, device="cuda").bfloat16()
     grad_out = torch.randn(tokens, H, generator=gen, device="cuda").bfloat16()
     inputs = (x, indices, routing_weights.bfloat16(), grad_out)
-    by_hand = forward_backward(experts, *inputs)
-    composed = forward_backward(experts.forward_composed, *inputs)
-    from_seed = forward_backward(seed, *inputs)
+    by_hand, from_seed = run(mine, *inputs), run(seed, *inputs)
+    monkeypatch.setattr(Mxfp4Experts, "forward", Mxfp4Experts.forward_composed)
+    composed = run(mine, *inputs)
     names = ("y", "dx", "d_routing")
-    for name, got, want, s in zip(names, by_hand, composed, from_seed, strict=True):
+    pairs = dict(
+        zip(names, zip(by_hand[:3], composed[:3], from_seed[:3], strict=True), strict=True)
+    )
+    pairs |= {n: (g, composed[3][n], from_seed[3][n]) for n, g in by_hand[3].items()}
+    assert len(pairs) == (7 if lora else 3)
+    for name, (got, want, s) in pairs.items():
         print(name, "bit-identical" if torch.equal(got, want) else cosine(got, want))
         atol = 2**-7 * want.abs().max().item()  # a bf16 rounding of the largest value
         torch.testing.assert_close(got, want, rtol=2**-7, atol=atol, msg=name)

@@ -32,7 +32,7 @@ measured bytes):
   paths (SDPA attention, the gate in torch ops) also the
   attention's running max and sink scale and the gate's four intermediates, which CUDA's
   kernels (flash varlen attention, the Triton gate: :class:`EagerKernels`) do not keep, nor
-  does the ``torch`` backend's hand-differentiated experts block (blocks without expert LoRA);
+  does the ``torch`` backend's hand-differentiated experts block;
 * compiled blocks (``torch.compile``): AOTAutograd's partitioner recomputes the cheap
   pointwise work in the backward instead: the norms keep their input in the compute dtype and
   ``rsqrt``, the attention and MLP inputs are kept once, and nothing of the gate or the sink
@@ -76,9 +76,9 @@ class EagerKernels:
         varlen: attention by flash's varlen kernels (CUDA, bf16).
         fused_gate: the experts' gate as one Triton kernel (``triton`` backend).
         fused_norm: the norms as one Triton kernel each (:mod:`mxlora.engine.norm`).
-        torch_block: the ``torch`` backend's experts block differentiated by hand, in blocks
-            without expert LoRA (:class:`mxlora.mxfp4.experts.Mxfp4Experts`): like the Triton
-            gate, it keeps the gate's input only.
+        torch_block: the ``torch`` backend's experts block differentiated by hand
+            (:class:`mxlora.mxfp4.experts.Mxfp4Experts`): like the Triton gate, it keeps the
+            gate's input only.
     """
 
     varlen: bool = False
@@ -218,7 +218,7 @@ def block_cost(
     per += 2 * INT64 * k + d * k * (2 * inter + h)
     if experts != "mxfp4":
         per += d * k + (0 if compiled else INT64 * k)
-    by_hand = kernels.torch_block and experts == "mxfp4" and not lora.experts
+    by_hand = kernels.torch_block and experts == "mxfp4"
     if not compiled and not kernels.fused_gate and not by_hand:
         per += 4 * d * k * inter
     fixed = 0

@@ -14,9 +14,9 @@ again: nothing dequantized is kept for backward (so gradient checkpointing recom
 either). The routing stays on the device (per-expert row offsets, no host sync, no
 data-dependent shape) and the expert LoRA runs as grouped GEMMs over stacked factors, so the
 whole block compiles to one graph (``torch.compile(fullgraph=True)``). In eager mode on the
-``torch`` backend (CPU, ROCm, GPUs without Triton), a block without expert LoRA is one
-hand-differentiated autograd function (:class:`_TorchBlock`): the same ops and values, a
-fraction of the dispatches.
+``torch`` backend (CPU, ROCm, GPUs without Triton), the block is one hand-differentiated
+autograd function (:class:`_TorchBlock`): the same ops and values, a fraction of the
+dispatches.
 
 LoRA on the experts has the semantics, parameter shapes and state-dict keys of PEFT's
 ``target_parameters`` on the dequantized model, because it *is* PEFT's ``ParamWrapper``: each
@@ -83,15 +83,21 @@ LoraFactors = tuple[Tensor, Tensor, float]
 def grouped_lora(x: Tensor, factors: LoraFactors, offsets: Tensor) -> Tensor:
     """``scaling · (x_e · lhs[e]) · rhs[e]`` per expert group: two grouped GEMMs, no loop.
 
-    The rank-r path (``ΔW`` never formed). The rank is zero-padded to a multiple of 8 so that
-    every operand's strides are multiples of 16 bytes, as torch's grouped GEMM requires; the
-    padded columns are zero and get no gradient that reaches the factors.
+    The rank-r path (``ΔW`` never formed), factors as :func:`_padded` makes them.
     """
     lhs, rhs, scaling = factors
-    pad = -lhs.shape[-1] % 8
-    lhs = F.pad(lhs.to(x.dtype), (0, pad)).contiguous()  # [E, in, r + pad]
-    rhs = F.pad(rhs.to(x.dtype), (0, 0, 0, pad)).contiguous()  # [E, r + pad, out]
+    lhs, rhs = _padded(lhs, rhs, x.dtype)
     return lora_grouped_mm(lora_grouped_mm(x, lhs, offsets), rhs, offsets) * scaling
+
+
+def _padded(lhs: Tensor, rhs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``lhs [E, in, r]`` and ``rhs [E, r, out]`` in ``dtype`` with the rank zero-padded to a
+    multiple of 8, so that every operand's strides are multiples of 16 bytes, as torch's grouped
+    GEMM requires; the padded columns are zero and get no gradient that reaches the factors."""
+    pad = -lhs.shape[-1] % 8
+    lhs = F.pad(lhs.to(dtype), (0, pad)).contiguous()  # [E, in, r + pad]
+    rhs = F.pad(rhs.to(dtype), (0, 0, 0, pad)).contiguous()  # [E, r + pad, out]
+    return lhs, rhs
 
 
 class _Gathered(torch.autograd.Function):
@@ -120,7 +126,7 @@ class _Gathered(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Group the (token, slot) assignments ``ids`` (``[T * K]`` expert ids) by expert, stably
     (each expert sees its tokens in order), on the device: no host sync, no data-dependent shape.
 
@@ -138,53 +144,116 @@ def group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tens
 
 
 class _TorchBlock(torch.autograd.Function):
-    """The whole experts block without LoRA on the ``torch`` backend in eager mode, forward and
-    backward written out: the block :meth:`Mxfp4Experts.forward_composed` computes, with the
-    same ops in the same order (bit for bit its values and gradients), but one autograd node
-    instead of about twenty, and fewer passes (the routing's gathers, the gate's gradient by
+    """The whole experts block on the ``torch`` backend in eager mode, forward and backward
+    written out: the block :meth:`Mxfp4Experts.forward_composed` computes, with the same ops in
+    the same order, its gradients' parts summed in autograd's order (bit for bit its values and
+    gradients, LoRA's included, on the CPU), but one autograd node instead of about twenty,
+    and fewer passes (the routing's gathers, the gate's gradient by
     :func:`gate_activation_backward`). Where each op is a launch or a dispatch that costs as much
     as its arithmetic (the CPU, ROCm's eager path at short rows), that is most of the block's
     time besides its matmuls. Keeps for the backward what the composed block keeps but the
     gate's intermediates: the biased gate_up output, each slot's expert output, the routing
-    weights and the two permutations."""
+    weights, the two permutations and, with expert LoRA, each adapted projection's input and
+    each adapter's rank-wide middle.
+
+    The LoRA factors come flat after ``scalings``: per projection in :data:`PROJECTIONS` order,
+    per adapter, ``lhs`` then ``rhs``; ``scalings`` holds each projection's adapters' scalings.
+    """
 
     @staticmethod
     def forward(
-        ctx, hidden_states: Tensor, router_indices: Tensor, routing_weights: Tensor, experts
+        ctx,
+        hidden_states: Tensor,
+        router_indices: Tensor,
+        routing_weights: Tensor,
+        experts,
+        scalings: tuple[tuple[float, ...], tuple[float, ...]],
+        *factors: Tensor,
     ):
         tokens, top_k = router_indices.shape
-        expert_ids, order, inverse, offsets = group_by_expert(
+        expert_ids, order, inverse, offsets = _group_by_expert(
             router_indices.reshape(-1), experts.num_experts
         )
         x = hidden_states.index_select(0, order // top_k)
+        padded = [
+            _padded(lhs, rhs, x.dtype) for lhs, rhs in zip(factors[::2], factors[1::2], strict=True)
+        ]
+        up_lora, down_lora = padded[: len(scalings[0])], padded[len(scalings[0]) :]
         y = experts.torch_matmul("gate_up_proj", x, offsets)
+        middles = [lora_grouped_mm(x, lhs, offsets) for lhs, _ in up_lora]
+        for (_, rhs), middle, scaling in zip(up_lora, middles, scalings[0], strict=True):
+            y += lora_grouped_mm(middle, rhs, offsets) * scaling
         y += experts.gate_up_proj_bias.index_select(0, expert_ids)
         gated = gate_activation(y, experts.alpha, experts.limit)
         out = experts.torch_matmul("down_proj", gated, offsets)
         out += experts.down_proj_bias.index_select(0, expert_ids)
+        down_middles = [lora_grouped_mm(gated, lhs, offsets) for lhs, _ in down_lora]
+        for (_, rhs), middle, scaling in zip(down_lora, down_middles, scalings[1], strict=True):
+            out += lora_grouped_mm(middle, rhs, offsets) * scaling
         per_slot = out.index_select(0, inverse).view(tokens, top_k, out.shape[-1])
         combined = (per_slot * routing_weights.unsqueeze(-1)).sum(1)
-        ctx.save_for_backward(routing_weights, per_slot, y, order, inverse, offsets)
-        ctx.experts, ctx.combined_dtype = experts, combined.dtype
+        ctx.save_for_backward(
+            routing_weights, per_slot, y, order, inverse, offsets,
+            x if up_lora else None, gated if down_lora else None,
+            *(t for pair in padded for t in pair), *middles, *down_middles,
+        )  # fmt: skip
+        ctx.experts, ctx.scalings, ctx.combined_dtype = experts, scalings, combined.dtype
+        ctx.factors = [(t.dtype, t.shape) for t in factors]
         return combined.to(hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        routing_weights, per_slot, y, order, inverse, offsets = ctx.saved_tensors
-        experts = ctx.experts
+        routing_weights, per_slot, y, order, inverse, offsets, x, gated, *rest = ctx.saved_tensors
+        experts, scalings = ctx.experts, ctx.scalings
+        adapters = len(ctx.factors) // 2
+        padded = list(zip(rest[0 : 2 * adapters : 2], rest[1 : 2 * adapters : 2], strict=True))
+        lora = list(zip(padded, rest[2 * adapters :], scalings[0] + scalings[1], strict=True))
+        up_lora, down_lora = lora[: len(scalings[0])], lora[len(scalings[0]) :]
         grad = grad.to(ctx.combined_dtype).unsqueeze(1)
-        d_hidden = d_weights = None
+        d_weights = None
         if ctx.needs_input_grad[2]:
             d_weights = (grad * per_slot).sum(-1).to(routing_weights.dtype)
-        if ctx.needs_input_grad[0]:
-            d_out = (grad * routing_weights.unsqueeze(-1)).to(per_slot.dtype)
-            d_out = d_out.view(-1, per_slot.shape[-1]).index_select(0, order)
-            d_gated = experts.torch_matmul("down_proj", d_out, offsets, transpose=True)
-            d_y = gate_activation_backward(d_gated, y, experts.alpha, experts.limit)
-            d_x = experts.torch_matmul("gate_up_proj", d_y, offsets, transpose=True)
-            top_k = per_slot.shape[1]
-            d_hidden = d_x.index_select(0, inverse).view(-1, top_k, d_x.shape[-1]).sum(1)
-        return d_hidden, None, d_weights, None
+        d_out = (grad * routing_weights.unsqueeze(-1)).to(per_slot.dtype)
+        d_out = d_out.view(-1, per_slot.shape[-1]).index_select(0, order)
+        d_gated = experts.torch_matmul("down_proj", d_out, offsets, transpose=True)
+        d_down: list[Tensor] = []
+        for factors in down_lora:
+            d_gated += _lora_backward(d_out, gated, *factors, offsets, d_down)
+        d_y = gate_activation_backward(d_gated, y, experts.alpha, experts.limit)
+        d_x = experts.torch_matmul("gate_up_proj", d_y, offsets, transpose=True)
+        d_up: list[Tensor] = []
+        for factors in up_lora:
+            d_x += _lora_backward(d_y, x, *factors, offsets, d_up)
+        top_k = per_slot.shape[1]
+        d_hidden = d_x.index_select(0, inverse).view(-1, top_k, d_x.shape[-1]).sum(1)
+        # Undo _padded: the rank's padding sliced off, the factors' own dtype.
+        d_factors = [
+            d[:, :, : shape[-1]].to(dtype) if i % 2 == 0 else d[:, : shape[-2]].to(dtype)
+            for i, (d, (dtype, shape)) in enumerate(zip(d_up + d_down, ctx.factors, strict=True))
+        ]
+        return d_hidden, None, d_weights, None, None, *d_factors
+
+
+def _lora_backward(
+    grad: Tensor,
+    x: Tensor,
+    factors: tuple[Tensor, Tensor],
+    middle: Tensor,
+    scaling: float,
+    offsets: Tensor,
+    grads: list[Tensor],
+) -> Tensor:
+    """The gradient of ``x`` through ``(x_e · lhs[e]) · rhs[e] · scaling`` (``middle``: ``x_e ·
+    lhs[e]``), as autograd computes it for :func:`grouped_lora`; appends the gradients of the
+    padded ``lhs`` and ``rhs`` to ``grads``."""
+    lhs, rhs = factors
+    grad = grad * scaling
+    d_middle = lora_grouped_mm(grad, rhs.transpose(-1, -2), offsets)
+    grads += [
+        lora_grouped_mm(x.transpose(0, 1), d_middle, offsets),
+        lora_grouped_mm(middle.transpose(0, 1), grad, offsets),
+    ]
+    return lora_grouped_mm(d_middle, lhs.transpose(-1, -2), offsets)
 
 
 class Mxfp4Experts(nn.Module):
@@ -297,8 +366,14 @@ class Mxfp4Experts(nn.Module):
         Returns:
             ``[T, H]``: each token's routing-weighted sum of its experts' outputs.
         """
-        if self.backend == TORCH and not lora and not torch.compiler.is_compiling():
-            return _TorchBlock.apply(hidden_states, router_indices, routing_weights, self)
+        if self.backend == TORCH and not torch.compiler.is_compiling():
+            lora = lora or {}
+            adapters = [lora.get(proj, ()) for proj in PROJECTIONS]
+            scalings = tuple(tuple(scaling for *_, scaling in a) for a in adapters)
+            factors = [t for a in adapters for lhs, rhs, _ in a for t in (lhs, rhs)]
+            return _TorchBlock.apply(
+                hidden_states, router_indices, routing_weights, self, scalings, *factors
+            )
         return self.forward_composed(hidden_states, router_indices, routing_weights, lora)
 
     def forward_composed(
@@ -309,8 +384,8 @@ class Mxfp4Experts(nn.Module):
         lora: Mapping[str, Sequence[LoraFactors]] | None = None,
     ) -> Tensor:
         """:meth:`forward` as ops that autograd differentiates: what ``torch.compile`` traces,
-        and every eager block on the ``triton`` and ``reference`` backends or with expert LoRA
-        (the ``torch`` backend's eager block without it computes the same by hand)."""
+        and the eager blocks of the ``triton`` and ``reference`` backends (the ``torch``
+        backend's eager block computes the same by hand: :class:`_TorchBlock`)."""
         lora = lora or {}
         tokens, top_k = router_indices.shape
         # The gate and the combine: one Triton kernel each way on the kernel backend in eager
@@ -324,7 +399,7 @@ class Mxfp4Experts(nn.Module):
             # kernel does not compute (mxlora.mxfp4.ops.mxfp4_grouped_mm).
             positions = torch.arange(ids.numel(), device=ids.device)
             ids = torch.where(positions < self.padding_from * top_k, ids, self.num_experts)
-        expert_ids, order, inverse, offsets = group_by_expert(ids, self.num_experts)
+        expert_ids, order, inverse, offsets = _group_by_expert(ids, self.num_experts)
         lora_offsets = offsets
         if skip:
             # The expert LoRA's grouped GEMMs take the padding into the last expert's group

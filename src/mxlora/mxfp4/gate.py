@@ -11,12 +11,11 @@ bias[expert_ids]`` holds gate and up interleaved along its last dimension (gate 
 Implementations, picked by the experts' backend (:mod:`mxlora.mxfp4.kernels`):
 
 - :func:`gate_reference`: those torch ops, autograd differentiates them (the oracle, and the path
-  of the ``reference`` backend and of every block ``torch.compile`` traces or that carries
-  expert LoRA);
+  of the ``reference`` backend and of every block ``torch.compile`` traces);
 - :func:`gate_activation_backward`: the gradient written out in torch ops, for the ``torch``
-  backend's eager block without expert LoRA (:class:`mxlora.mxfp4.experts.Mxfp4Experts`), which
-  differentiates the whole block by hand: it keeps the biased input only, like the kernel below,
-  and no autograd node per op runs;
+  backend's eager block (:class:`mxlora.mxfp4.experts.Mxfp4Experts`), which differentiates the
+  whole block by hand: it keeps the biased input only, like the kernel below, and no autograd
+  node per op runs;
 - :func:`fused_gate`: the registered op ``mxlora::gpt_oss_gate`` (``triton`` backend), one Triton
   kernel forward and one backward, instead of about eight passes forward and a dozen backward
   over the ``[rows, 2I]`` activations in eager torch, and autograd keeps only its input (eager
@@ -60,9 +59,11 @@ def gate_activation_backward(grad: Tensor, y: Tensor, alpha: float, limit: float
     d_glu = grad * (clamped_up + 1)
     d_gate = d_glu * sig + torch.ops.aten.sigmoid_backward(d_glu * clamped_gate, sig) * alpha
     d_up = grad * (clamped_gate * sig)
-    d_gate = torch.where(clamped_gate == gate, d_gate, 0)
-    d_up = torch.where(clamped_up == up, d_up, 0)
-    return torch.stack((d_gate, d_up), dim=-1).flatten(-2)
+    # Straight into the interleaved halves: a stack along the last dimension is a slow copy.
+    d_y, zero = torch.empty_like(y), y.new_zeros(())
+    torch.where(clamped_gate == gate, d_gate, zero, out=d_y[..., ::2])
+    torch.where(clamped_up == up, d_up, zero, out=d_y[..., 1::2])
+    return d_y
 
 
 def _check(gate_up: Tensor, bias: Tensor, expert_ids: Tensor) -> None:

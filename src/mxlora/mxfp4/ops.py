@@ -239,7 +239,8 @@ def _reference_impl(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool)
 
 
 def _torch_impl(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool) -> Tensor:
-    return _dense_grouped_mm(x, _dequantize_torch(blocks, scales, x.dtype), offsets, transpose)
+    ends = offsets_covering(offsets, x.shape[0])
+    return torch_mxfp4_grouped_mm(x.contiguous(), blocks, scales, ends, transpose)
 
 
 def _triton_impl(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool) -> Tensor:
