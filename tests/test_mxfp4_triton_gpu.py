@@ -146,6 +146,32 @@ def test_dequantizers_are_exact(weights, dtype):
     assert torch.equal(dequantize_mxfp4_torch(blocks, scales, dtype), expected)
 
 
+def test_torch_dequantizer_compiles_once_whatever_the_global_state():
+    """The torch backend's compiled dequantizer runs under the states training puts it in
+    (grad on and off, autocast with and without its cache, as CUDA-graph capture sets it):
+    after the first call, none of them recompiles it (dynamo gives up after eight), and each
+    gives the reference's values."""
+    import contextlib
+
+    from mxlora.mxfp4.ops import _dequantize_torch
+
+    blocks, scales = mxfp4_weight(64, 96, seed=12)
+    expected = dequantize_mxfp4(blocks, scales, torch.bfloat16)
+    assert torch.equal(_dequantize_torch(blocks, scales, torch.bfloat16), expected)
+    states = [
+        contextlib.nullcontext,
+        torch.no_grad,
+        lambda: torch.autocast("cuda", dtype=torch.bfloat16),
+        lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False),
+        lambda: torch.autocast("cuda", dtype=torch.float16),
+        lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    ]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for state in states:
+            with state():
+                assert torch.equal(_dequantize_torch(blocks, scales, torch.bfloat16), expected)
+
+
 ODD_COUNTS = {
     "one-token": (0,) * (E - 1) + (1,),
     "all-to-one-expert": (0,) * 7 + (3001,) + (0,) * (E - 8),

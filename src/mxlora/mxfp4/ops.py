@@ -198,7 +198,13 @@ def _dequantize_torch(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Ten
     :func:`dequantize_mxfp4_torch` in eager mode."""
     if blocks.is_cuda and torch.version.hip is None:
         tables = _tables(_compute_dtype(dtype), blocks.device)
-        return _compiled_lookup()(blocks, scales, *tables, dtype)
+        # The compiled function is guarded on the global state (grad mode, autocast and its
+        # cache), under which the op runs in several (eager and compiled blocks, their
+        # backward, CUDA-graph capture): each would be a recompile, and dynamo gives up after
+        # eight. One fixed state, which changes nothing for these ops.
+        off = dict(dtype=torch.bfloat16, enabled=False, cache_enabled=False)
+        with torch.no_grad(), torch.autocast("cuda", **off), torch.autocast("cpu", **off):
+            return _compiled_lookup()(blocks, scales, *tables, dtype)
     return dequantize_mxfp4_torch(blocks, scales, dtype)
 
 
