@@ -8,6 +8,8 @@
   values, each LoRA gradient (and dx) of the MXFP4 layer has cosine similarity >= 0.9999 with the
   seed path's (GptOssExperts holding the dequantized bf16 weights, transformers' default
   ``grouped_mm`` experts, PEFT ``target_parameters``), for the reference and the Triton path;
+* the torch backend's hand-differentiated experts block against the composed one, with and
+  without LoRA, and its compiled dequantizer under the global states training calls it in;
 * bench/mxfp4_matmul.py runs and reports a Triton result that agrees with torch's bf16 grouped
   GEMM.
 
