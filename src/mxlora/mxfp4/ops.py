@@ -299,14 +299,10 @@ def mxfp4_grouped_mm(
     Returns:
         ``[rows, out]`` (``[rows, in]`` with ``transpose``), ``x``'s dtype.
     """
-    return run_mxfp4_grouped_mm(x, blocks, scales, offsets, transpose, backend)
+    return _run(x, blocks, scales, offsets, transpose, backend)
 
 
-def run_mxfp4_grouped_mm(
-    x: Tensor, blocks: Tensor, scales: Tensor, offsets: Tensor, transpose: bool, backend: str
-) -> Tensor:
-    """:func:`mxfp4_grouped_mm`'s computation, outside autograd and dispatch (for code that
-    differentiates it by hand: :class:`_EagerFrozenMatmul`, the experts' eager torch block)."""
+def _run(x: Tensor, blocks, scales, offsets: Tensor, transpose: bool, backend: str) -> Tensor:
     if backend not in _IMPLS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(_IMPLS)}")
     if x.shape[0] == 0:
@@ -350,7 +346,7 @@ class _EagerFrozenMatmul(torch.autograd.Function):
     def forward(ctx, x, blocks, scales, offsets, transpose, backend):
         ctx.save_for_backward(blocks, scales, offsets)
         ctx.transpose, ctx.backend = transpose, backend
-        return run_mxfp4_grouped_mm(x, blocks, scales, offsets, transpose, backend)
+        return _run(x, blocks, scales, offsets, transpose, backend)
 
     @staticmethod
     def backward(ctx, grad):
@@ -358,9 +354,7 @@ class _EagerFrozenMatmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad = grad.contiguous()
-            grad_x = run_mxfp4_grouped_mm(
-                grad, blocks, scales, offsets, not ctx.transpose, ctx.backend
-            )
+            grad_x = _run(grad, blocks, scales, offsets, not ctx.transpose, ctx.backend)
         return grad_x, None, None, None, None, None
 
 
