@@ -180,16 +180,12 @@ class _TorchBlock(torch.autograd.Function):
         ]
         up_lora, down_lora = padded[: len(scalings[0])], padded[len(scalings[0]) :]
         y = experts.torch_matmul("gate_up_proj", x, offsets)
-        middles = [lora_grouped_mm(x, lhs, offsets) for lhs, _ in up_lora]
-        for (_, rhs), middle, scaling in zip(up_lora, middles, scalings[0], strict=True):
-            y += lora_grouped_mm(middle, rhs, offsets) * scaling
+        middles = _lora_forward(y, x, up_lora, scalings[0], offsets)
         y += experts.gate_up_proj_bias.index_select(0, expert_ids)
         gated = gate_activation(y, experts.alpha, experts.limit)
         out = experts.torch_matmul("down_proj", gated, offsets)
         out += experts.down_proj_bias.index_select(0, expert_ids)
-        down_middles = [lora_grouped_mm(gated, lhs, offsets) for lhs, _ in down_lora]
-        for (_, rhs), middle, scaling in zip(down_lora, down_middles, scalings[1], strict=True):
-            out += lora_grouped_mm(middle, rhs, offsets) * scaling
+        down_middles = _lora_forward(out, gated, down_lora, scalings[1], offsets)
         per_slot = out.index_select(0, inverse).view(tokens, top_k, out.shape[-1])
         combined = (per_slot * routing_weights.unsqueeze(-1)).sum(1)
         ctx.save_for_backward(
@@ -232,6 +228,21 @@ class _TorchBlock(torch.autograd.Function):
             for i, (d, (dtype, shape)) in enumerate(zip(d_up + d_down, ctx.factors, strict=True))
         ]
         return d_hidden, None, d_weights, None, None, *d_factors
+
+
+def _lora_forward(
+    y: Tensor,
+    x: Tensor,
+    adapters: list[tuple[Tensor, Tensor]],
+    scalings: tuple[float, ...],
+    offsets: Tensor,
+) -> list[Tensor]:
+    """Adds each adapter's ``(x_e · lhs[e]) · rhs[e] · scaling`` to ``y`` in place, as
+    :func:`grouped_lora` computes it (padded factors); returns the middles ``x_e · lhs[e]``."""
+    middles = [lora_grouped_mm(x, lhs, offsets) for lhs, _ in adapters]
+    for (_, rhs), middle, scaling in zip(adapters, middles, scalings, strict=True):
+        y += lora_grouped_mm(middle, rhs, offsets) * scaling
+    return middles
 
 
 def _lora_backward(
