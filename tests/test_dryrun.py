@@ -18,7 +18,16 @@ from mxlora.engine.memory import HEADROOM, block_costs, loss_bytes, peak_bytes, 
 from mxlora.engine.packing import longest_packed, plan_steps
 from mxlora.model.load import load_tokenizer, load_weights
 from mxlora.model.lora import apply_lora, count_parameters
-from mxlora.recipes.dryrun import dry_run, estimate_memory, meta_model, weights_and_adapter
+from mxlora.mxfp4.kernels import TRITON
+from mxlora.recipes import dryrun
+from mxlora.recipes.dryrun import (
+    dry_run,
+    estimate_memory,
+    largest_micro_batch,
+    meta_model,
+    training_experts,
+    weights_and_adapter,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny:layers=4"
@@ -126,8 +135,9 @@ def test_dry_run_trl_pads_and_checkpoints_every_block_or_none(tmp_path):
 
 def test_dry_run_mxlora_plans_partial_checkpointing_under_a_budget(tmp_path):
     """A budget that fits the activations with exactly two of the four blocks checkpointed:
-    the dry run reports the run's own count (one place decides)."""
-    cfg = tiny_config(tmp_path)
+    the dry run reports the run's own count (one place decides). MXFP4 experts named: under
+    this budget ``auto`` would dequantize them on the CPU (no Triton kernel)."""
+    cfg = tiny_config(tmp_path, "mxfp4")
     first = dry_run(cfg, torch.device("cpu"))["memory"]
     meta = apply_lora(meta_model(TINY), cfg.lora)
     weights, _, lora = weights_and_adapter(meta, "mxfp4", torch.float32)
@@ -142,3 +152,68 @@ def test_dry_run_mxlora_plans_partial_checkpointing_under_a_budget(tmp_path):
     assert memory["activations_gb"] * 1e9 == pytest.approx(two)
     cfg.train.memory_budget_gb = 1e-4
     assert dry_run(cfg, torch.device("cpu"))["memory"]["checkpointed_blocks"] == "4 of 4"
+
+
+def test_auto_experts_dequantize_where_no_triton_kernel_runs_and_they_fit(tmp_path, monkeypatch):
+    """``model.experts: auto`` for training: MXFP4 where the Triton kernel runs; elsewhere (the
+    CPU here) the dequantized experts when the run fits its budget that way, with every block
+    checkpointed (unless checkpointing is off), by the dry run's estimate: the boundary is that
+    estimate within HEADROOM of the budget. Without a budget (the CPU's default) MXFP4 stays,
+    and so does an explicit mode. The dry run reports the same choice."""
+    cpu = torch.device("cpu")
+    cfg = tiny_config(tmp_path)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.train.max_len)
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    meta = apply_lora(meta_model(TINY), cfg.lora)
+    tokens = largest_micro_batch(cfg, lengths)
+
+    def need(checkpointed: int) -> float:
+        estimate = estimate_memory(
+            meta, "dequantize-bf16", torch.float32, tokens, "mxlora", checkpointed, device=cpu
+        )
+        return estimate["total_gb"]
+
+    assert training_experts(cfg, cpu, lengths)[0] == "mxfp4"  # no budget
+    at_least = need(4)
+    for budget, expected in ((1.001, "dequantize-bf16"), (0.999, "mxfp4")):
+        cfg.train.memory_budget_gb = budget * at_least / HEADROOM
+        experts, why = training_experts(cfg, cpu, lengths)
+        assert experts == expected and why.startswith(f"model.experts: auto -> {expected}")
+        assert dry_run(cfg, cpu)["experts"] == expected
+    cfg.train.memory_budget_gb = 1.001 * at_least / HEADROOM
+    cfg.train.gradient_checkpointing = False  # the run keeps every block's activations
+    assert need(0) > at_least
+    assert training_experts(cfg, cpu, lengths)[0] == "mxfp4"
+    cfg.train.memory_budget_gb = 1.001 * need(0) / HEADROOM
+    assert training_experts(cfg, cpu, lengths)[0] == "dequantize-bf16"
+    cfg.train.memory_budget_gb = 1000.0
+    monkeypatch.setattr(dryrun, "resolve_backend", lambda device: TRITON)
+    assert training_experts(cfg, cpu, lengths)[0] == "mxfp4"
+    monkeypatch.undo()
+    for explicit in ("mxfp4", "dequantize-bf16"):
+        cfg.model.experts = explicit
+        assert training_experts(cfg, cpu, lengths) == (explicit, f"model.experts: {explicit}")
+
+
+def test_cli_dry_run_reports_bad_data_in_one_line(tmp_path, capsys):
+    """Bad data fails the dry run as it fails a run: one line naming the field, exit code 1,
+    no traceback."""
+    config = ROOT / "configs" / "tiny" / "quotes.yaml"
+    overrides = [f"output.root={tmp_path}", f"data.source={tmp_path / 'missing.jsonl'}"]
+    assert main(["train", str(config), *overrides, "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mxlora train: error: data.source: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_dry_run_of_a_random_model_needs_no_checkpoint(tmp_path):
+    """``random:20b`` (generated in MXFP4 when a run loads it) dry-runs from its config alone,
+    with gpt-oss-20b's parameter count (the seed's, less its adapter: tests/test_train.py), its
+    experts as a random model holds them."""
+    cfg = tiny_config(tmp_path)
+    cfg.model.name_or_path = "random:20b"
+    result = dry_run(cfg, torch.device("cpu"))
+    base = result["parameters"]["total"] - result["parameters"]["trainable"]
+    assert result["experts"] == "mxfp4" and base == 20_929_797_696 - 15_040_512
+    cfg.train.memory_budget_gb = 1000.0  # a dequantized run would fit, but there is no checkpoint
+    assert dry_run(cfg, torch.device("cpu"))["experts"] == "mxfp4"

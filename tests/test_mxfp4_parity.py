@@ -455,17 +455,20 @@ def test_loading_dequantizes_nothing(tiny):
 def test_mxlora_train_in_mxfp4_mode_trains_the_seed_modes_adapter(tmp_path):
     """``mxlora train configs/tiny/quotes.yaml model.experts=mxfp4`` against the same command in
     the seed's mode: same losses, same adapter, and its files load with ``PeftModel`` on the
-    dequantized model with the logits of the mxfp4 model."""
+    dequantized model with the logits of the mxfp4 model. The seed's mode is reached as
+    ``model.experts: auto`` takes it on the CPU (no Triton kernel) under a budget it fits,
+    which the run's report records."""
     from mxlora.cli import main
     from mxlora.model.load import resolve_model_path
 
     tiny_spec = "tiny:layers=4,intermediate=96"
     for mode in ("dequantize-bf16", "mxfp4"):
+        experts = ["model.experts=auto", "train.memory_budget_gb=100"]
         code = main(
             [
                 "train",
                 str(ROOT / "configs" / "tiny" / "quotes.yaml"),
-                f"model.experts={mode}",
+                *(experts if mode == "dequantize-bf16" else ["model.experts=mxfp4"]),
                 f"model.name_or_path={tiny_spec}",
                 "lora.experts.layers=[1,3]",
                 "data.select=12",
@@ -479,7 +482,8 @@ def test_mxlora_train_in_mxfp4_mode_trains_the_seed_modes_adapter(tmp_path):
         )
         assert code == 0
     seed_dir, mx_dir = tmp_path / "dequantize-bf16", tmp_path / "mxfp4"
-    assert json.loads((mx_dir / "report.json").read_text())["experts"] == "mxfp4"
+    for run, mode in ((mx_dir, "mxfp4"), (seed_dir, "dequantize-bf16")):
+        assert json.loads((run / "report.json").read_text())["experts"] == mode
 
     def losses(run):
         lines = (run / "metrics.jsonl").read_text().splitlines()

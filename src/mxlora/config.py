@@ -43,7 +43,9 @@ class ConfigError(ValueError):
 # "auto" (the default): "mxfp4" for a checkpoint whose experts are MXFP4, the stored weights
 # otherwise. mxfp4 became the default once its acceptance held (gradient parity with the seed
 # path; on the H100 at 4x2048 with flex_attention 18.2 GB peak and 1.84x the seed's tokens/s:
-# docs/BENCHMARKS.md).
+# docs/BENCHMARKS.md). For training on a device without the Triton kernel, where the torch
+# path's dequantizing makes mxfp4 the slower mode, auto dequantizes when that fits the memory
+# budget (mxlora.recipes.dryrun.training_experts).
 ExpertsMode = Literal["auto", "dequantize-bf16", "mxfp4"]
 # "auto": bf16 where the device supports it (the seed's choice), float32 elsewhere (CPU).
 DtypeName = Literal["auto", "bfloat16", "float32"]

@@ -410,16 +410,25 @@ def checkpointed_blocks(
     return plan_checkpointing(setting, costs, tokens, loss, free_gb, transient)
 
 
+def memory_budget(device: torch.device, budget_gb: float | None) -> float | None:
+    """The memory (GB) a run on ``device`` plans for: ``train.memory_budget_gb`` if set, else
+    the CUDA (or ROCm) device's total memory; ``None`` on the CPU without a budget."""
+    if budget_gb is not None:
+        return budget_gb
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / GB
+
+
 def _free_gb(
     model: torch.nn.Module, device: torch.device, budget_gb: float | None, held_gb: float | None
 ) -> float | None:
     """What the activations may use: :data:`HEADROOM` of the budget (``None``: the CUDA
     device's total memory) less the memory held (``None``: what CUDA has allocated) and the
     trainable parameters' gradients and AdamW moments; ``None`` on the CPU without a budget."""
+    budget_gb = memory_budget(device, budget_gb)
     if budget_gb is None:
-        if device.type != "cuda":
-            return None
-        budget_gb = torch.cuda.get_device_properties(device).total_memory / GB
+        return None
     if held_gb is None:
         held_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0.0
     return max(HEADROOM * budget_gb - held_gb - trainable_bytes(model) / GB, 0.0)

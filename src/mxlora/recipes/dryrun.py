@@ -35,25 +35,30 @@ import torch
 from mxlora.config import Engine, TrainingConfig, dump_config
 from mxlora.data import prepare_data
 from mxlora.engine.memory import (
+    HEADROOM,
     NO_KERNELS,
     EagerKernels,
     all_blocks,
     block_costs,
     checkpointed_blocks,
     decoder_layers,
+    memory_budget,
     peak_bytes,
     step_extras,
 )
 from mxlora.engine.packing import longest_packed, plan_steps
 from mxlora.model.load import (
+    checkpoint_config,
     default_device,
     load_tokenizer,
+    parse_random,
     read_config,
     resolve_dtype,
     resolve_experts,
     resolve_model_path,
 )
 from mxlora.model.lora import apply_lora, count_parameters
+from mxlora.mxfp4.kernels import TRITON, resolve_backend
 
 GB = 1e9
 # MXFP4: 32 FP4 values in 16 bytes plus one e8m0 scale byte.
@@ -68,12 +73,11 @@ def meta_model(name_or_path: str) -> torch.nn.Module:
     Raises:
         ModelLoadError: unreadable or non-gpt-oss checkpoint.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GptOssConfig
 
-    config = read_config(resolve_model_path(name_or_path))
-    raw = config.to_dict()
+    raw = checkpoint_config(name_or_path)
     raw.pop("quantization_config", None)  # shapes of the dequantized model; nothing to load
-    config = type(config).from_dict(raw)
+    config = GptOssConfig.from_dict(raw)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -150,11 +154,83 @@ def estimate_memory(
     }
 
 
+def largest_micro_batch(cfg: TrainingConfig, lengths: list[int]) -> int:
+    """Tokens of the run's largest micro-batch: packed by its own plan of rows (``mxlora``), or
+    ``batch_size`` rows padded to the longest kept row (``trl``)."""
+    t = cfg.train
+    if t.engine == "mxlora":
+        plan = plan_steps(len(lengths), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed)
+        return longest_packed(lengths, plan)
+    return t.batch_size * max(lengths)
+
+
+def training_experts(
+    cfg: TrainingConfig, device: torch.device, lengths: list[int]
+) -> tuple[str, str]:
+    """How a training run on ``device`` holds its experts (``model.experts`` resolved), and why.
+
+    Explicit modes stay. ``auto`` holds MXFP4 experts as ``mxfp4`` where the Triton kernel runs.
+    Elsewhere (the ``torch`` backend: CPU, ROCm such as Strix Halo, CUDA before 8.0) the
+    ``mxfp4`` path dequantizes each projection every time it is used, on top of the matmul the
+    seed mode runs on its ready weights, so it is slower at every size; there ``auto`` takes
+    ``dequantize-bf16`` when the run fits the memory budget (``train.memory_budget_gb``, else
+    the device's memory) that way with as few activations as it can keep (every block
+    checkpointed unless ``gradient_checkpointing`` is false; no fused kernels), by the dry
+    run's estimate within :data:`~mxlora.engine.memory.HEADROOM`, and keeps ``mxfp4`` when it
+    does not fit or there is no budget to read (the CPU without ``train.memory_budget_gb``). The
+    estimate is one process's whole model: under FSDP2 the shards would need less.
+
+    Args:
+        cfg: the run's config.
+        device: the training device.
+        lengths: each kept train row's token count.
+
+    Raises:
+        ModelLoadError, ConfigError: bad model path or LoRA targets.
+    """
+    if parse_random(cfg.model.name_or_path) is not None:  # generated in MXFP4 only
+        return "mxfp4", f"model.experts: {cfg.model.experts} (a random: model is MXFP4)"
+    config = read_config(resolve_model_path(cfg.model.name_or_path))
+    experts = resolve_experts(cfg.model.experts, config)
+    if cfg.model.experts != "auto" or experts != "mxfp4":
+        return experts, f"model.experts: {cfg.model.experts}"
+    if resolve_backend(device) == TRITON:
+        return experts, "model.experts: auto (MXFP4 experts, the Triton kernel runs here)"
+    budget = memory_budget(device, cfg.train.memory_budget_gb)
+    if budget is None:
+        return experts, "model.experts: auto (MXFP4 experts; no memory budget to plan with)"
+    model = apply_lora(meta_model(cfg.model.name_or_path), cfg.lora)
+    blocks = len(decoder_layers(model))
+    checkpointed = 0 if cfg.train.gradient_checkpointing is False else blocks
+    need = estimate_memory(
+        model,
+        "dequantize-bf16",
+        resolve_dtype(cfg.model.dtype, device),
+        largest_micro_batch(cfg, lengths),
+        cfg.train.engine,
+        checkpointed,
+        device=device,
+    )["total_gb"]
+    usable = HEADROOM * budget
+    if need <= usable:
+        return "dequantize-bf16", (
+            f"model.experts: auto -> dequantize-bf16 (no Triton MXFP4 kernel on {device.type}, "
+            f"where dequantized experts train faster; they fit: about {need:.3g} GB of the "
+            f"{usable:.3g} GB usable of a {budget:.3g} GB budget)"
+        )
+    return "mxfp4", (
+        f"model.experts: auto -> mxfp4 (no Triton MXFP4 kernel on {device.type}, but dequantized "
+        f"experts would need about {need:.3g} GB, more than the {usable:.3g} GB usable of a "
+        f"{budget:.3g} GB budget)"
+    )
+
+
 def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str, Any]:
     """Everything a run would start from, computed without training or writing anything.
 
     Returns:
-        ``{"config", "device", "dtype", "experts", "data", "parameters", "memory"}``.
+        ``{"config", "device", "dtype", "experts", "experts_reason", "data", "parameters",
+        "memory"}``.
 
     Raises:
         ModelLoadError, ConfigError: bad model path or LoRA targets.
@@ -163,25 +239,22 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
     device = device or default_device()
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    experts, why = training_experts(cfg, device, lengths)
     model = meta_model(cfg.model.name_or_path)
-    experts = resolve_experts(
-        cfg.model.experts, read_config(resolve_model_path(cfg.model.name_or_path))
-    )
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = apply_lora(model, cfg.lora)
     trainable, total = count_parameters(model)
     t = cfg.train
     weights, _, lora = weights_and_adapter(model, experts, dtype)
     held_gb = (weights + lora) / GB  # what the run holds when it decides
-    lengths = [len(ids) for ids in data.train["input_ids"]]
     blocks = len(decoder_layers(model))
     compiled = False
     kernels = NO_KERNELS
+    tokens = largest_micro_batch(cfg, lengths)
     if t.engine == "mxlora":
         from mxlora.engine.loop import eager_kernels, use_compile
 
-        plan = plan_steps(len(lengths), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed)
-        tokens = longest_packed(lengths, plan)
         compiled = use_compile(t.compile, device, tokens)
         kernels = eager_kernels(device, dtype, compiled, model.config.head_dim, experts)
         checkpointed = checkpointed_blocks(
@@ -197,8 +270,6 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
             kernels=kernels,
         )
     else:
-        # TRL's largest batch: batch_size rows padded to the longest kept train row.
-        tokens = t.batch_size * max(lengths)
         on = all_blocks(
             t.gradient_checkpointing,
             model,
@@ -220,6 +291,7 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "experts": experts,
+        "experts_reason": why,
         "data": data.report,
         "parameters": {"trainable": trainable, "total": total},
         "memory": memory,
@@ -246,6 +318,7 @@ def format_dry_run(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"model: experts {result['experts']}, dtype {result['dtype']} on {result['device']}",
+        f"  {result['experts_reason']}",
         f"  parameters: {p['trainable']:,} trainable of {p['total']:,} "
         f"({100 * p['trainable'] / p['total']:.4f} %)",
         f"  memory estimate: {m['total_gb']:.2f} GB = weights {m['weights_gb']:.2f} + "

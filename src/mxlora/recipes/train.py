@@ -78,6 +78,7 @@ from mxlora.model.load import (
     resolve_dtype,
 )
 from mxlora.model.lora import apply_lora, count_parameters
+from mxlora.recipes.dryrun import training_experts
 from mxlora.report.metrics import (
     GB,
     MetricsCallback,
@@ -258,14 +259,18 @@ def fit(
             log.info("%s", describe_data(data.report))
 
         # Model: the LoRA initialisation draws from the global RNG, hence the seed first.
+        lengths = [len(ids) for ids in data.train["input_ids"]]
+        chosen, why = training_experts(cfg, device, lengths)
+        if main:
+            log.info("%s", why)
         load_start = time.perf_counter()
         try:
-            model = load_weights(cfg.model, device)
+            model = load_weights(dataclasses.replace(cfg.model, experts=chosen), device)
         except torch.OutOfMemoryError:
             raise TrainingError(oom_message(cfg, device, "loading the model")) from None
         model.config.use_cache = False  # the KV cache is useless in training and costs memory
         declare_bos(model, tokenizer)
-        experts = held_experts(model)  # model.experts resolved (auto -> mxfp4 or dequantize-bf16)
+        experts = held_experts(model)  # what the report records (never auto)
         set_seed(cfg.train.seed)
         model = apply_lora(model, cfg.lora)
         trainable, total = count_parameters(model)
@@ -533,7 +538,7 @@ def describe_model(
     else:
         memory = f"peak RSS {peak_rss_gb():.2f} GB"
     return (
-        f"model {cfg.model.name_or_path} loaded in {seconds:.1f} s (experts {cfg.model.experts}, "
+        f"model {cfg.model.name_or_path} loaded in {seconds:.1f} s (experts {held_experts(model)}, "
         f"{str(resolve_dtype(cfg.model.dtype, device)).removeprefix('torch.')} on {device}; "
         f"{weights / GB:.2f} GB of weights, "
         f"{memory}); LoRA trains {trainable:,} of {total:,} parameters "
@@ -971,7 +976,13 @@ def _train_cli(args: argparse.Namespace, info: DistInfo) -> int:
         if getattr(args, "dry_run", False):
             from mxlora.recipes.dryrun import dry_run, format_dry_run
 
-            print(format_dry_run(dry_run(cfg)))
+            try:
+                result = dry_run(cfg)
+            except ConfigError:
+                raise
+            except ValueError as e:  # the data module's errors name the field or the bad row
+                raise TrainingError(str(e)) from None
+            print(format_dry_run(result))
             return 0
         run_dir = train(cfg, resume=resume, overwrite=args.overwrite, info=info)
         if not info.is_main:
