@@ -320,3 +320,34 @@ def test_gpus_runs_the_variant_under_torchrun(tmp_path):
     assert one["tokens_per_step"] == 2 * 24 and two["tokens_per_step"] == 4 * 24
     assert two["padded_tokens_per_step"] >= two["tokens_per_step"]
     assert math.isfinite(two["train_loss"]) and two["tokens_per_s"] > 0
+
+
+def test_a_variant_holds_its_experts_as_mxlora_train_would_for_every_workload(monkeypatch):
+    """``model.experts: auto`` is resolved per variant as ``mxlora train`` resolves it for each
+    workload (the decision of mxlora.recipes.dryrun.training_experts, given each workload's
+    batch and rows); the model is loaded once, so MXFP4 if any workload needs it. Explicit
+    modes pass through."""
+    from mxlora.recipes import dryrun
+    from mxlora.recipes.bench import variant_experts
+
+    bench = load_bench_config(TINY, ["model=tiny:layers=24"])
+    cpu = torch.device("cpu")
+    default = variant_config(bench, bench.variants[1])
+    assert variant_experts(bench, default, cpu) == "mxfp4"  # the CPU: no budget, no decision
+    default.train.memory_budget_gb = 1000.0
+    assert variant_experts(bench, default, cpu) == "dequantize-bf16"
+    seen = []
+
+    def longest_needs_mxfp4(cfg, device, lengths):
+        seen.append((cfg.train.batch_size, len(lengths), max(lengths)))
+        return ("mxfp4" if max(lengths) > 64 else "dequantize-bf16"), ""
+
+    monkeypatch.setattr(dryrun, "training_experts", longest_needs_mxfp4)
+    assert variant_experts(bench, default, cpu) == "mxfp4"
+    assert seen[0] == (2, 2 * (bench.warmup_steps + bench.steps), 64)  # the 2x64 workload
+    assert len(seen) == len(bench.workloads)
+    bench.workloads = bench.workloads[:1]
+    assert variant_experts(bench, default, cpu) == "dequantize-bf16"
+    assert variant_experts(bench, variant_config(bench, bench.variants[0]), cpu) == (
+        "dequantize-bf16"
+    )

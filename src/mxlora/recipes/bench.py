@@ -459,9 +459,13 @@ def variant_job(bench: BenchConfig, variant: Variant, info=None) -> dict[str, An
     info = info or DistInfo(device=default_device())
     device = info.device if info.distributed else default_device()
     print(f"bench: {variant.name}: loading {bench.model}", flush=True)
+    try:
+        experts = variant_experts(bench, cfg, device, info.world_size)
+    except Exception as e:  # as a load failure: the variant cannot run
+        return {"error": f"load: {_one_line(e)}"}
     start = time.perf_counter()
     try:
-        model, tokenizer = load_model(cfg.model, device)
+        model, tokenizer = load_model(dataclasses.replace(cfg.model, experts=experts), device)
         _sync(device)
     except Exception as e:  # a variant that cannot load is a result, not a crash of the bench
         return {"error": f"load: {_one_line(e)}"}
@@ -530,6 +534,48 @@ def workload_dataset(workload: Workload, tokenizer: Any, max_len: int, rows: int
     )
 
 
+def workload_config(
+    cfg: TrainingConfig, bench: BenchConfig, workload: Workload
+) -> tuple[TrainingConfig, int, int | None]:
+    """The variant's config as ``workload`` trains it (its batch, its steps or one epoch, no
+    evaluation, checkpoint or metrics line inside the measured steps), its warm-up steps and
+    its timed steps (``None``: the epoch's)."""
+    if workload.epoch:
+        warmup, steps = 0, None
+        run = dataclasses.replace(
+            cfg.train, batch_size=workload.batch, epochs=1.0, max_steps=-1, eval="no"
+        )
+    else:
+        warmup = bench.warmup_steps if workload.warmup_steps is None else workload.warmup_steps
+        steps = bench.steps if workload.steps is None else workload.steps
+        run = dataclasses.replace(
+            cfg.train, batch_size=workload.batch, max_steps=warmup + steps, eval="no"
+        )
+    run = dataclasses.replace(run, save_steps=10**9, logging_steps=10**9)
+    return dataclasses.replace(cfg, train=run), warmup, steps
+
+
+def variant_experts(bench: BenchConfig, cfg: TrainingConfig, device, world_size: int = 1) -> str:
+    """``model.experts`` as ``mxlora train`` resolves it for every workload of the bench
+    (:func:`mxlora.recipes.dryrun.training_experts`): the model is loaded once per variant, so
+    ``mxfp4`` if any workload would hold its experts so."""
+    from mxlora.model.load import load_tokenizer
+    from mxlora.recipes.dryrun import training_experts
+
+    if cfg.model.experts != "auto":
+        return cfg.model.experts
+    tokenizer = load_tokenizer(cfg.model)
+    chosen = set()
+    for workload in bench.workloads:
+        workload = dataclasses.replace(workload, batch=workload.batch * world_size)
+        run, warmup, steps = workload_config(cfg, bench, workload)
+        rows = workload.batch * (warmup + (steps or 0))
+        dataset = workload_dataset(workload, tokenizer, run.train.max_len, rows, bench.seed)
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        chosen.add(training_experts(run, device, lengths)[0])
+    return "mxfp4" if "mxfp4" in chosen else chosen.pop()
+
+
 def time_workload(
     model, tokenizer, cfg: TrainingConfig, bench: BenchConfig, workload: Workload, device, info=None
 ) -> dict[str, Any]:
@@ -548,21 +594,7 @@ def time_workload(
     if info.world_size > 1 and cfg.train.engine != "mxlora":
         raise BenchError("gpus > 1 needs train.engine=mxlora")
     workload = dataclasses.replace(workload, batch=workload.batch * info.world_size)
-
-    if workload.epoch:
-        warmup, steps = 0, None
-        run = dataclasses.replace(
-            cfg.train, batch_size=workload.batch, epochs=1.0, max_steps=-1, eval="no"
-        )
-    else:
-        warmup = bench.warmup_steps if workload.warmup_steps is None else workload.warmup_steps
-        steps = bench.steps if workload.steps is None else workload.steps
-        run = dataclasses.replace(
-            cfg.train, batch_size=workload.batch, max_steps=warmup + steps, eval="no"
-        )
-    # No checkpoint and no metrics line inside the measured steps.
-    run = dataclasses.replace(run, save_steps=10**9, logging_steps=10**9)
-    cfg = dataclasses.replace(cfg, train=run)
+    cfg, warmup, steps = workload_config(cfg, bench, workload)
     rows = workload.batch * (warmup + (steps or 0))
     dataset = workload_dataset(workload, tokenizer, cfg.train.max_len, rows, bench.seed)
     if cfg.train.fsdp:
