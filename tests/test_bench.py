@@ -155,6 +155,14 @@ def check_derived_figures(bench_run):
 
 
 def test_shipped_configs_load():
+    no_triton = load_bench_config(ROOT / "bench" / "configs" / "gpt-oss-20b-no-triton.yaml")
+    cfgs = {v.name: variant_config(no_triton, v) for v in no_triton.variants}
+    assert {name: c.model.experts for name, c in cfgs.items()} == {
+        "seed": "dequantize-bf16",
+        "auto": "auto",
+        "mxfp4-torch": "mxfp4",
+    }
+    assert [w.name for w in no_triton.workloads] == ["quotes", "gsm8k"]
     tiny = load_bench_config(TINY)
     assert [v.name for v in tiny.variants] == ["seed", "default", "seed-eager-experts", "mxfp4"]
     assert tiny.variants[1].overrides == []  # exactly what mxlora train runs by default
