@@ -217,3 +217,5 @@ def test_dry_run_of_a_random_model_needs_no_checkpoint(tmp_path):
     assert result["experts"] == "mxfp4" and base == 20_929_797_696 - 15_040_512
     cfg.train.memory_budget_gb = 1000.0  # a dequantized run would fit, but there is no checkpoint
     assert dry_run(cfg, torch.device("cpu"))["experts"] == "mxfp4"
+    cfg.model.experts = "dequantize-bf16"  # kept: loading it then says it needs a checkpoint
+    assert training_experts(cfg, torch.device("cpu"), [24])[0] == "dequantize-bf16"

@@ -188,8 +188,10 @@ def training_experts(
     Raises:
         ModelLoadError, ConfigError: bad model path or LoRA targets.
     """
-    if parse_random(cfg.model.name_or_path) is not None:  # generated in MXFP4 only
-        return "mxfp4", f"model.experts: {cfg.model.experts} (a random: model is MXFP4)"
+    if parse_random(cfg.model.name_or_path) is not None:
+        # Generated in MXFP4 only: auto holds it so; another mode fails to load, saying why.
+        mode = "mxfp4" if cfg.model.experts == "auto" else cfg.model.experts
+        return mode, f"model.experts: {cfg.model.experts} (a random: model is MXFP4)"
     config = read_config(resolve_model_path(cfg.model.name_or_path))
     experts = resolve_experts(cfg.model.experts, config)
     if cfg.model.experts != "auto" or experts != "mxfp4":
