@@ -347,6 +347,7 @@ def test_a_variant_holds_its_experts_as_mxlora_train_would_for_every_workload(mo
     seen = []
 
     def longest_needs_mxfp4(cfg, device, lengths):
+        lengths = lengths()
         seen.append((cfg.train.batch_size, len(lengths), max(lengths)))
         return ("mxfp4" if max(lengths) > 64 else "dequantize-bf16"), ""
 

@@ -173,26 +173,32 @@ def test_auto_experts_dequantize_where_no_triton_kernel_runs_and_they_fit(tmp_pa
         )
         return estimate["total_gb"]
 
-    assert training_experts(cfg, cpu, lengths)[0] == "mxfp4"  # no budget
+    def unread() -> list[int]:
+        raise AssertionError("the rows were asked for where the decision needs no data")
+
+    assert training_experts(cfg, cpu, unread)[0] == "mxfp4"  # no budget
     at_least = need(4)
     for budget, expected in ((1.001, "dequantize-bf16"), (0.999, "mxfp4")):
         cfg.train.memory_budget_gb = budget * at_least / HEADROOM
-        experts, why = training_experts(cfg, cpu, lengths)
+        experts, why = training_experts(cfg, cpu, lambda: lengths)
         assert experts == expected and why.startswith(f"model.experts: auto -> {expected}")
         assert dry_run(cfg, cpu)["experts"] == expected
     cfg.train.memory_budget_gb = 1.001 * at_least / HEADROOM
     cfg.train.gradient_checkpointing = False  # the run keeps every block's activations
     assert need(0) > at_least
-    assert training_experts(cfg, cpu, lengths)[0] == "mxfp4"
+    assert training_experts(cfg, cpu, lambda: lengths)[0] == "mxfp4"
     cfg.train.memory_budget_gb = 1.001 * need(0) / HEADROOM
-    assert training_experts(cfg, cpu, lengths)[0] == "dequantize-bf16"
+    assert training_experts(cfg, cpu, lambda: lengths)[0] == "dequantize-bf16"
     cfg.train.memory_budget_gb = 1000.0
     monkeypatch.setattr(dryrun, "resolve_backend", lambda device: TRITON)
-    assert training_experts(cfg, cpu, lengths)[0] == "mxfp4"
+    assert training_experts(cfg, cpu, unread)[0] == "mxfp4"
     monkeypatch.undo()
     for explicit in ("mxfp4", "dequantize-bf16"):
         cfg.model.experts = explicit
-        assert training_experts(cfg, cpu, lengths) == (explicit, f"model.experts: {explicit}")
+        assert training_experts(cfg, cpu, lambda: lengths) == (
+            explicit,
+            f"model.experts: {explicit}",
+        )
 
 
 def test_cli_dry_run_reports_bad_data_in_one_line(tmp_path, capsys):
@@ -218,4 +224,4 @@ def test_dry_run_of_a_random_model_needs_no_checkpoint(tmp_path):
     cfg.train.memory_budget_gb = 1000.0  # a dequantized run would fit, but there is no checkpoint
     assert dry_run(cfg, torch.device("cpu"))["experts"] == "mxfp4"
     cfg.model.experts = "dequantize-bf16"  # kept: loading it then says it needs a checkpoint
-    assert training_experts(cfg, torch.device("cpu"), [24])[0] == "dequantize-bf16"
+    assert training_experts(cfg, torch.device("cpu"), lambda: [24])[0] == "dequantize-bf16"

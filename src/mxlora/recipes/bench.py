@@ -569,9 +569,11 @@ def variant_experts(bench: BenchConfig, cfg: TrainingConfig, device, world_size:
     for workload in bench.workloads:
         workload = dataclasses.replace(workload, batch=workload.batch * world_size)
         run, warmup, steps = workload_config(cfg, bench, workload)
-        rows = workload.batch * (warmup + (steps or 0))
-        dataset = workload_dataset(workload, tokenizer, run.train.max_len, rows, bench.seed)
-        lengths = [len(ids) for ids in dataset["input_ids"]]
+
+        def lengths(workload=workload, run=run, rows=workload.batch * (warmup + (steps or 0))):
+            dataset = workload_dataset(workload, tokenizer, run.train.max_len, rows, bench.seed)
+            return [len(ids) for ids in dataset["input_ids"]]
+
         chosen.add(training_experts(run, device, lengths)[0])
     return "mxfp4" if "mxfp4" in chosen else chosen.pop()
 

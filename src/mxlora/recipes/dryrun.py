@@ -28,6 +28,7 @@ The memory estimate comes from sizes alone, for the device a run would use:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -165,7 +166,7 @@ def largest_micro_batch(cfg: TrainingConfig, lengths: list[int]) -> int:
 
 
 def training_experts(
-    cfg: TrainingConfig, device: torch.device, lengths: list[int]
+    cfg: TrainingConfig, device: torch.device, lengths: Callable[[], list[int]]
 ) -> tuple[str, str]:
     """How a training run on ``device`` holds its experts (``model.experts`` resolved), and why.
 
@@ -183,7 +184,9 @@ def training_experts(
     Args:
         cfg: the run's config.
         device: the training device.
-        lengths: each kept train row's token count.
+        lengths: each kept train row's token count, asked for only where the decision needs
+            the data (no Triton kernel, a budget to read): the bench would otherwise prepare
+            every workload's rows twice on every GPU.
 
     Raises:
         ModelLoadError, ConfigError: bad model path or LoRA targets.
@@ -208,7 +211,7 @@ def training_experts(
         model,
         "dequantize-bf16",
         resolve_dtype(cfg.model.dtype, device),
-        largest_micro_batch(cfg, lengths),
+        largest_micro_batch(cfg, lengths()),
         cfg.train.engine,
         checkpointed,
         device=device,
@@ -242,7 +245,7 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.train.max_len)
     lengths = [len(ids) for ids in data.train["input_ids"]]
-    experts, why = training_experts(cfg, device, lengths)
+    experts, why = training_experts(cfg, device, lambda: lengths)
     model = meta_model(cfg.model.name_or_path)
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = apply_lora(model, cfg.lora)

@@ -260,7 +260,7 @@ def fit(
 
         # Model: the LoRA initialisation draws from the global RNG, hence the seed first.
         lengths = [len(ids) for ids in data.train["input_ids"]]
-        chosen, why = training_experts(cfg, device, lengths)
+        chosen, why = training_experts(cfg, device, lambda: lengths)
         if main:
             log.info("%s", why)
         load_start = time.perf_counter()
