@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import os
@@ -564,14 +565,14 @@ def variant_experts(bench: BenchConfig, cfg: TrainingConfig, device, world_size:
 
     if cfg.model.experts != "auto":
         return cfg.model.experts
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = functools.cache(lambda: load_tokenizer(cfg.model))  # only if rows are asked for
     chosen = set()
     for workload in bench.workloads:
         workload = dataclasses.replace(workload, batch=workload.batch * world_size)
         run, warmup, steps = workload_config(cfg, bench, workload)
 
         def lengths(workload=workload, run=run, rows=workload.batch * (warmup + (steps or 0))):
-            dataset = workload_dataset(workload, tokenizer, run.train.max_len, rows, bench.seed)
+            dataset = workload_dataset(workload, tokenizer(), run.train.max_len, rows, bench.seed)
             return [len(ids) for ids in dataset["input_ids"]]
 
         chosen.add(training_experts(run, device, lengths)[0])
