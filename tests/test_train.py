@@ -265,6 +265,22 @@ def test_seed_lora_on_gpt_oss_20b_has_the_notebooks_parameter_count():
     assert count_parameters(apply_lora(model, LoraConfig())) == (15_040_512, 20_929_797_696)
 
 
+def test_parameter_count_is_the_same_with_mxfp4_experts():
+    """MXFP4 experts count as the weights they hold (two a packed byte), so the run's log and
+    report give the dequantized model's count whichever way the experts are held."""
+    from mxlora.model.load import load_weights
+    from mxlora.model.lora import count_parameters
+
+    counts = {}
+    for experts in ("mxfp4", "dequantize-bf16"):
+        config = ModelConfig(name_or_path="tiny:layers=8", experts=experts, dtype="float32")
+        model = load_weights(config, "cpu")
+        lora = LoraConfig(experts=ExpertTargets(layers=[3]))
+        counts[experts] = count_parameters(apply_lora(model, lora))
+    assert counts["mxfp4"] == counts["dequantize-bf16"]
+    assert counts["mxfp4"][1] > counts["mxfp4"][0] > 0
+
+
 def test_sft_config_carries_the_seed_hyperparameters(tmp_path):
     from mxlora.recipes.train import sft_config
 

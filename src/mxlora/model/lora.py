@@ -93,11 +93,26 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> peft.PeftMo
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts.
+    """``(trainable, total)`` parameter counts, the same whichever way the experts are held.
 
-    Floating-point parameters only: the packed MXFP4 experts (frozen uint8 parameters in
-    ``experts: mxfp4``) hold two weights a byte plus scales, not one weight an element.
+    The packed MXFP4 experts (``experts: mxfp4``) count as the weights they hold: two a byte of
+    their blocks, none for their scales (block metadata, which the dequantized model does not
+    have). Other non-float tensors are not weights and do not count.
     """
+    from mxlora.mxfp4.experts import PROJECTIONS, Mxfp4Experts
+
+    # Weights per element of each packed tensor (by identity: under FSDP2 the bytes may be
+    # held in a 1-byte float dtype, see mxlora.distributed.shard_model).
+    per_element: dict[int, int] = {}
+    for m in model.modules():
+        if isinstance(m, Mxfp4Experts):
+            for proj in PROJECTIONS:
+                per_element[id(getattr(m, f"{proj}_blocks"))] = 2
+                per_element[id(getattr(m, f"{proj}_scales"))] = 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+    total = sum(
+        p.numel() * per_element.get(id(p), 1)
+        for p in model.parameters()
+        if id(p) in per_element or p.is_floating_point()
+    )
     return trainable, total
