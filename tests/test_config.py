@@ -54,10 +54,14 @@ def test_seed_configs_keep_the_seed_hyperparameters():
         cfg = load_config(ROOT / "configs" / "gpt-oss-20b" / f"{name}.yaml")
         t, lora = cfg.train, cfg.lora
         assert cfg.model.name_or_path == "openai/gpt-oss-20b"
-        assert cfg.model.experts == "dequantize-bf16" and cfg.model.attn_implementation == "eager"
+        assert cfg.model.attn_implementation == "eager"
         assert (t.lr, t.epochs, t.batch_size, t.grad_accum, t.max_len) == (2e-4, 1, 4, 1, 2048)
         assert (t.warmup, t.scheduler, t.min_lr_rate) == (0.03, "cosine_with_min_lr", 0.1)
-        assert t.gradient_checkpointing and t.logging_steps == 10 and t.eval == "epoch"
+        assert t.logging_steps == 10 and t.eval == "epoch"
+        # How the job runs is mxlora's choice (the notebook's dequantize-bf16 and checkpointing
+        # of every block are several times slower, the same updates up to rounding):
+        # docs/BENCHMARKS.md, "The shipped configs".
+        assert (cfg.model.experts, t.gradient_checkpointing) == ("auto", "auto")
         assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (
             8,
             16,
