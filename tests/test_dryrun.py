@@ -112,7 +112,24 @@ def test_dry_run_activations_follow_the_longest_batch(tmp_path):
     activations = peak_bytes(costs, 0, tokens, loss_bytes(meta.config, tokens, torch.float32))
     assert memory["activations_gb"] * 1e9 == pytest.approx(activations)
     assert (result["experts"], result["dtype"]) == ("mxfp4", "float32")
+    assert result["step"] == {"compiled": False, "cuda_graphs": False, "attention": "sdpa"}
     assert not (tmp_path / "quotes").exists()
+
+
+def test_dry_run_step_is_decided_as_the_run_decides(tmp_path, capsys, monkeypatch):
+    """The engine's plan (compiled blocks, CUDA graphs, attention) comes from the function the
+    run's loop calls (``plan_step``): a setting that cannot work stops the dry run as it would
+    stop the run, and the plan is printed."""
+    cfg = tiny_config(tmp_path)
+    cfg.train.compile = True
+    assert dry_run(cfg, torch.device("cpu"))["step"]["compiled"] is True
+    monkeypatch.chdir(ROOT)
+    args = ["train", str(ROOT / "configs" / "tiny" / "quotes.yaml"), f"model.name_or_path={TINY}"]
+    args += ["lora.experts.layers=[1]", "data.source=example:quotes", "data.select=16"]
+    assert main([*args, "--dry-run"]) == 0
+    assert "  step: eager blocks, sdpa attention, CUDA graphs off\n" in capsys.readouterr().out
+    assert main([*args, "train.cuda_graphs=true", "--dry-run"]) == 1
+    assert "train.cuda_graphs: true needs a CUDA device" in capsys.readouterr().err
 
 
 def test_dry_run_trl_pads_and_checkpoints_every_block_or_none(tmp_path):
@@ -126,6 +143,7 @@ def test_dry_run_trl_pads_and_checkpoints_every_block_or_none(tmp_path):
     memory = result["memory"]
     assert (memory["tokens"], memory["checkpointed_blocks"]) == (4 * longest, "0 of 4")
     assert memory["activations_gb"] * 1e9 == pytest.approx(4 * longest * c.vocab_size * 4)
+    assert result["step"] is None  # TRL's trainer runs the step
     cfg.train.memory_budget_gb = 0.01  # far below the weights: every block
     memory = dry_run(cfg, torch.device("cpu"))["memory"]
     assert memory["checkpointed_blocks"] == "4 of 4"

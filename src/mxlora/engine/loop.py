@@ -245,6 +245,39 @@ def use_cuda_graphs(
     return True
 
 
+def plan_step(
+    cfg: TrainingConfig,
+    model: torch.nn.Module,
+    experts: str,
+    longest: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    distributed: bool,
+    held_gb: float | None = None,
+) -> Setup:
+    """How the engine runs ``cfg``'s steps (see the module docstring): blocks checkpointed,
+    compiled or not, CUDA graphs, attention. ``model``: the PEFT model (meta device is fine);
+    ``longest``: tokens of the longest packed micro-batch; ``held_gb``: device memory already
+    held (``None``: what CUDA has allocated). ``true`` settings that cannot work here raise
+    :class:`TrainingError`."""
+    t = cfg.train
+    compiled = use_compile(t.compile, device, longest)
+    head_dim = model.config.head_dim
+    attention = attention_kind(device, compiled, dtype, head_dim)
+    kernels = eager_kernels(device, dtype, compiled, head_dim, experts)
+    budget = (longest, dtype, device, t.memory_budget_gb, compiled)
+    checkpointed = checkpointed_blocks(
+        t.gradient_checkpointing, model, experts, *budget, held_gb, kernels=kernels
+    )
+    fits_twice = activations_fit(
+        model, experts, *budget, copies=2, held_gb=held_gb, kernels=kernels
+    )
+    graphs = use_cuda_graphs(
+        t.cuda_graphs, device, distributed, checkpointed > 0, compiled, dtype, fits_twice
+    )
+    return Setup(checkpointed, compiled, graphs, attention, kernels.fused_norm)
+
+
 @contextlib.contextmanager
 def loud_compile(active: bool) -> Iterator[None]:
     """Make a failing or endlessly recompiling ``torch.compile`` stop the run with a message.
@@ -450,29 +483,16 @@ class Loop:
         return t.eval == "steps" and step.number % t.eval_steps == 0
 
     def decide(self) -> Setup:
-        """The run's checkpointing, compile, CUDA graphs and attention (see the module
-        docstring); ``true`` settings that cannot work here raise :class:`TrainingError`."""
-        t = self.cfg.train
-        compiled = use_compile(t.compile, self.device, self.longest)
-        experts = held_experts(self.model)
-        head_dim = self.causal_lm.config.head_dim
-        attention = attention_kind(self.device, compiled, self.dtype, head_dim)
-        kernels = eager_kernels(self.device, self.dtype, compiled, head_dim, experts)
-        budget = (self.longest, self.dtype, self.device, t.memory_budget_gb, compiled)
-        checkpointed = checkpointed_blocks(
-            t.gradient_checkpointing, self.model, experts, *budget, kernels=kernels
-        )
-        fits_twice = activations_fit(self.model, experts, *budget, copies=2, kernels=kernels)
-        graphs = use_cuda_graphs(
-            t.cuda_graphs,
+        """The run's checkpointing, compile, CUDA graphs and attention (:func:`plan_step`)."""
+        return plan_step(
+            self.cfg,
+            self.model,
+            held_experts(self.model),
+            self.longest,
+            self.dtype,
             self.device,
             self.info.distributed,
-            checkpointed > 0,
-            compiled,
-            self.dtype,
-            fits_twice,
         )
-        return Setup(checkpointed, compiled, graphs, attention, kernels.fused_norm)
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator[Setup]:

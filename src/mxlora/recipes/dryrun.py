@@ -41,7 +41,6 @@ from mxlora.engine.memory import (
     EagerKernels,
     all_blocks,
     block_costs,
-    checkpointed_blocks,
     decoder_layers,
     memory_budget,
     peak_bytes,
@@ -230,12 +229,17 @@ def training_experts(
     )
 
 
-def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str, Any]:
+def dry_run(
+    cfg: TrainingConfig, device: torch.device | None = None, processes: int = 1
+) -> dict[str, Any]:
     """Everything a run would start from, computed without training or writing anything.
+
+    ``processes``: how many processes the run would train in (``--nproc``).
 
     Returns:
         ``{"config", "device", "dtype", "experts", "experts_reason", "data", "parameters",
-        "memory"}``.
+        "memory", "step"}``; ``step`` (the mxlora engine's decisions: ``compiled``,
+        ``cuda_graphs``, ``attention``) is ``None`` for the TRL engine.
 
     Raises:
         ModelLoadError, ConfigError: bad model path or LoRA targets.
@@ -257,23 +261,19 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
     compiled = False
     kernels = NO_KERNELS
     tokens = largest_micro_batch(cfg, lengths)
+    step = None
     if t.engine == "mxlora":
-        from mxlora.engine.loop import eager_kernels, use_compile
+        from mxlora.engine.loop import eager_kernels, plan_step
 
-        compiled = use_compile(t.compile, device, tokens)
+        distributed = processes > 1 or t.fsdp
+        setup = plan_step(cfg, model, experts, tokens, dtype, device, distributed, held_gb)
+        checkpointed, compiled = setup.checkpointed, setup.compiled
         kernels = eager_kernels(device, dtype, compiled, model.config.head_dim, experts)
-        checkpointed = checkpointed_blocks(
-            t.gradient_checkpointing,
-            model,
-            experts,
-            tokens,
-            dtype,
-            device,
-            t.memory_budget_gb,
-            compiled,
-            held_gb,
-            kernels=kernels,
-        )
+        step = {
+            "compiled": compiled,
+            "cuda_graphs": setup.cuda_graphs,
+            "attention": setup.attention,
+        }
     else:
         on = all_blocks(
             t.gradient_checkpointing,
@@ -300,6 +300,7 @@ def dry_run(cfg: TrainingConfig, device: torch.device | None = None) -> dict[str
         "data": data.report,
         "parameters": {"trainable": trainable, "total": total},
         "memory": memory,
+        "step": step,
     }
 
 
@@ -329,9 +330,14 @@ def format_dry_run(result: dict[str, Any]) -> str:
         f"  memory estimate: {m['total_gb']:.2f} GB = weights {m['weights_gb']:.2f} + "
         f"adapter and AdamW {m['adapter_gb']:.2f} + activations {m['activations_gb']:.2f} "
         f"({m['tokens']} tokens a micro-batch, checkpointed blocks {m['checkpointed_blocks']})",
-        "",
-        "dry run: nothing trained, nothing written",
     ]
+    if result["step"] is not None:
+        s = result["step"]
+        lines.append(
+            f"  step: {'compiled' if s['compiled'] else 'eager'} blocks, {s['attention']} "
+            f"attention, CUDA graphs {'on' if s['cuda_graphs'] else 'off'}"
+        )
+    lines += ["", "dry run: nothing trained, nothing written"]
     return "\n".join(lines)
 
 

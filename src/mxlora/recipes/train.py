@@ -977,7 +977,7 @@ def _train_cli(args: argparse.Namespace, info: DistInfo) -> int:
             from mxlora.recipes.dryrun import dry_run, format_dry_run
 
             try:
-                result = dry_run(cfg)
+                result = dry_run(cfg, processes=max(getattr(args, "nproc", 1), info.world_size))
             except ConfigError:
                 raise
             except ValueError as e:  # the data module's errors name the field or the bad row
