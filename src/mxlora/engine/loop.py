@@ -144,8 +144,10 @@ class Setup:
     compiled: bool
     cuda_graphs: bool
     attention: Kind
-    # Eager blocks' norms and rotary embeddings as Triton ops (mxlora.engine.norm, .rotary).
-    fused_norm: bool = False
+    # The fused paths eager blocks run (none for compiled blocks): their norms and rotary
+    # embeddings as Triton ops (``fused_norm``: mxlora.engine.norm, .rotary), and what the
+    # memory estimate counts.
+    kernels: EagerKernels = NO_KERNELS
 
 
 @dataclass
@@ -275,7 +277,7 @@ def plan_step(
     graphs = use_cuda_graphs(
         t.cuda_graphs, device, distributed, checkpointed > 0, compiled, dtype, fits_twice
     )
-    return Setup(checkpointed, compiled, graphs, attention, kernels.fused_norm)
+    return Setup(checkpointed, compiled, graphs, attention, kernels)
 
 
 @contextlib.contextmanager
@@ -523,8 +525,8 @@ class Loop:
                 stream,
                 loud_compile(setup.compiled),
                 disable_input_dtype_casting(self.model, active=self.dtype != torch.float32),
-                fused_norms(lm, setup.fused_norm),
-                fused_rotary_embeddings(setup.fused_norm),
+                fused_norms(lm, setup.kernels.fused_norm),
+                fused_rotary_embeddings(setup.kernels.fused_norm),
             ):
                 if setup.cuda_graphs:
                     for p in self.params:  # the captured backward accumulates into these

@@ -263,12 +263,11 @@ def dry_run(
     tokens = largest_micro_batch(cfg, lengths)
     step = None
     if t.engine == "mxlora":
-        from mxlora.engine.loop import eager_kernels, plan_step
+        from mxlora.engine.loop import plan_step
 
         distributed = processes > 1 or t.fsdp
         setup = plan_step(cfg, model, experts, tokens, dtype, device, distributed, held_gb)
-        checkpointed, compiled = setup.checkpointed, setup.compiled
-        kernels = eager_kernels(device, dtype, compiled, model.config.head_dim, experts)
+        checkpointed, compiled, kernels = setup.checkpointed, setup.compiled, setup.kernels
         step = {
             "compiled": compiled,
             "cuda_graphs": setup.cuda_graphs,
