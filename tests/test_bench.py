@@ -322,12 +322,35 @@ def test_gpus_runs_the_variant_under_torchrun(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         assert main(["bench", str(config)]) == 0
-    rows = rows_by(json.loads((tmp_path / "results" / "tiny-2.json").read_text()))
+    result = json.loads((tmp_path / "results" / "tiny-2.json").read_text())
+    rows = rows_by(result)
     one, two = rows[("one", "2x24")], rows[("two", "2x24")]
     assert (one["gpus"], two["gpus"]) == (1, 2)
     assert one["tokens_per_step"] == 2 * 24 and two["tokens_per_step"] == 4 * 24
     assert two["padded_tokens_per_step"] >= two["tokens_per_step"]
     assert math.isfinite(two["train_loss"]) and two["tokens_per_s"] > 0
+    rate = result["setup"]["matmul_tflops"] * 1e12  # one process's
+    for row in (one, two):  # MFU per GPU: the global tokens/s over the processes' rates
+        flops = 6 * result["setup"]["active_params"] * row["tokens_per_s"]
+        assert row["mfu"] == pytest.approx(flops / (rate * row["gpus"]))
+
+
+def test_mfu_of_a_multi_gpu_row_is_per_gpu():
+    """Rows report global tokens/s; MFU divides by the GPUs that produced them (a 2-GPU row
+    at twice one GPU's tokens/s has the same MFU), and the ratio stays global."""
+    from mxlora.recipes.bench import _finish
+
+    result = {
+        "setup": {"active_params": 1e9, "matmul_tflops": 600.0},
+        "rows": [
+            {"variant": "one", "workload": "w", "tokens_per_s": 10_000.0, "gpus": 1},
+            {"variant": "two", "workload": "w", "tokens_per_s": 20_000.0, "gpus": 2},
+        ],
+    }
+    _finish(result)
+    one, two = result["rows"]
+    assert one["mfu"] == pytest.approx(6e9 * 10_000 / 600e12) == pytest.approx(two["mfu"])
+    assert (one["ratio"], two["ratio"]) == (1.0, 2.0)
 
 
 def test_a_variant_holds_its_experts_as_mxlora_train_would_for_every_workload(monkeypatch):

@@ -278,7 +278,9 @@ def _run_child(job: dict[str, Any], scratch: Path, gpus: int = 1) -> dict[str, A
 
 
 def _finish(result: dict[str, Any]) -> None:
-    """Add MFU and the ratio to the baseline (first variant measured) to every row."""
+    """Add MFU and the ratio to the baseline (first variant measured) to every row. A row's
+    tokens/s are global (every process's), so its MFU is per GPU: against ``gpus`` times one
+    GPU's measured matmul rate."""
     setup = result["setup"]
     flops_per_token = 6 * setup["active_params"]
     rate = setup["matmul_tflops"] * 1e12
@@ -287,7 +289,7 @@ def _finish(result: dict[str, Any]) -> None:
         tps = row.get("tokens_per_s")
         if tps is None:
             continue
-        row["mfu"] = flops_per_token * tps / rate
+        row["mfu"] = flops_per_token * tps / (rate * row.get("gpus", 1))
         base = baseline.setdefault(row["workload"], tps)
         row["ratio"] = tps / base
     if result["rows"]:
