@@ -27,6 +27,8 @@ from mxlora.distributed import (
     global_token_count,
     label_token_count,
     launched,
+    rank_share,
+    rank_shares,
     reduce_loss,
     setup,
     shard_batch,
@@ -107,6 +109,18 @@ def test_fsdp2_equals_one_process(ranks, one_process):
     assert local["gate_up_proj_blocks"] == ((2, 128, 2, 16), "torch.float8_e5m2", "DTensor")
     assert local["down_proj_scales"] == ((2, 64, 2), "torch.float8_e5m2", "DTensor")
     assert local["gate_up_proj_bias"][0] == (2, 128)
+
+
+def test_rank_shares_cover_every_row_once_or_give_rank_0_a_short_batch():
+    """Each rank's rows of a global micro-batch: contiguous shares covering it once; a batch with
+    fewer rows than ranks goes whole to rank 0, the others running one of its rows at weight 0
+    (so that every rank joins the same collectives)."""
+    assert rank_shares([7, 8, 9, 10, 11], 2) == [[7, 8], [9, 10, 11]]
+    assert rank_shares([7, 8, 9], 1) == [[7, 8, 9]]
+    assert rank_shares([7], 3) == [[7], [7], [7]]
+    weights = [rank_share([7], DistInfo(rank=r, world_size=3))[1] for r in range(3)]
+    assert weights == [1, 0, 0]
+    assert rank_share([7, 8, 9], DistInfo(rank=1, world_size=2)) == ([8, 9], 1)
 
 
 def test_shard_bounds_cover_the_batch():

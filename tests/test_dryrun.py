@@ -15,7 +15,7 @@ from mxlora.config import TrainingConfig, from_dict, load_config
 from mxlora.data import prepare_data
 from mxlora.engine.loop import eager_kernels
 from mxlora.engine.memory import HEADROOM, block_costs, loss_bytes, peak_bytes, trainable_bytes
-from mxlora.engine.packing import longest_packed, plan_steps
+from mxlora.engine.packing import bucketed, longest_packed, plan_steps
 from mxlora.model.load import load_tokenizer, load_weights
 from mxlora.model.lora import apply_lora, count_parameters
 from mxlora.mxfp4.kernels import TRITON
@@ -130,6 +130,25 @@ def test_dry_run_step_is_decided_as_the_run_decides(tmp_path, capsys, monkeypatc
     assert "  step: eager blocks, sdpa attention, CUDA graphs off\n" in capsys.readouterr().out
     assert main([*args, "train.cuda_graphs=true", "--dry-run"]) == 1
     assert "train.cuda_graphs: true needs a CUDA device" in capsys.readouterr().err
+
+
+def test_dry_run_sizes_one_process_share_of_the_micro_batch(tmp_path):
+    """Under ``--nproc N`` each process packs its share of every micro-batch (as the loop's
+    ``rank_shares``), so the dry run plans for the largest share, not the global micro-batch."""
+    cfg = tiny_config(tmp_path)
+    cfg.train.batch_size = 4
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.train.max_len)
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    one, two = (largest_micro_batch(cfg, lengths, n) for n in (1, 2))
+    t = cfg.train
+    plan = plan_steps(len(lengths), t.batch_size, t.grad_accum, t.epochs, -1, t.seed)
+    halves = [
+        bucketed(sum(lengths[i] for i in share))
+        for step in plan
+        for rows in step.micro_batches
+        for share in (rows[: len(rows) // 2], rows[len(rows) // 2 :])
+    ]
+    assert two == max(halves) < one
 
 
 def test_dry_run_trl_pads_and_checkpoints_every_block_or_none(tmp_path):

@@ -666,7 +666,7 @@ def test_engine_fields_parse_and_validate():
     assert default.cuda_graphs == "auto" and train(cuda_graphs="false").cuda_graphs is False
     with pytest.raises(ConfigError, match="train.cuda_graphs: true needs engine mxlora"):
         train(engine="trl", cuda_graphs=True)
-    with pytest.raises(ConfigError, match="train.cuda_graphs: true is for single-process"):
+    with pytest.raises(ConfigError, match="train.cuda_graphs: true cannot run with fsdp"):
         train(cuda_graphs=True, fsdp=True)
 
 
@@ -675,8 +675,8 @@ def test_cuda_graphs_decision_and_refusals():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     bf16, fp32 = torch.bfloat16, torch.float32
-    # auto: single-process CUDA, eager blocks, no checkpointing, bf16, when twice the
-    # activations fit.
+    # auto: CUDA without FSDP (data parallel is fine), eager blocks, no checkpointing, bf16,
+    # when twice the activations fit.
     assert use_cuda_graphs("auto", cuda, False, False, False, bf16, True) is True
     assert use_cuda_graphs("auto", cpu, False, False, False, bf16, None) is False
     assert use_cuda_graphs("auto", cuda, True, False, False, bf16, True) is False
@@ -688,7 +688,7 @@ def test_cuda_graphs_decision_and_refusals():
     assert use_cuda_graphs(False, cuda, False, False, False, bf16, True) is False
     for args, reason in (
         ((cpu, False, False, False, bf16), "needs a CUDA device"),
-        ((cuda, True, False, False, bf16), "single-process"),
+        ((cuda, True, False, False, bf16), "cannot run with FSDP"),
         ((cuda, False, True, False, bf16), "gradient checkpointing"),
         ((cuda, False, False, False, fp32), "needs bf16"),
     ):

@@ -424,6 +424,33 @@ def test_the_plan_sizes_for_the_longest_share_a_process_packs(tmp_path):
     assert longest(2) == 512  # the larger share: 400 tokens
 
 
+def test_cuda_graphs_capture_the_lengths_a_process_packs(tmp_path):
+    """Under a launcher (data parallel) each process captures the buckets of its own shares of
+    the micro-batches, the lengths it replays; the whole micro-batches' buckets (which no
+    process packs) would leave every share to run eagerly."""
+    from mxlora.config import TrainingConfig, from_dict
+    from mxlora.distributed import DistInfo
+    from mxlora.engine.loop import Loop
+    from mxlora.engine.packing import bucketed
+    from mxlora.report.metrics import MetricsLog
+
+    peft, _ = tiny_model("mxfp4", "float32", layers="tiny:layers=2")
+    rows = {"input_ids": [[5] * 100] * 12, "completion_mask": [[1] * 100] * 12}
+    cfg = from_dict(TrainingConfig, {"train": {"batch_size": 4, "seed": 0}})
+    cpu = torch.device("cpu")
+
+    def lengths(world_size: int, rank: int) -> set[int]:
+        metrics = MetricsLog(tmp_path / f"m-{world_size}-{rank}.jsonl", cpu, print_lines=False)
+        info = DistInfo(rank=rank, world_size=world_size)
+        args = (cfg, peft, rows, None, 0, cpu, torch.float32, metrics, tmp_path)
+        return Loop(*args, info=info).capture_lengths()
+
+    # 3 steps of 4 rows of 100 tokens: one process packs 400 tokens a step, each of two 200.
+    assert bucketed(200) != bucketed(400)
+    assert lengths(1, 0) == {bucketed(400)}
+    assert lengths(2, 0) == lengths(2, 1) == {bucketed(200)}
+
+
 def test_fused_norms_take_every_frozen_norm_for_the_duration(monkeypatch):
     """Inside ``fused_norms`` every RMSNorm of the model (two a block and the final one) runs the
     registered op, with the same result; after it, transformers' forward again."""

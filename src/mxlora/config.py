@@ -238,7 +238,9 @@ class TrainConfig:
         if self.cuda_graphs is True and self.engine != "mxlora":
             raise ConfigError(f"cuda_graphs: true needs engine mxlora (engine is {self.engine!r})")
         if self.cuda_graphs is True and self.fsdp:
-            raise ConfigError("cuda_graphs: true is for single-process runs, not fsdp: true")
+            raise ConfigError(
+                "cuda_graphs: true cannot run with fsdp: true (FSDP gathers inside the step)"
+            )
         if self.fsdp and self.engine != "mxlora":
             raise ConfigError(f"fsdp: true needs engine mxlora (engine is {self.engine!r})")
         if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:

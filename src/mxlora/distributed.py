@@ -179,6 +179,27 @@ def shard_batch(rows: Rows, info: DistInfo) -> Rows:
     return rows[start:end]
 
 
+def rank_share(indices: list[int], info: DistInfo) -> tuple[list[int], int]:
+    """A rank's rows of a global (micro-)batch of row ``indices``, and their weight (1).
+
+    A batch with fewer rows than ranks (an epoch's last) goes whole to rank 0; the others run
+    one of its rows at weight 0, so every rank joins the same collectives (FSDP2's gathers, the
+    gradient all-reduce) with gradients of the same layout.
+    """
+    if info.world_size == 1:
+        return indices, 1
+    if len(indices) < info.world_size:
+        return (indices, 1) if info.is_main else (indices[:1], 0)
+    return shard_batch(indices, info), 1
+
+
+def rank_shares(indices: list[int], world_size: int) -> list[list[int]]:
+    """Every rank's rows of a global (micro-)batch (:func:`rank_share`), rank 0 first."""
+    return [
+        rank_share(indices, DistInfo(rank=r, world_size=world_size))[0] for r in range(world_size)
+    ]
+
+
 def label_token_count(labels: Tensor) -> Tensor:
     """Tokens the causal-LM loss counts in ``labels [B, T]``: each label predicts the next token,
     so the first position never counts (transformers shifts the labels by one)."""

@@ -23,10 +23,11 @@ norms and the rotary embeddings as one Triton kernel each way (:mod:`mxlora.engi
 
 Under a launcher (torchrun, ``mxlora train --nproc N``; :mod:`mxlora.distributed`) the plan is
 the same global plan: each rank packs its contiguous share of every micro-batch
-(:func:`mxlora.distributed.shard_batch`), the loss is divided by the step's *global*
+(:func:`mxlora.distributed.rank_share`), the loss is divided by the step's *global*
 assistant-token count (every rank holds all rows, so it is counted on the host with no
 collective), and the LoRA gradients are summed over ranks before clipping (one flat all-reduce;
-FSDP2 sums them itself): every rank takes the one-process optimizer step. Rank 0 alone writes
+FSDP2 sums them itself): every rank takes the one-process optimizer step. With data parallel the
+micro-steps hold no collective, so each rank replays its CUDA graphs as one process does. Rank 0 alone writes
 metrics, checkpoints and the ``should_stop`` decision, which it broadcasts.
 
 After every step: a train row every ``logging_steps``, the held-out loss at each epoch end (and
@@ -55,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import get_scheduler
 
 from mxlora.config import TrainingConfig
-from mxlora.distributed import DistInfo, all_reduce_grads, shard_batch, shard_model
+from mxlora.distributed import DistInfo, all_reduce_grads, rank_share, rank_shares, shard_model
 from mxlora.engine.attention import Kind, build_masks, flash_varlen_available, register
 from mxlora.engine.graphs import GraphedSteps, StepInputs, worth_capturing
 from mxlora.engine.loss import chunked_loss
@@ -199,7 +200,7 @@ def eager_kernels(
 def use_cuda_graphs(
     setting: bool | str,
     device: torch.device,
-    distributed: bool,
+    sharded: bool,
     checkpointing: bool,
     compiled: bool,
     dtype: torch.dtype,
@@ -207,20 +208,22 @@ def use_cuda_graphs(
 ) -> bool:
     """Resolve ``train.cuda_graphs``.
 
-    ``auto`` captures on CUDA in a single process without gradient checkpointing, around eager
+    ``auto`` captures on CUDA without FSDP and without gradient checkpointing, around eager
     blocks (the launch-bound short steps; compiled blocks run the long, GPU-bound ones, where a
     graph saves little), when twice the longest micro-batch's activations fit (``fits_twice``:
     the graphs' memory pool keeps the largest bucket's activations while a new bucket's first
-    micro-batch runs eagerly), in bf16. ``true`` (with compiled blocks too, if asked)
-    where it cannot work stops with the reason: the CPU has no CUDA graphs; several processes
-    talk between micro-steps (collectives, FSDP's gathers); checkpointing saves the CUDA RNG
-    state, which a capture forbids; outside bf16, torch's ``grouped_mm`` on CUDA copies its
-    offsets to the host (its non-bf16 fallback), which a capture forbids too.
+    micro-batch runs eagerly), in bf16. Data parallel is no obstacle: its one collective, the
+    gradients' all-reduce, comes after the step's micro-steps, outside what is captured.
+    ``true`` (with compiled blocks too, if asked) where it cannot work stops with the reason:
+    the CPU has no CUDA graphs; FSDP (``sharded``) gathers and reduces inside the forward and
+    backward, collectives between the ranks that a replay could not hold; checkpointing saves
+    the CUDA RNG state, which a capture forbids; outside bf16, torch's ``grouped_mm`` on CUDA
+    copies its offsets to the host (its non-bf16 fallback), which a capture forbids too.
     """
     if setting == "auto":
         return (
             device.type == "cuda"
-            and not distributed
+            and not sharded
             and not checkpointing
             and not compiled
             and dtype == torch.bfloat16
@@ -230,9 +233,10 @@ def use_cuda_graphs(
         return False
     if device.type != "cuda":
         raise TrainingError(f"train.cuda_graphs: true needs a CUDA device (training on {device})")
-    if distributed:
+    if sharded:
         raise TrainingError(
-            "train.cuda_graphs: true is for single-process runs (not under a launcher or FSDP)"
+            "train.cuda_graphs: true cannot run with FSDP (train.fsdp: its gathers run inside "
+            "the step); set train.cuda_graphs=false"
         )
     if checkpointing:
         raise TrainingError(
@@ -254,13 +258,14 @@ def plan_step(
     longest: int,
     dtype: torch.dtype,
     device: torch.device,
-    distributed: bool,
+    sharded: bool,
     held_gb: float | None = None,
 ) -> Setup:
     """How the engine runs ``cfg``'s steps (see the module docstring): blocks checkpointed,
     compiled or not, CUDA graphs, attention. ``model``: the PEFT model (meta device is fine);
     ``longest``: tokens of the longest packed micro-batch; ``held_gb``: device memory already
-    held (``None``: what CUDA has allocated). ``true`` settings that cannot work here raise
+    held (``None``: what CUDA has allocated); ``sharded``: FSDP2 over several processes.
+    ``true`` settings that cannot work here raise
     :class:`TrainingError`."""
     t = cfg.train
     compiled = use_compile(t.compile, device, longest)
@@ -275,7 +280,7 @@ def plan_step(
         model, experts, *budget, copies=2, held_gb=held_gb, kernels=kernels
     )
     graphs = use_cuda_graphs(
-        t.cuda_graphs, device, distributed, checkpointed > 0, compiled, dtype, fits_twice
+        t.cuda_graphs, device, sharded, checkpointed > 0, compiled, dtype, fits_twice
     )
     return Setup(checkpointed, compiled, graphs, attention, kernels)
 
@@ -493,7 +498,7 @@ class Loop:
             self.longest,
             self.dtype,
             self.device,
-            self.info.distributed,
+            self.sharded,
         )
 
     @contextlib.contextmanager
@@ -508,13 +513,7 @@ class Loop:
         self.attention = setup.attention
         stream = contextlib.nullcontext()
         if setup.cuda_graphs:
-            rows = self.train_rows["input_ids"]
-            lengths = worth_capturing(
-                bucketed(sum(len(rows[i]) for i in indices))
-                for step in self.plan[self.step :]
-                for indices in step.micro_batches
-            )
-            self.graphed = GraphedSteps(self._micro_step, self.device, lengths)
+            self.graphed = GraphedSteps(self._micro_step, self.device, self.capture_lengths())
             stream = self.graphed.on_stream()
         try:
             # PEFT casts each LoRA layer's input to its fp32 factors' dtype, and autocast casts
@@ -536,6 +535,17 @@ class Loop:
         finally:
             self.graphed = None
             lm.set_attn_implementation(before)
+
+    def capture_lengths(self) -> set[int]:
+        """The packed lengths (buckets) worth a CUDA graph (:func:`worth_capturing`) among this
+        process's shares of the micro-batches still to run: what it packs and runs, not the
+        global micro-batches (several processes each pack a part of one)."""
+        rows = self.train_rows["input_ids"]
+        return worth_capturing(
+            bucketed(sum(len(rows[i]) for i in self._share(indices)[0]))
+            for step in self.plan[self.step :]
+            for indices in step.micro_batches
+        )
 
     def _autocast(self):
         # No cast cache: a cast cached during a CUDA graph capture would be replayed stale.
@@ -575,22 +585,13 @@ class Loop:
         return loss, sum(len(rows["input_ids"][i]) for i in indices)
 
     def _share(self, indices: list[int], info: DistInfo | None = None) -> tuple[list[int], int]:
-        """A rank's rows of a global (micro-)batch and their weight (1); ``info``: which rank
-        (default this one). A batch with fewer rows than ranks (an epoch's last) goes whole to
-        rank 0; the others run one of its rows at weight 0, so every rank joins the same
-        collectives (FSDP2's gathers, the gradient all-reduce) with gradients of the same
-        layout."""
-        info = info or self.info
-        if info.world_size == 1:
-            return indices, 1
-        if len(indices) < info.world_size:
-            return (indices, 1) if info.is_main else (indices[:1], 0)
-        return shard_batch(indices, info), 1
+        """A rank's rows of a global (micro-)batch and their weight (:func:`rank_share`);
+        ``info``: which rank (default this one)."""
+        return rank_share(indices, info or self.info)
 
     def _shares(self, indices: list[int]) -> list[list[int]]:
         """Every rank's rows of a global (micro-)batch."""
-        ranks = range(self.info.world_size)
-        return [self._share(indices, dataclasses.replace(self.info, rank=r))[0] for r in ranks]
+        return rank_shares(indices, self.info.world_size)
 
     def _packed_over_ranks(self, indices: list[int]) -> int:
         """Packed (bucketed) tokens of a micro-batch summed over the ranks' weighted shares (on

@@ -35,6 +35,7 @@ import torch
 
 from mxlora.config import Engine, TrainingConfig, dump_config
 from mxlora.data import prepare_data
+from mxlora.distributed import rank_shares
 from mxlora.engine.memory import (
     HEADROOM,
     NO_KERNELS,
@@ -154,13 +155,14 @@ def estimate_memory(
     }
 
 
-def largest_micro_batch(cfg: TrainingConfig, lengths: list[int]) -> int:
-    """Tokens of the run's largest micro-batch: packed by its own plan of rows (``mxlora``), or
-    ``batch_size`` rows padded to the longest kept row (``trl``)."""
+def largest_micro_batch(cfg: TrainingConfig, lengths: list[int], processes: int = 1) -> int:
+    """Tokens of the run's largest micro-batch in one process: packed by its own plan of rows
+    (``mxlora``; with several ``processes`` each packs its share), or ``batch_size`` rows padded
+    to the longest kept row (``trl``)."""
     t = cfg.train
     if t.engine == "mxlora":
         plan = plan_steps(len(lengths), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed)
-        return longest_packed(lengths, plan)
+        return longest_packed(lengths, plan, lambda rows: rank_shares(rows, processes))
     return t.batch_size * max(lengths)
 
 
@@ -260,13 +262,12 @@ def dry_run(
     blocks = len(decoder_layers(model))
     compiled = False
     kernels = NO_KERNELS
-    tokens = largest_micro_batch(cfg, lengths)
+    tokens = largest_micro_batch(cfg, lengths, processes)
     step = None
     if t.engine == "mxlora":
         from mxlora.engine.loop import plan_step
 
-        distributed = processes > 1 or t.fsdp
-        setup = plan_step(cfg, model, experts, tokens, dtype, device, distributed, held_gb)
+        setup = plan_step(cfg, model, experts, tokens, dtype, device, t.fsdp, held_gb)
         checkpointed, compiled, kernels = setup.checkpointed, setup.compiled, setup.kernels
         step = {
             "compiled": compiled,
