@@ -14,7 +14,14 @@ directions (forward ``x · Wᵀ``, input gradient ``dy · W``), over the rows on
   fused into the grouped GEMM, at every size (the training config for the size class);
 * ``reference``: one expert dequantized to bf16 at a time, then a matmul;
 * ``bf16_grouped_mm``: torch's grouped GEMM on weights dequantized to bf16 beforehand (what the
-  seed's ``grouped_mm`` experts run; the same math without 4-bit weights, 3.8x their memory).
+  seed's ``grouped_mm`` experts run; the same math without 4-bit weights, 3.8x their memory);
+* ``triton_kernels`` (forward only, and only where the package imports): OpenAI's
+  ``triton_kernels.matmul_ogs``, the MXFP4 MoE matmul vLLM runs for gpt-oss, its weights in the
+  layouts it picks for this GPU and its own tile flags, on the same rows already grouped by expert.
+  A maintained kernel to measure ours against, not one training can use: it takes the scales
+  along the reduction axis only, so it has no input gradient (``dy · W`` reduces over ``out``).
+  Not a dependency; put it on ``PYTHONPATH`` (triton's ``python/triton_kernels`` at the installed
+  triton's release, or the copy vLLM ships as ``vllm/third_party/triton_kernels``).
 
 Also times the Triton dequantizer alone (effective bandwidth: packed bytes read + bf16 written)
 and checks it decodes every code under every finite scale bit for bit (its bf16 arithmetic runs
@@ -51,6 +58,8 @@ from mxlora.mxfp4 import dequantize_mxfp4, ops, quantize_mxfp4
 from mxlora.mxfp4.kernels import resolve_backend
 
 METHODS = ("default", "torch", "triton", "reference", "bf16_grouped_mm")
+#: Methods timed only when asked for (``--methods``): another package's kernel.
+EXTERNAL_METHODS = ("triton_kernels",)
 #: Where it runs (a module constant so that a CPU test can run its logic in Triton's interpreter).
 DEVICE = "cuda"
 
@@ -81,6 +90,39 @@ def projection_shapes() -> tuple[tuple[str, int, int], ...]:
 def batch_counts(tokens: int, device: str) -> tuple[int, ...]:
     config = gpt_oss_20b_config()
     return routed_counts(tokens, config["num_local_experts"], config["num_experts_per_tok"], device)
+
+
+def triton_kernels_forward(
+    x: Tensor, blocks: Tensor, scales: Tensor, counts: tuple[int, ...]
+) -> tuple[Callable[[], Tensor], str]:
+    """``x · Wᵀ`` by ``triton_kernels.matmul_ogs`` as vLLM sets it up for gpt-oss on this GPU
+    (weights and scales converted to the library's default layouts, rows grouped by expert, no
+    gather or scatter), and the tile flags it chose."""
+    from triton_kernels.matmul_ogs import PrecisionConfig, matmul_ogs
+    from triton_kernels.matmul_ogs_details.opt_flags import make_opt_flags
+    from triton_kernels.routing import RoutingData, compute_expt_data
+    from triton_kernels.tensor import FP4, convert_layout, wrap_torch_tensor
+    from triton_kernels.tensor_details import layout
+
+    experts, n_out = blocks.shape[:2]
+    # The Hub's [E, out, in/32, 16] bytes as the library's [E, in, out] FP4 (packed along in).
+    values = wrap_torch_tensor(blocks.view(experts, n_out, -1).transpose(-2, -1), dtype=FP4)
+    value_layout, value_options = layout.make_default_matmul_mxfp4_w_layout(mx_axis=1)
+    scale_layout, scale_options = layout.make_default_matmul_mxfp4_w_scale_layout(
+        mx_axis=1, num_warps=8
+    )
+    w = convert_layout(values, value_layout, **value_options)
+    w_scale = convert_layout(
+        wrap_torch_tensor(scales.transpose(-2, -1)), scale_layout, **scale_options
+    )
+    hist = torch.tensor(counts, dtype=torch.int32, device=x.device)
+    routing = RoutingData(None, hist, experts, 1, compute_expt_data(hist, experts, x.shape[0]))
+    precision = PrecisionConfig(weight_scale=w_scale)
+    flags = make_opt_flags(
+        x.dtype, x.dtype, FP4, precision, x.shape[0], n_out, x.shape[1], routing,
+        False, False, None,
+    )  # fmt: skip
+    return (lambda: matmul_ogs(x, w, None, routing, precision_config=precision)), str(flags)
 
 
 def bench_projection(
@@ -144,7 +186,12 @@ def bench_projection(
             ),
             "bf16_grouped_mm": lambda x=x, b=bf16: ops._aten_grouped_mm(x, b, offsets),
         }
-        calls = {method: calls[method] for method in methods}
+        notes = {}
+        if "triton_kernels" in methods and not transpose:
+            calls["triton_kernels"], notes["triton_kernels"] = triton_kernels_forward(
+                x, blocks, scales, counts
+            )
+        calls = {method: calls[method] for method in methods if method in calls}
         outputs = {method: fn() for method, fn in calls.items()}  # also compiles
         flops = 2 * rows * n_in * n_out
         for method, fn in calls.items():
@@ -166,6 +213,7 @@ def bench_projection(
                         if backend == "triton"
                         else backend
                     ),
+                    **({"flags": notes[method]} if method in notes else {}),
                 )
             )
     ms = time_ms(lambda: dequantize_mxfp4_triton(blocks, scales, torch.bfloat16))
@@ -298,8 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-jobs", type=int, default=0, help="compile in N processes first")
     args = parser.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
-    if unknown := set(methods) - set(METHODS):
-        parser.error(f"--methods: unknown {sorted(unknown)}; expected some of {METHODS}")
+    if unknown := set(methods) - set(METHODS + EXTERNAL_METHODS):
+        expected = METHODS + EXTERNAL_METHODS
+        parser.error(f"--methods: unknown {sorted(unknown)}; expected some of {expected}")
+    if "triton_kernels" in methods:
+        try:
+            import triton_kernels  # noqa: F401
+        except ImportError:
+            parser.error("--methods triton_kernels: the triton_kernels package is not importable")
     if args.json and len(args.tokens) != 1:
         parser.error("--json takes one --tokens value; use --json-dir for several")
     if not torch.cuda.is_available():

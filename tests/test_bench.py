@@ -383,3 +383,20 @@ def test_a_variant_holds_its_experts_as_mxlora_train_would_for_every_workload(mo
     assert variant_experts(bench, variant_config(bench, bench.variants[0]), cpu) == (
         "dequantize-bf16"
     )
+
+
+def test_matmul_bench_refuses_methods_it_cannot_time(capsys):
+    """bench/mxfp4_matmul.py: an unknown method is refused with the list of known ones (the
+    optional ``triton_kernels`` among them), and ``triton_kernels`` where the package does not
+    import, before any GPU is looked for."""
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "bench" / "mxfp4_matmul.py"), run_name="bench")
+    with pytest.raises(SystemExit) as exit_:
+        bench["main"](["--methods", "default,bogus"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown ['bogus']" in err and "triton_kernels" in err
+    if importlib.util.find_spec("triton_kernels") is None:
+        with pytest.raises(SystemExit) as exit_:
+            bench["main"](["--methods", "default,triton_kernels"])
+        assert exit_.value.code == 2 and "not importable" in capsys.readouterr().err
