@@ -167,10 +167,10 @@ class TrainConfig:
             the run with a message, never a silent eager run.
         cuda_graphs: capture each packed length's forward + loss + backward as a CUDA graph and
             replay it (mxlora engine; :mod:`mxlora.engine.graphs`): short steps stop paying
-            thousands of kernel launches. ``auto``: on CUDA in a single process (no launcher,
-            no FSDP) with eager blocks (the short, launch-bound steps) and no gradient
-            checkpointing, when the memory allows; ``true`` where it cannot run stops the run
-            saying why.
+            thousands of kernel launches. ``auto``: on CUDA without FSDP (one process, or each
+            process of a data-parallel run) with eager blocks (the short, launch-bound steps)
+            and no gradient checkpointing, when the memory allows; ``true`` where it cannot run
+            stops the run saying why.
         logging_steps: log train metrics every N optimizer steps.
         eval: evaluate on the held-out rows at each epoch end (``epoch``), every
             ``eval_steps`` optimizer steps (``steps``), or never (``no``).
