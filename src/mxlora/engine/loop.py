@@ -27,8 +27,8 @@ the same global plan: each rank packs its contiguous share of every micro-batch
 assistant-token count (every rank holds all rows, so it is counted on the host with no
 collective), and the LoRA gradients are summed over ranks before clipping (one flat all-reduce;
 FSDP2 sums them itself): every rank takes the one-process optimizer step. With data parallel the
-micro-steps hold no collective, so each rank replays its CUDA graphs as one process does. Rank 0 alone writes
-metrics, checkpoints and the ``should_stop`` decision, which it broadcasts.
+micro-steps hold no collective, so each rank replays its CUDA graphs as one process does. Rank 0
+alone writes metrics, checkpoints and the ``should_stop`` decision, which it broadcasts.
 
 After every step: a train row every ``logging_steps``, the held-out loss at each epoch end (and
 at the last step) or every ``eval_steps``, a checkpoint every ``save_steps``, then the
@@ -265,8 +265,7 @@ def plan_step(
     compiled or not, CUDA graphs, attention. ``model``: the PEFT model (meta device is fine);
     ``longest``: tokens of the longest packed micro-batch; ``held_gb``: device memory already
     held (``None``: what CUDA has allocated); ``sharded``: FSDP2 over several processes.
-    ``true`` settings that cannot work here raise
-    :class:`TrainingError`."""
+    ``true`` settings that cannot work here raise :class:`TrainingError`."""
     t = cfg.train
     compiled = use_compile(t.compile, device, longest)
     head_dim = model.config.head_dim
