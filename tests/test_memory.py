@@ -400,50 +400,39 @@ def test_first_k_compiled_blocks_checkpointed_train_alike_on_cuda():
             torch.testing.assert_close(grad, grads0[name], rtol=5e-2, atol=1e-3, msg=name)
 
 
-def test_the_plan_sizes_for_the_longest_share_a_process_packs(tmp_path):
-    """Under a launcher each process packs its share of a micro-batch: the memory plan sizes
-    for the longest share, not the whole micro-batch (which no process holds)."""
+def rank_loop(tmp_path, lengths: list[int], world_size: int, rank: int = 0):
+    """The loop of one rank (of ``world_size``) over train rows of these ``lengths``, 4 rows a
+    step, on the CPU (nothing trained: the plan and what it derives)."""
     from mxlora.config import TrainingConfig, from_dict
     from mxlora.distributed import DistInfo
     from mxlora.engine.loop import Loop
     from mxlora.report.metrics import MetricsLog
 
     peft, _ = tiny_model("mxfp4", "float32", layers="tiny:layers=2")
-    lengths = [300, 100, 50, 250]  # one micro-batch of 4; shares [300, 100] and [50, 250]
     rows = {"input_ids": [[5] * n for n in lengths], "completion_mask": [[1] * n for n in lengths]}
     cfg = from_dict(TrainingConfig, {"train": {"batch_size": 4, "seed": 0}})
     cpu = torch.device("cpu")
+    metrics = MetricsLog(tmp_path / f"metrics-{world_size}-{rank}.jsonl", cpu, print_lines=False)
+    args = (cfg, peft, rows, None, 0, cpu, torch.float32, metrics, tmp_path)
+    return Loop(*args, info=DistInfo(rank=rank, world_size=world_size))
 
-    def longest(world_size: int) -> int:
-        metrics = MetricsLog(tmp_path / f"metrics-{world_size}.jsonl", cpu, print_lines=False)
-        info = DistInfo(rank=0, world_size=world_size)
-        args = (cfg, peft, rows, None, 0, cpu, torch.float32, metrics, tmp_path)
-        return Loop(*args, info=info).longest
 
-    assert longest(1) == 768  # 700 tokens, bucketed to 128
-    assert longest(2) == 512  # the larger share: 400 tokens
+def test_the_plan_sizes_for_the_longest_share_a_process_packs(tmp_path):
+    """Under a launcher each process packs its share of a micro-batch: the memory plan sizes
+    for the longest share, not the whole micro-batch (which no process holds)."""
+    lengths = [300, 100, 50, 250]  # one micro-batch of 4; shares [300, 100] and [50, 250]
+    assert rank_loop(tmp_path, lengths, 1).longest == 768  # 700 tokens, bucketed to 128
+    assert rank_loop(tmp_path, lengths, 2).longest == 512  # the larger share: 400 tokens
 
 
 def test_cuda_graphs_capture_the_lengths_a_process_packs(tmp_path):
     """Under a launcher (data parallel) each process captures the buckets of its own shares of
     the micro-batches, the lengths it replays; the whole micro-batches' buckets (which no
     process packs) would leave every share to run eagerly."""
-    from mxlora.config import TrainingConfig, from_dict
-    from mxlora.distributed import DistInfo
-    from mxlora.engine.loop import Loop
     from mxlora.engine.packing import bucketed
-    from mxlora.report.metrics import MetricsLog
-
-    peft, _ = tiny_model("mxfp4", "float32", layers="tiny:layers=2")
-    rows = {"input_ids": [[5] * 100] * 12, "completion_mask": [[1] * 100] * 12}
-    cfg = from_dict(TrainingConfig, {"train": {"batch_size": 4, "seed": 0}})
-    cpu = torch.device("cpu")
 
     def lengths(world_size: int, rank: int) -> set[int]:
-        metrics = MetricsLog(tmp_path / f"m-{world_size}-{rank}.jsonl", cpu, print_lines=False)
-        info = DistInfo(rank=rank, world_size=world_size)
-        args = (cfg, peft, rows, None, 0, cpu, torch.float32, metrics, tmp_path)
-        return Loop(*args, info=info).capture_lengths()
+        return rank_loop(tmp_path, [100] * 12, world_size, rank).capture_lengths()
 
     # 3 steps of 4 rows of 100 tokens: one process packs 400 tokens a step, each of two 200.
     assert bucketed(200) != bucketed(400)

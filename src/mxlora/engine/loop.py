@@ -380,7 +380,9 @@ class Loop:
             len(train_rows["input_ids"]), t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.seed
         )
         self.longest = longest_packed(
-            [len(ids) for ids in train_rows["input_ids"]], self.plan, self._shares
+            [len(ids) for ids in train_rows["input_ids"]],
+            self.plan,
+            lambda rows: rank_shares(rows, self.info.world_size),
         )
         if self.info.world_size > 1 and t.batch_size < self.info.world_size:
             raise TrainingError(
@@ -587,10 +589,6 @@ class Loop:
         """A rank's rows of a global (micro-)batch and their weight (:func:`rank_share`);
         ``info``: which rank (default this one)."""
         return rank_share(indices, info or self.info)
-
-    def _shares(self, indices: list[int]) -> list[list[int]]:
-        """Every rank's rows of a global (micro-)batch."""
-        return rank_shares(indices, self.info.world_size)
 
     def _packed_over_ranks(self, indices: list[int]) -> int:
         """Packed (bucketed) tokens of a micro-batch summed over the ranks' weighted shares (on
